@@ -1,0 +1,222 @@
+"""Every exception chatsession raises, in one tree.
+
+Usage mistakes (the caller's code must change) are kept apart from run-time
+failures (the world did something: a conflict, an outage, a corrupt file)::
+
+    ChatSessionError
+    ├── UsageError                      the calling code is wrong
+    │   ├── InvalidIdError              an id unsafe as a file name or key
+    │   ├── InvalidURLError             a store URL that cannot be used
+    │   ├── MissingDependencyError      an optional extra is not installed
+    │   └── ChatSessionClosedError      a closed session was used
+    ├── StoreError                      the store could not do what was asked
+    │   ├── SessionNotFoundError        no such (visible) session
+    │   ├── SessionExistsError          create() with an id already taken
+    │   ├── ConflictError               the head or version moved (optimistic concurrency)
+    │   │   └── SessionBusyError        another turn holds the session's lease
+    │   ├── BlobNotFoundError           no blob with that id for the session
+    │   ├── StoreUnavailableError       the store cannot be reached or refused service
+    │   └── CorruptDataError            stored bytes that cannot be read back
+    ├── ConsistencyError                a resumed session's fingerprint changed (strict mode)
+    └── AgentError                      a turn failed
+        ├── SessionTimeoutError         a turn ran past its timeout
+        ├── ModelError                  the LLM call failed
+        └── ToolError                   a tool raised or was misused
+
+``SessionNotFoundError`` is only raised when the store answered and the session
+does not exist; a store that fails raises ``StoreUnavailableError`` instead, so
+an outage is never mistaken for a missing session.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AgentError",
+    "BlobNotFoundError",
+    "ChatSessionClosedError",
+    "ChatSessionError",
+    "ConflictError",
+    "ConsistencyError",
+    "CorruptDataError",
+    "InvalidIdError",
+    "InvalidURLError",
+    "MissingDependencyError",
+    "ModelError",
+    "SessionBusyError",
+    "SessionExistsError",
+    "SessionNotFoundError",
+    "SessionTimeoutError",
+    "StoreError",
+    "StoreUnavailableError",
+    "ToolError",
+    "UsageError",
+]
+
+
+class ChatSessionError(Exception):
+    """Root of every error raised by chatsession."""
+
+
+class UsageError(ChatSessionError):
+    """Raised when the calling code uses chatsession wrongly; fix the call."""
+
+
+class InvalidIdError(UsageError, ValueError):
+    """Raised before any I/O when a session, blob or checkpoint id is unsafe.
+
+    Ids must be 1-128 characters of letters, digits, ``-``, ``_`` and ``.``,
+    must not start with ``.`` and must not contain control characters or path
+    separators, so that every backend can use them as file names and keys.
+    """
+
+
+class InvalidURLError(UsageError, ValueError):
+    """Raised when a store URL has an unknown scheme or unusable parts."""
+
+
+class MissingDependencyError(UsageError, ImportError):
+    """Raised when a feature needs an optional extra that is not installed.
+
+    The message names the ``pip install 'chatsession[EXTRA]'`` command to run.
+    """
+
+    def __init__(self, feature: str, extra: str, module: str) -> None:
+        self.feature = feature
+        self.extra = extra
+        self.module = module
+        super().__init__(
+            f"{feature} needs the Python package {module!r}, which is not installed. "
+            f"Install it with: pip install 'chatsession[{extra}]'"
+        )
+
+
+class ChatSessionClosedError(UsageError, RuntimeError):
+    """Raised when a session is used after ``close()`` / ``aclose()``."""
+
+
+class StoreError(ChatSessionError):
+    """Raised when a store could not carry out an operation."""
+
+
+class SessionNotFoundError(StoreError, KeyError):
+    """Raised when the store answered and has no visible session with that id.
+
+    Deleted and expired sessions are not visible.
+    """
+
+    def __init__(self, session_id: str, detail: str = "") -> None:
+        self.session_id = session_id
+        msg = f"session {session_id!r} not found"
+        if detail:
+            msg += f" ({detail})"
+        super().__init__(msg)
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0])
+
+
+class SessionExistsError(StoreError):
+    """Raised by ``create``/``fork`` when the new session id is already taken."""
+
+    def __init__(self, session_id: str) -> None:
+        self.session_id = session_id
+        super().__init__(
+            f"session {session_id!r} already exists; choose another id or open the existing one"
+        )
+
+
+class ConflictError(StoreError):
+    """Raised when a conditional write lost a race.
+
+    ``append`` raises it when the session's head is not ``expected_seq``;
+    ``update`` raises it when the record's version is not the expected one.
+    Re-read the current head or record and try again.
+
+    Attributes:
+        session_id: The session written to.
+        expected: The head (or version) the caller expected.
+        actual: The head (or version) the store holds, when known.
+    """
+
+    def __init__(
+        self, session_id: str, expected: int, actual: int | None, what: str = "head seq"
+    ) -> None:
+        self.session_id = session_id
+        self.expected = expected
+        self.actual = actual
+        now = f"it is {actual}" if actual is not None else "it has moved"
+        super().__init__(
+            f"conflict on session {session_id!r}: expected {what} {expected} but {now}; "
+            "another writer got there first: re-read and retry"
+        )
+
+
+class SessionBusyError(ConflictError):
+    """Raised when another turn holds the session's lease (one turn at a time)."""
+
+    def __init__(self, session_id: str, holder: str | None = None) -> None:
+        self.session_id = session_id
+        self.expected = 0
+        self.actual = None
+        self.holder = holder
+        by = f" by {holder}" if holder else ""
+        StoreError.__init__(
+            self,
+            f"session {session_id!r} is busy: a turn is already running{by}; "
+            "wait for it to finish or retry later",
+        )
+
+
+class BlobNotFoundError(StoreError, KeyError):
+    """Raised by ``get_blob`` when no blob with that id is reachable from the session."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class StoreUnavailableError(StoreError, ConnectionError):
+    """Raised when the store cannot be reached, timed out, or failed on its side.
+
+    Nothing is known to have been written by the failed call unless the message
+    says so; acknowledged writes are never lost. Retry once the store is back.
+    """
+
+
+class CorruptDataError(StoreError):
+    """Raised when stored data cannot be read back (bad JSON, torn rows, bad schema).
+
+    The message names the session, where the damage is, and what to do.
+    """
+
+
+class ConsistencyError(ChatSessionError):
+    """Raised on resume with ``consistency="strict"`` when the agent changed.
+
+    Attributes:
+        changes: Human-readable descriptions of each difference.
+    """
+
+    def __init__(self, changes: list[str]) -> None:
+        self.changes = changes
+        super().__init__(
+            "the agent differs from the one that wrote this session: "
+            + "; ".join(changes)
+            + ' (resume with consistency="warn" or "ignore" to continue anyway)'
+        )
+
+
+class AgentError(ChatSessionError):
+    """Raised when a turn of the agent fails."""
+
+
+class SessionTimeoutError(AgentError, TimeoutError):
+    """Raised when a turn runs past its timeout; the partial turn is kept as ``timeout``."""
+
+
+class ModelError(AgentError):
+    """Raised when the LLM call fails (HTTP error, bad response, missing key)."""
+
+
+class ToolError(AgentError):
+    """Raised when a tool is misused (unknown tool, bad schema); tool exceptions
+    during a turn go back to the model as error results instead."""

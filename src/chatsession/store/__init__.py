@@ -1,0 +1,115 @@
+"""Stores chosen by URL.
+
+=========================  ==========================================  =========
+URL                        backend                                     extra
+=========================  ==========================================  =========
+``memory://``              in this process only (tests, throwaways)    -
+``sqlite:///rel/path.db``  embedded SQLite (the default); four slashes -
+                           for an absolute path: ``sqlite:////a/b.db``
+``file:///abs/dir``        a folder per session, JSONL (``cat``/``jq``) -
+``redis://host:6379/0``    Redis (``rediss://`` for TLS)               ``redis``
+``postgresql://u@h/db``    PostgreSQL                                  ``postgres``
+=========================  ==========================================  =========
+
+With no URL, :func:`open_store` uses ``CHATSESSION_STORE_URL`` or, when that is
+unset, ``sqlite:///`` + the platform's user data directory + ``sessions.db``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from chatsession.errors import InvalidURLError, MissingDependencyError
+from chatsession.store.base import (
+    NewEvent,
+    Page,
+    ParentRef,
+    SessionRecord,
+    SessionState,
+    Store,
+    StoredEvent,
+    validate_id,
+)
+
+__all__ = [
+    "NewEvent",
+    "Page",
+    "ParentRef",
+    "SessionRecord",
+    "SessionState",
+    "Store",
+    "StoredEvent",
+    "default_store_url",
+    "open_store",
+    "validate_id",
+]
+
+# scheme -> (module, class, extra needed or None, python module the extra provides)
+_BACKENDS: dict[str, tuple[str, str, str | None, str | None]] = {
+    "memory": ("chatsession.store.memory", "MemoryStore", None, None),
+    "sqlite": ("chatsession.store.sqlite", "SQLiteStore", None, None),
+    "file": ("chatsession.store.jsonl", "JSONLStore", None, None),
+    "redis": ("chatsession.store.redis", "RedisStore", "redis", "redis"),
+    "rediss": ("chatsession.store.redis", "RedisStore", "redis", "redis"),
+    "postgresql": ("chatsession.store.postgres", "PostgresStore", "postgres", "asyncpg"),
+    "postgres": ("chatsession.store.postgres", "PostgresStore", "postgres", "asyncpg"),
+}
+
+
+def default_store_url() -> str:
+    """The store used when none is given.
+
+    ``CHATSESSION_STORE_URL`` if set, else a SQLite file ``sessions.db`` in
+    ``CHATSESSION_DATA_DIR`` or the platform's user data directory (for
+    example ``~/.local/share/chatsession`` on Linux).
+    """
+    url = os.environ.get("CHATSESSION_STORE_URL")
+    if url:
+        return url
+    data_dir = os.environ.get("CHATSESSION_DATA_DIR")
+    if not data_dir:
+        import platformdirs
+
+        data_dir = platformdirs.user_data_dir("chatsession", appauthor=False)
+    return "sqlite:///" + str(Path(data_dir).expanduser().absolute() / "sessions.db")
+
+
+def open_store(url: str | None = None, **options: Any) -> Store:
+    """Open the store a URL names. Connections are made lazily, on first use.
+
+    Args:
+        url: A store URL (see the table above); None for the default.
+        **options: Backend options, overriding the URL's query parameters.
+
+    Returns:
+        A :class:`~chatsession.store.base.Store`. Close it with ``await store.aclose()``.
+
+    Raises:
+        InvalidURLError: The URL is malformed or its scheme is unknown.
+        MissingDependencyError: The backend needs an extra that is not installed.
+    """
+    if url is None:
+        url = default_store_url()
+    if not isinstance(url, str) or not url.strip():
+        raise InvalidURLError(f"store URL must be a non-empty string, got {url!r}")
+    scheme = urlsplit(url).scheme.lower()
+    if scheme not in _BACKENDS:
+        known = ", ".join(f"{s}://" for s in sorted(_BACKENDS))
+        raise InvalidURLError(
+            f"unknown store URL scheme {scheme + '://' if scheme else '(none)'} in {url!r}; "
+            f"use one of: {known} (for example sqlite:///sessions.db)"
+        )
+    module_name, class_name, extra, driver = _BACKENDS[scheme]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        if extra is not None and driver is not None and exc.name == driver:
+            raise MissingDependencyError(f"the {scheme}:// store", extra, driver) from exc
+        raise
+    cls = getattr(module, class_name)
+    store: Store = cls.from_url(url, **options)
+    return store

@@ -1,0 +1,499 @@
+"""The storage contract: records, event rows and the ``Store`` protocol.
+
+A store keeps, per session, one *record* (who owns it, its state, its parent)
+and an append-only log of *events* numbered ``1..head``. A store knows nothing
+of LLMs or of what an event means: event payloads are JSON text that the store
+keeps byte for byte. ``chatsession.log`` gives them meaning.
+
+Third parties implement :class:`Store` without inheriting from anything here;
+``isinstance(obj, Store)`` checks the shape at run time.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from chatsession.errors import InvalidIdError
+
+__all__ = [
+    "DEFAULT_READ_BATCH",
+    "EDITABLE_FIELDS",
+    "EVENT_SCHEMA_VERSION",
+    "MAX_ID_LENGTH",
+    "NewEvent",
+    "Page",
+    "ParentRef",
+    "SessionRecord",
+    "SessionState",
+    "Store",
+    "StoredEvent",
+    "check_append",
+    "check_fork_point",
+    "check_limit",
+    "decode_cursor",
+    "encode_cursor",
+    "fork_segments",
+    "initial_record",
+    "now",
+    "updated_record",
+    "validate_id",
+]
+
+#: The version of the event payload format this code writes. ``chatsession.log``
+#: upgrades older versions when it reads them.
+EVENT_SCHEMA_VERSION = 1
+
+#: How many events ``Store.read`` yields per batch unless told otherwise.
+DEFAULT_READ_BATCH = 2000
+
+#: The longest id accepted for sessions, blobs and the like.
+MAX_ID_LENGTH = 128
+
+_ID_RE = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]*")
+
+SessionState = Literal["active", "idle", "archived", "expired"]
+
+
+def validate_id(value: object, what: str = "session id") -> str:
+    """Check that ``value`` is safe as a file name and as a key in every backend.
+
+    Args:
+        value: The candidate id.
+        what: What the id names, for the error message.
+
+    Returns:
+        The id, unchanged.
+
+    Raises:
+        InvalidIdError: If the id is not a string of 1-128 characters from
+            ``A-Z a-z 0-9 - _ .`` that does not start with ``.``.
+    """
+    if not isinstance(value, str):
+        raise InvalidIdError(f"{what} must be a string, got {type(value).__name__}")
+    if not value:
+        raise InvalidIdError(f"{what} must not be empty")
+    if len(value) > MAX_ID_LENGTH:
+        raise InvalidIdError(
+            f"{what} is {len(value)} characters long; the limit is {MAX_ID_LENGTH}"
+        )
+    if _ID_RE.fullmatch(value) is None:
+        bad = sorted({c for c in value if not (c.isascii() and (c.isalnum() or c in "-_."))})
+        if bad:
+            shown = ", ".join(repr(c) for c in bad[:5])
+            reason = f"it contains {shown}"
+        else:
+            reason = "it starts with '.'"
+        raise InvalidIdError(
+            f"{what} {value[:40]!r} is not allowed: {reason}; use letters, digits, "
+            "'-', '_' and '.' (not first), at most 128 characters"
+        )
+    return value
+
+
+def now() -> float:
+    """The current time as a Unix timestamp (seconds, float); used for ``ts`` fields."""
+    return time.time()
+
+
+class NewEvent(NamedTuple):
+    """An event to append; the store gives it the next seq.
+
+    Attributes:
+        type: The event type (``message``, ``usage``, ...); opaque to the store.
+        data: The payload as JSON text; stored and returned byte for byte.
+        ts: When it happened (Unix seconds).
+        turn_id: The turn it belongs to, if any.
+        schema_version: The payload format version (see ``chatsession.log``).
+    """
+
+    type: str
+    data: str
+    ts: float
+    turn_id: str | None = None
+    schema_version: int = EVENT_SCHEMA_VERSION
+
+
+class StoredEvent(NamedTuple):
+    """An event read back from a store.
+
+    Attributes:
+        seq: Position in the session's log, from 1; contiguous.
+        type: The event type.
+        ts: When it happened (Unix seconds).
+        turn_id: The turn it belongs to, if any.
+        data: The payload JSON text exactly as appended.
+        schema_version: The payload format version it was written with.
+    """
+
+    seq: int
+    type: str
+    ts: float
+    turn_id: str | None
+    data: str
+    schema_version: int
+
+    def to_json(self) -> str:
+        """The event as one JSON object ``{seq, type, ts, turn_id, v, data}``."""
+        turn = "null" if self.turn_id is None else json.dumps(self.turn_id)
+        return (
+            f'{{"seq":{self.seq},"type":{json.dumps(self.type)},"ts":{self.ts!r},'
+            f'"turn_id":{turn},"v":{self.schema_version},"data":{self.data}}}'
+        )
+
+
+class ParentRef(BaseModel):
+    """Where a fork branches off: the parent session and the last shared seq."""
+
+    model_config = ConfigDict(frozen=True)
+
+    session_id: str
+    seq: int = Field(ge=0)
+
+
+class SessionRecord(BaseModel):
+    """What a store keeps about one session besides its events.
+
+    ``head``, ``version`` and ``parent`` are maintained by the store: values
+    passed in by callers are ignored on ``create`` and checked on ``update``.
+
+    Attributes:
+        id: The session id (see :func:`validate_id`).
+        user_id: The owner, if any.
+        agent_id: Which agent the session belongs to, if any.
+        window_id: Which client window (tab, device) it belongs to, if any.
+        title: A human title.
+        state: ``active``, ``idle``, ``archived`` or ``expired``.
+        created_at: Unix seconds, set by ``create``/``fork``.
+        updated_at: Unix seconds, refreshed by ``append`` and ``update``.
+        expires_at: Unix seconds after which the session is invisible, or None.
+        metadata: Free JSON-compatible key-values.
+        parent: The fork point, for a fork.
+        fingerprint: The agent's fingerprint (model, prompt and tool hashes).
+        head: The seq of the last event (including inherited ones for a fork).
+        version: Incremented by every ``update``; used for conditional updates.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    user_id: str | None = None
+    agent_id: str | None = None
+    window_id: str | None = None
+    title: str | None = None
+    state: SessionState = "active"
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    expires_at: float | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    parent: ParentRef | None = None
+    fingerprint: dict[str, Any] | None = None
+    head: int = 0
+    version: int = 0
+
+    def is_expired(self, at: float | None = None) -> bool:
+        """Whether ``expires_at`` has passed (at ``at``, default now)."""
+        return self.expires_at is not None and self.expires_at <= (now() if at is None else at)
+
+
+class Page(NamedTuple):
+    """One page of a listing.
+
+    Attributes:
+        records: The records, newest first (by ``created_at``, then id).
+        next_cursor: Pass to the next ``list_sessions`` call; None on the last page.
+    """
+
+    records: list[SessionRecord]
+    next_cursor: str | None
+
+
+def encode_cursor(record: SessionRecord) -> str:
+    """The keyset cursor that resumes a listing after ``record``."""
+    raw = json.dumps([record.created_at, record.id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[float, str]:
+    """Parse a cursor made by :func:`encode_cursor`.
+
+    Raises:
+        ValueError: If the cursor was not made by this library.
+    """
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created_at, session_id = json.loads(raw)
+        return float(created_at), validate_id(session_id)
+    except (ValueError, TypeError, InvalidIdError) as exc:
+        raise ValueError(f"bad listing cursor {cursor[:40]!r}: pass back a next_cursor") from exc
+
+
+def fork_segments(
+    lineage: Sequence[tuple[str, int]], head: int, after_seq: int = 0, upto_seq: int | None = None
+) -> list[tuple[str, int, int]]:
+    """Plan a read across a fork chain.
+
+    Args:
+        lineage: ``(session_id, fork_seq)`` from the session itself up to the
+            root, where ``fork_seq`` is the last seq that node inherits from
+            its parent (0 for the root).
+        head: The session's head seq.
+        after_seq: Read events with seq greater than this.
+        upto_seq: Read events with seq up to this (default: the head).
+
+    Returns:
+        ``(session_id, lo, hi)`` segments in read order: read that session's own
+        events with ``lo < seq <= hi``. Empty segments are left out.
+    """
+    limit = head if upto_seq is None else min(upto_seq, head)
+    segments: list[tuple[str, int, int]] = []
+    for session_id, fork_seq in lineage:
+        lo, hi = max(fork_seq, after_seq), limit
+        if hi > lo:
+            segments.append((session_id, lo, hi))
+        limit = min(limit, fork_seq)
+        if limit <= after_seq:
+            break
+    segments.reverse()
+    return segments
+
+
+#: Record fields a caller may change through ``Store.update``.
+EDITABLE_FIELDS = frozenset(
+    {"user_id", "agent_id", "window_id", "title", "state", "expires_at", "metadata", "fingerprint"}
+)
+
+
+def initial_record(record: SessionRecord, parent: ParentRef | None = None) -> SessionRecord:
+    """The record as ``create`` (or ``fork``, with ``parent``) stores it.
+
+    Validates the id, stamps ``created_at``/``updated_at`` when unset, sets
+    ``version`` to 1 and ``head`` to the fork point (0 for a new session).
+    """
+    validate_id(record.id)
+    at = now()
+    created = record.created_at or at
+    return record.model_copy(
+        update={
+            "created_at": created,
+            "updated_at": record.updated_at or created,
+            "version": 1,
+            "head": parent.seq if parent else 0,
+            "parent": parent,
+        }
+    )
+
+
+def updated_record(current: SessionRecord, changes: SessionRecord) -> SessionRecord:
+    """``current`` with the editable fields of ``changes``, a new version and ``updated_at``."""
+    update = {name: getattr(changes, name) for name in EDITABLE_FIELDS}
+    update["version"] = current.version + 1
+    update["updated_at"] = now()
+    return current.model_copy(update=update)
+
+
+def check_append(events: Sequence[NewEvent], expected_seq: int) -> None:
+    """Reject an empty batch or a negative ``expected_seq`` before any I/O."""
+    if not events:
+        raise ValueError("append needs at least one event")
+    if isinstance(expected_seq, bool) or not isinstance(expected_seq, int) or expected_seq < 0:
+        raise ValueError(f"expected_seq must be an int >= 0, got {expected_seq!r}")
+
+
+def check_fork_point(session_id: str, at_seq: int, head: int) -> None:
+    """Reject a fork point outside ``0..head``."""
+    if isinstance(at_seq, bool) or not isinstance(at_seq, int) or not 0 <= at_seq <= head:
+        raise ValueError(f"cannot fork {session_id!r} at seq {at_seq!r}: its events are 1..{head}")
+
+
+def check_limit(limit: int) -> None:
+    """Reject a page size outside 1..1000."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
+        raise ValueError(f"limit must be an int from 1 to 1000, got {limit!r}")
+
+
+@runtime_checkable
+class Store(Protocol):
+    """The storage contract every backend meets (memory, SQLite, JSONL folder,
+    Redis, PostgreSQL, or your own).
+
+    All methods are coroutines. Ids are validated before any I/O
+    (:class:`~chatsession.errors.InvalidIdError`). A backend that cannot reach
+    its storage raises :class:`~chatsession.errors.StoreUnavailableError`, never
+    :class:`~chatsession.errors.SessionNotFoundError`.
+
+    Deleted and expired sessions are invisible to every method: ``get``,
+    ``append``, ``read``, ``fork`` and ``update`` raise ``SessionNotFoundError``
+    and listings skip them. Deleting a session never breaks its forks: their
+    inherited events stay readable.
+    """
+
+    url: str
+    """The URL the store was opened with (passwords masked)."""
+
+    async def create(self, record: SessionRecord) -> SessionRecord:
+        """Create a session with no events.
+
+        Args:
+            record: The new record; ``head``, ``version`` and ``parent`` are
+                ignored; ``created_at``/``updated_at`` are set to now when 0.
+
+        Returns:
+            The stored record (``head`` 0, ``version`` 1).
+
+        Raises:
+            SessionExistsError: The id is taken (also by a deleted session
+                still kept for its forks).
+        """
+        ...
+
+    async def get(self, session_id: str) -> SessionRecord:
+        """Return the session's record, with its current ``head``.
+
+        Raises:
+            SessionNotFoundError: No visible session with that id.
+        """
+        ...
+
+    async def update(self, record: SessionRecord, expected_version: int) -> SessionRecord:
+        """Replace the editable fields of a record if its version is still the one read.
+
+        Editable: ``user_id``, ``agent_id``, ``window_id``, ``title``, ``state``,
+        ``expires_at``, ``metadata``, ``fingerprint``. ``updated_at`` is set to now.
+
+        Returns:
+            The stored record with ``version`` = ``expected_version + 1``.
+
+        Raises:
+            ConflictError: The stored version is not ``expected_version``.
+            SessionNotFoundError: No visible session with that id.
+        """
+        ...
+
+    async def delete(self, session_id: str) -> None:
+        """Delete a session, its events and blobs.
+
+        Forks of the session keep working: the events they inherit stay stored
+        (invisibly) until no fork needs them.
+
+        Raises:
+            SessionNotFoundError: No visible session with that id.
+        """
+        ...
+
+    async def list_sessions(
+        self,
+        *,
+        user_id: str | None = None,
+        agent_id: str | None = None,
+        window_id: str | None = None,
+        state: SessionState | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> Page:
+        """List visible sessions, newest first, filtered and paginated by keyset.
+
+        Sessions created while paging through do not shift later pages: each
+        existing session is returned exactly once.
+
+        Args:
+            user_id: Only this owner's sessions.
+            agent_id: Only this agent's sessions.
+            window_id: Only this window's sessions.
+            state: Only sessions in this state.
+            limit: Page size, 1-1000.
+            cursor: ``next_cursor`` of the previous page.
+
+        Raises:
+            ValueError: A bad ``limit`` or ``cursor``.
+        """
+        ...
+
+    async def append(self, session_id: str, events: Sequence[NewEvent], expected_seq: int) -> int:
+        """Append events atomically if the head is still ``expected_seq``.
+
+        The events get seqs ``expected_seq + 1 ...``; all are stored or none.
+        When this returns, the events are durable to the backend's documented
+        guarantee and every later ``read`` sees them.
+
+        Returns:
+            The new head seq.
+
+        Raises:
+            ConflictError: The head is not ``expected_seq``; nothing was written.
+            SessionNotFoundError: No visible session with that id.
+            ValueError: ``events`` is empty.
+        """
+        ...
+
+    def read(
+        self,
+        session_id: str,
+        after_seq: int = 0,
+        upto_seq: int | None = None,
+        *,
+        batch_size: int = DEFAULT_READ_BATCH,
+    ) -> AsyncIterator[list[StoredEvent]]:
+        """Stream the session's events with ``after_seq < seq <= upto_seq`` in batches.
+
+        For a fork, the events inherited from its ancestors come first (up to
+        the fork points), then its own; seqs are contiguous from 1.
+
+        Raises:
+            SessionNotFoundError: No visible session with that id (raised on
+                first iteration).
+            CorruptDataError: A stored event cannot be read back.
+        """
+        ...
+
+    async def fork(self, session_id: str, at_seq: int, new_record: SessionRecord) -> SessionRecord:
+        """Create ``new_record.id`` as a fork of ``session_id`` sharing events ``1..at_seq``.
+
+        Nothing is copied: the fork records ``parent = (session_id, at_seq)``
+        and reads the parent's events through it. Cost is constant in history
+        length.
+
+        Returns:
+            The fork's record (``head`` = ``at_seq``, ``parent`` set).
+
+        Raises:
+            SessionNotFoundError: No visible parent with that id.
+            SessionExistsError: ``new_record.id`` is taken.
+            ValueError: ``at_seq`` is negative or past the parent's head.
+        """
+        ...
+
+    async def put_blob(self, session_id: str, data: bytes, media_type: str = "") -> str:
+        """Store a large payload for the session and return its id (a content hash).
+
+        Raises:
+            SessionNotFoundError: No visible session with that id.
+        """
+        ...
+
+    async def get_blob(self, session_id: str, blob_id: str) -> bytes:
+        """Return a blob stored for the session or one of its ancestors.
+
+        Raises:
+            BlobNotFoundError: No such blob reachable from the session.
+            SessionNotFoundError: No visible session with that id.
+        """
+        ...
+
+    async def purge_expired(self, before: float | None = None) -> int:
+        """Delete sessions whose ``expires_at`` is before ``before`` (default now).
+
+        Returns:
+            How many sessions were deleted.
+        """
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections, threads and file handles. Idempotent."""
+        ...

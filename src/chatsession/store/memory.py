@@ -1,0 +1,266 @@
+"""``memory://``: a store that lives in this process only.
+
+Every ``open_store("memory://")`` is a new, empty store. Nothing survives the
+process; use it for tests and throwaway sessions. It implements the whole
+:class:`~chatsession.store.base.Store` contract and is the reference the other
+backends are checked against.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Self
+
+from chatsession.errors import (
+    BlobNotFoundError,
+    ChatSessionClosedError,
+    ConflictError,
+    SessionExistsError,
+    SessionNotFoundError,
+)
+from chatsession.store.base import (
+    DEFAULT_READ_BATCH,
+    NewEvent,
+    Page,
+    ParentRef,
+    SessionRecord,
+    SessionState,
+    StoredEvent,
+    check_append,
+    check_fork_point,
+    check_limit,
+    decode_cursor,
+    encode_cursor,
+    fork_segments,
+    initial_record,
+    now,
+    updated_record,
+    validate_id,
+)
+
+__all__ = ["MemoryStore"]
+
+
+@dataclass
+class _Entry:
+    record: SessionRecord
+    events: list[StoredEvent] = field(default_factory=list)  # own events only
+    blobs: dict[str, bytes] = field(default_factory=dict)
+    children: set[str] = field(default_factory=set)
+    deleted: bool = False
+
+
+class MemoryStore:
+    """An in-process store (``memory://``). See the module docstring."""
+
+    def __init__(self, url: str = "memory://") -> None:
+        self.url = url
+        self._entries: dict[str, _Entry] = {}
+        self._closed = False
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> Self:
+        """Open ``memory://`` (no options)."""
+        if options:
+            raise TypeError(f"memory:// takes no options, got {sorted(options)}")
+        return cls(url)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # -- helpers ---------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ChatSessionClosedError(f"store {self.url} is closed")
+
+    def _visible(self, session_id: str) -> _Entry:
+        self._check_open()
+        validate_id(session_id)
+        entry = self._entries.get(session_id)
+        if entry is None or entry.deleted:
+            raise SessionNotFoundError(session_id)
+        if entry.record.is_expired():
+            raise SessionNotFoundError(session_id, "expired")
+        return entry
+
+    def _lineage(self, entry: _Entry) -> list[tuple[str, int]]:
+        chain: list[tuple[str, int]] = []
+        current: _Entry | None = entry
+        while current is not None:
+            parent = current.record.parent
+            chain.append((current.record.id, parent.seq if parent else 0))
+            current = self._entries[parent.session_id] if parent else None
+        return chain
+
+    def _purge(self, session_id: str) -> None:
+        entry = self._entries.pop(session_id)
+        parent = entry.record.parent
+        if parent is None:
+            return
+        parent_entry = self._entries.get(parent.session_id)
+        if parent_entry is None:
+            return
+        parent_entry.children.discard(session_id)
+        if parent_entry.deleted and not parent_entry.children:
+            self._purge(parent.session_id)
+
+    # -- records ---------------------------------------------------------
+
+    async def create(self, record: SessionRecord) -> SessionRecord:
+        """See :meth:`Store.create`."""
+        self._check_open()
+        validate_id(record.id)
+        if record.id in self._entries:
+            raise SessionExistsError(record.id)
+        stored = initial_record(record)
+        self._entries[record.id] = _Entry(stored)
+        return stored
+
+    async def get(self, session_id: str) -> SessionRecord:
+        """See :meth:`Store.get`."""
+        return self._visible(session_id).record
+
+    async def update(self, record: SessionRecord, expected_version: int) -> SessionRecord:
+        """See :meth:`Store.update`."""
+        entry = self._visible(record.id)
+        if entry.record.version != expected_version:
+            raise ConflictError(record.id, expected_version, entry.record.version, "version")
+        entry.record = updated_record(entry.record, record)
+        return entry.record
+
+    async def delete(self, session_id: str) -> None:
+        """See :meth:`Store.delete`."""
+        entry = self._visible(session_id)
+        if entry.children:
+            entry.deleted = True
+        else:
+            self._purge(session_id)
+
+    async def list_sessions(
+        self,
+        *,
+        user_id: str | None = None,
+        agent_id: str | None = None,
+        window_id: str | None = None,
+        state: SessionState | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> Page:
+        """See :meth:`Store.list_sessions`."""
+        self._check_open()
+        check_limit(limit)
+        after = decode_cursor(cursor) if cursor else None
+        at = now()
+        rows = [
+            e.record
+            for e in self._entries.values()
+            if not e.deleted
+            and not e.record.is_expired(at)
+            and (user_id is None or e.record.user_id == user_id)
+            and (agent_id is None or e.record.agent_id == agent_id)
+            and (window_id is None or e.record.window_id == window_id)
+            and (state is None or e.record.state == state)
+            and (after is None or (e.record.created_at, e.record.id) < after)
+        ]
+        rows.sort(key=lambda r: (r.created_at, r.id), reverse=True)
+        page = rows[: limit + 1]
+        more = len(page) > limit
+        page = page[:limit]
+        return Page(page, encode_cursor(page[-1]) if more else None)
+
+    # -- events ----------------------------------------------------------
+
+    async def append(self, session_id: str, events: Sequence[NewEvent], expected_seq: int) -> int:
+        """See :meth:`Store.append`."""
+        check_append(events, expected_seq)
+        entry = self._visible(session_id)
+        head = entry.record.head
+        if head != expected_seq:
+            raise ConflictError(session_id, expected_seq, head)
+        entry.events.extend(
+            StoredEvent(head + i, e.type, e.ts, e.turn_id, e.data, e.schema_version)
+            for i, e in enumerate(events, start=1)
+        )
+        entry.record = entry.record.model_copy(
+            update={"head": head + len(events), "updated_at": now()}
+        )
+        return head + len(events)
+
+    async def read(
+        self,
+        session_id: str,
+        after_seq: int = 0,
+        upto_seq: int | None = None,
+        *,
+        batch_size: int = DEFAULT_READ_BATCH,
+    ) -> AsyncIterator[list[StoredEvent]]:
+        """See :meth:`Store.read`."""
+        entry = self._visible(session_id)
+        segments = fork_segments(self._lineage(entry), entry.record.head, after_seq, upto_seq)
+        for seg_id, lo, hi in segments:
+            seg = self._entries[seg_id]
+            own_start = seg.record.parent.seq if seg.record.parent else 0
+            rows = seg.events[lo - own_start : hi - own_start]
+            for i in range(0, len(rows), batch_size):
+                yield rows[i : i + batch_size]
+
+    async def fork(self, session_id: str, at_seq: int, new_record: SessionRecord) -> SessionRecord:
+        """See :meth:`Store.fork`."""
+        parent = self._visible(session_id)
+        validate_id(new_record.id)
+        check_fork_point(session_id, at_seq, parent.record.head)
+        if new_record.id in self._entries:
+            raise SessionExistsError(new_record.id)
+        stored = initial_record(new_record, ParentRef(session_id=session_id, seq=at_seq))
+        self._entries[new_record.id] = _Entry(stored)
+        parent.children.add(new_record.id)
+        return stored
+
+    # -- blobs -----------------------------------------------------------
+
+    async def put_blob(self, session_id: str, data: bytes, media_type: str = "") -> str:
+        """See :meth:`Store.put_blob`."""
+        entry = self._visible(session_id)
+        blob_id = hashlib.sha256(data).hexdigest()
+        entry.blobs[blob_id] = bytes(data)
+        return blob_id
+
+    async def get_blob(self, session_id: str, blob_id: str) -> bytes:
+        """See :meth:`Store.get_blob`."""
+        entry = self._visible(session_id)
+        validate_id(blob_id, "blob id")
+        for seg_id, _ in self._lineage(entry):
+            data = self._entries[seg_id].blobs.get(blob_id)
+            if data is not None:
+                return data
+        raise BlobNotFoundError(f"blob {blob_id!r} not found for session {session_id!r}")
+
+    # -- upkeep ----------------------------------------------------------
+
+    async def purge_expired(self, before: float | None = None) -> int:
+        """See :meth:`Store.purge_expired`."""
+        self._check_open()
+        at = now() if before is None else before
+        expired = [
+            sid for sid, e in self._entries.items() if not e.deleted and e.record.is_expired(at)
+        ]
+        for sid in expired:
+            entry = self._entries.get(sid)
+            if entry is None:
+                continue
+            if entry.children:
+                entry.deleted = True
+            else:
+                self._purge(sid)
+        return len(expired)
+
+    async def aclose(self) -> None:
+        """Drop everything; the store cannot be used afterwards."""
+        self._closed = True
+        self._entries.clear()
