@@ -23,6 +23,9 @@ failures (the world did something: a conflict, an outage, a corrupt file)::
         ├── ModelError                  the LLM call failed
         └── ToolError                   a tool raised or was misused
 
+    StoreRepairWarning (a UserWarning)  a store found damage and repaired it
+
+
 ``SessionNotFoundError`` is only raised when the store answered and the session
 does not exist; a store that fails raises ``StoreUnavailableError`` instead, so
 an outage is never mistaken for a missing session.
@@ -47,6 +50,7 @@ __all__ = [
     "SessionNotFoundError",
     "SessionTimeoutError",
     "StoreError",
+    "StoreRepairWarning",
     "StoreUnavailableError",
     "ToolError",
     "UsageError",
@@ -220,3 +224,12 @@ class ModelError(AgentError):
 class ToolError(AgentError):
     """Raised when a tool is misused (unknown tool, bad schema); tool exceptions
     during a turn go back to the model as error results instead."""
+
+
+class StoreRepairWarning(UserWarning):
+    """Warned when a store found damage and repaired it without losing data.
+
+    For example the JSONL store moves a torn last line (a write cut off by a
+    crash) aside to ``context.jsonl.corrupt``. The message says what was
+    found, where it was moved, and which session it belongs to.
+    """
