@@ -1,0 +1,706 @@
+"""The event log: event types, their stored form, and ``fold``.
+
+A conversation is an append-only sequence of events numbered ``1..n``. Each
+event is ``{seq, type, ts, turn_id, data}``; ``data`` depends on ``type``:
+
+===============  ==============================================================
+type             data
+===============  ==============================================================
+``message``      :class:`Message`: a user, assistant, system or tool message
+``usage``        :class:`Usage`: tokens (and cost) of one model call
+``turn_start``   :class:`TurnStart`: a turn began
+``turn_end``     :class:`TurnEnd`: completed, interrupted, timeout, error, cancelled
+``reset``        :class:`Reset`: clear history (the model's context empties)
+``rewind``       :class:`Rewind`: the context returns to an earlier seq
+``checkpoint``   :class:`Checkpoint`: a named point with optional data
+``metadata``     :class:`Metadata`: key-values about the session (None deletes)
+``state``        :class:`StateChange`: the agent's own key-values (None deletes)
+``offload``      :class:`Offload`: a large tool output kept as a blob
+``compaction``   :class:`Compaction`: a summary replacing older turns in context
+===============  ==============================================================
+
+:func:`fold` turns events into a :class:`ConversationState`. It is pure and
+incremental: ``fold(b, fold(a)) == fold(a + b)``. Clear, rewind and
+compaction change what the model sees (``state.context``), never the record
+(``state.history``).
+
+Stored events carry a ``schema_version``; :func:`decode` upgrades older
+versions in one place (:func:`upgrade_payload`) when they are read.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Annotated, Any, Literal, TypeAlias
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from chatsession.errors import CorruptDataError
+from chatsession.store.base import EVENT_SCHEMA_VERSION, NewEvent, StoredEvent, now
+
+__all__ = [
+    "EVENT_SCHEMA_VERSION",
+    "Checkpoint",
+    "CheckpointEntry",
+    "Compaction",
+    "CompactionEntry",
+    "ConversationState",
+    "EventType",
+    "ImagePart",
+    "LogEvent",
+    "Message",
+    "MessageEntry",
+    "Metadata",
+    "MetadataEntry",
+    "Offload",
+    "OffloadEntry",
+    "Reset",
+    "ResetEntry",
+    "Rewind",
+    "RewindEntry",
+    "Role",
+    "StateChange",
+    "StateEntry",
+    "TextPart",
+    "ToolCall",
+    "TurnEnd",
+    "TurnEndEntry",
+    "TurnStart",
+    "TurnStartEntry",
+    "TurnStatus",
+    "Usage",
+    "UsageEntry",
+    "UsageTotals",
+    "decode",
+    "encode",
+    "fold",
+    "upgrade_payload",
+]
+
+EventType = Literal[
+    "message",
+    "usage",
+    "turn_start",
+    "turn_end",
+    "reset",
+    "rewind",
+    "checkpoint",
+    "metadata",
+    "state",
+    "offload",
+    "compaction",
+]
+Role = Literal["system", "user", "assistant", "tool"]
+TurnStatus = Literal["completed", "interrupted", "timeout", "error", "cancelled"]
+
+_FROZEN = ConfigDict(frozen=True, extra="forbid")
+
+# --------------------------------------------------------------------------
+# payloads
+
+
+class TextPart(BaseModel):
+    """A piece of text in a message."""
+
+    model_config = _FROZEN
+    type: Literal["text"] = "text"
+    text: str
+
+
+class ImagePart(BaseModel):
+    """An image in a message: a URL (``https:`` or ``data:``) or a stored blob."""
+
+    model_config = _FROZEN
+    type: Literal["image"] = "image"
+    url: str | None = None
+    blob_id: str | None = None
+    media_type: str | None = None
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class ToolCall(BaseModel):
+    """A tool call requested by the assistant.
+
+    ``arguments`` is the JSON text the model produced, kept as is (it may be
+    invalid JSON; :meth:`parsed_arguments` says so).
+    """
+
+    model_config = _FROZEN
+    id: str
+    name: str
+    arguments: str = "{}"
+
+    def parsed_arguments(self) -> dict[str, Any]:
+        """The arguments as a dict.
+
+        Raises:
+            ValueError: The model produced arguments that are not a JSON object.
+        """
+        value = json.loads(self.arguments or "{}")
+        if not isinstance(value, dict):
+            raise ValueError(f"arguments of tool call {self.id!r} are not a JSON object")
+        return value
+
+
+class Message(BaseModel):
+    """One message of the conversation.
+
+    Attributes:
+        role: ``system``, ``user``, ``assistant`` or ``tool``.
+        content: Text, or a list of text and image parts.
+        tool_calls: For an assistant message, the tools it asked to call.
+        tool_call_id: For a tool message, the call it answers.
+        name: For a tool message, the tool's name.
+        is_error: For a tool message, whether the tool failed.
+        partial: For an assistant message, whether it was cut short
+            (interrupted, timeout, error) before the model finished.
+    """
+
+    model_config = _FROZEN
+    role: Role
+    content: str | list[ContentPart] = ""
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
+    name: str | None = None
+    is_error: bool = False
+    partial: bool = False
+
+    @property
+    def text(self) -> str:
+        """The message's text, with image parts left out."""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content if isinstance(p, TextPart))
+
+
+class Usage(BaseModel):
+    """Tokens used by one model call.
+
+    Attributes:
+        model: The model that answered.
+        level: The agent's level tag (``main``, ``subagent``, ``compaction``, ...).
+        cost: Cost in US dollars, when the price is known.
+        estimated: True when the counts are a local estimate, not the provider's.
+    """
+
+    model_config = _FROZEN
+    model: str = "unknown"
+    level: str = "main"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    cost: float | None = None
+    estimated: bool = False
+
+
+class TurnStart(BaseModel):
+    """A turn began (the user's message follows in the same turn)."""
+
+    model_config = _FROZEN
+    source: str | None = None
+
+
+class TurnEnd(BaseModel):
+    """A turn ended, with how."""
+
+    model_config = _FROZEN
+    status: TurnStatus = "completed"
+    error: str | None = None
+    duration: float | None = None
+    steps: int | None = None
+
+
+class Reset(BaseModel):
+    """Clear history: the model's context becomes empty; the record keeps all."""
+
+    model_config = _FROZEN
+    reason: str | None = None
+    clear_state: bool = False
+
+
+class Rewind(BaseModel):
+    """Return the context (and the agent's state) to how it was right after ``to_seq``."""
+
+    model_config = _FROZEN
+    to_seq: int = Field(ge=0)
+    checkpoint: str | None = None
+
+
+class Checkpoint(BaseModel):
+    """A named point in the conversation; it marks the seq of its own event."""
+
+    model_config = _FROZEN
+    name: str
+    data: Any = None
+
+
+class Metadata(BaseModel):
+    """Key-values about the session, merged in; a None value deletes the key."""
+
+    model_config = _FROZEN
+    values: dict[str, Any]
+
+
+class StateChange(BaseModel):
+    """The agent's own key-values (todo lists, caches), merged; None deletes."""
+
+    model_config = _FROZEN
+    values: dict[str, Any]
+
+
+class Offload(BaseModel):
+    """A large tool output stored as a blob; the context keeps ``preview``."""
+
+    model_config = _FROZEN
+    blob_id: str
+    size: int
+    media_type: str = "text/plain"
+    preview: str = ""
+    tool_call_id: str | None = None
+
+
+class Compaction(BaseModel):
+    """A summary that replaces, in the model's context only, the messages up to ``upto_seq``."""
+
+    model_config = _FROZEN
+    summary: str
+    upto_seq: int = Field(ge=0)
+    model: str | None = None
+
+
+# --------------------------------------------------------------------------
+# events
+
+
+class _EventBase(BaseModel):
+    # the stored form carries "v" (the schema version), already handled by decode()
+    model_config = ConfigDict(frozen=True, extra="ignore")
+    seq: int = 0
+    ts: float = 0.0
+    turn_id: str | None = None
+
+
+class MessageEntry(_EventBase):
+    """A ``message`` event in the log."""
+
+    type: Literal["message"] = "message"
+    data: Message
+
+
+class UsageEntry(_EventBase):
+    """A ``usage`` event."""
+
+    type: Literal["usage"] = "usage"
+    data: Usage
+
+
+class TurnStartEntry(_EventBase):
+    """A ``turn_start`` event."""
+
+    type: Literal["turn_start"] = "turn_start"
+    data: TurnStart = TurnStart()
+
+
+class TurnEndEntry(_EventBase):
+    """A ``turn_end`` event."""
+
+    type: Literal["turn_end"] = "turn_end"
+    data: TurnEnd = TurnEnd()
+
+
+class ResetEntry(_EventBase):
+    """A ``reset`` event."""
+
+    type: Literal["reset"] = "reset"
+    data: Reset = Reset()
+
+
+class RewindEntry(_EventBase):
+    """A ``rewind`` event."""
+
+    type: Literal["rewind"] = "rewind"
+    data: Rewind
+
+
+class CheckpointEntry(_EventBase):
+    """A ``checkpoint`` event."""
+
+    type: Literal["checkpoint"] = "checkpoint"
+    data: Checkpoint
+
+
+class MetadataEntry(_EventBase):
+    """A ``metadata`` event."""
+
+    type: Literal["metadata"] = "metadata"
+    data: Metadata
+
+
+class StateEntry(_EventBase):
+    """A ``state`` event."""
+
+    type: Literal["state"] = "state"
+    data: StateChange
+
+
+class OffloadEntry(_EventBase):
+    """An ``offload`` event."""
+
+    type: Literal["offload"] = "offload"
+    data: Offload
+
+
+class CompactionEntry(_EventBase):
+    """A ``compaction`` event."""
+
+    type: Literal["compaction"] = "compaction"
+    data: Compaction
+
+
+LogEvent: TypeAlias = Annotated[
+    MessageEntry
+    | UsageEntry
+    | TurnStartEntry
+    | TurnEndEntry
+    | ResetEntry
+    | RewindEntry
+    | CheckpointEntry
+    | MetadataEntry
+    | StateEntry
+    | OffloadEntry
+    | CompactionEntry,
+    Field(discriminator="type"),
+]
+"""Any event; ``event.type`` tells which."""
+
+_EVENT_LIST: TypeAdapter[list[LogEvent]] = TypeAdapter(list[LogEvent])
+_KNOWN_TYPES = frozenset(EventType.__args__)  # type: ignore[attr-defined]
+
+# --------------------------------------------------------------------------
+# stored form and upgrades
+
+
+def encode(event: LogEvent) -> NewEvent:
+    """The stored form of an event (its seq is given by the store on append).
+
+    Default-valued fields are left out of the JSON to keep the log small.
+    """
+    return NewEvent(
+        type=event.type,
+        data=event.data.model_dump_json(exclude_defaults=True),
+        ts=event.ts or now(),
+        turn_id=event.turn_id,
+        schema_version=EVENT_SCHEMA_VERSION,
+    )
+
+
+def _upgrade_v0(event_type: str, data: dict[str, Any]) -> dict[str, Any]:
+    # 0.0 pre-releases wrote message text as "text" (not "content"), usage as
+    # input/output tokens, and turn ends as {"ok": bool}.
+    data = dict(data)
+    if event_type == "message" and "text" in data and "content" not in data:
+        data["content"] = data.pop("text")
+    elif event_type == "usage":
+        if "input_tokens" in data:
+            data["prompt_tokens"] = data.pop("input_tokens")
+        if "output_tokens" in data:
+            data["completion_tokens"] = data.pop("output_tokens")
+        data.setdefault(
+            "total_tokens", data.get("prompt_tokens", 0) + data.get("completion_tokens", 0)
+        )
+    elif event_type == "turn_end" and "ok" in data:
+        data["status"] = "completed" if data.pop("ok") else "error"
+    return data
+
+
+#: ``version -> function(type, data) -> data`` upgrading that version to the next.
+_UPGRADES: dict[int, Callable[[str, dict[str, Any]], dict[str, Any]]] = {0: _upgrade_v0}
+
+
+def upgrade_payload(event_type: str, data: dict[str, Any], version: int) -> dict[str, Any]:
+    """Upgrade an event payload written with ``version`` to the current version.
+
+    This is the only place that knows older stored formats.
+
+    Raises:
+        CorruptDataError: The version is newer than this code, or unknown.
+    """
+    if version > EVENT_SCHEMA_VERSION:
+        raise CorruptDataError(
+            f"event payload has schema version {version}, newer than this chatsession "
+            f"understands ({EVENT_SCHEMA_VERSION}); upgrade chatsession to read it"
+        )
+    while version < EVENT_SCHEMA_VERSION:
+        step = _UPGRADES.get(version)
+        if step is None:
+            raise CorruptDataError(f"no upgrade known from event schema version {version}")
+        data = step(event_type, data)
+        version += 1
+    return data
+
+
+def decode(rows: Sequence[StoredEvent], session_id: str = "?") -> list[LogEvent]:
+    """Turn stored rows into events, upgrading old schema versions.
+
+    Args:
+        rows: Rows as a store's ``read`` yields them.
+        session_id: For error messages.
+
+    Raises:
+        CorruptDataError: A row's type is unknown or its payload is invalid.
+    """
+    parts: list[str] = []
+    for row in rows:
+        if row.type not in _KNOWN_TYPES:
+            raise CorruptDataError(
+                f"session {session_id!r}, seq {row.seq}: unknown event type {row.type!r}"
+            )
+        if row.schema_version != EVENT_SCHEMA_VERSION:
+            try:
+                data = json.loads(row.data)
+            except ValueError as exc:
+                raise CorruptDataError(
+                    f"session {session_id!r}, seq {row.seq}: payload is not JSON ({exc})"
+                ) from exc
+            data = upgrade_payload(row.type, data, row.schema_version)
+            row = row._replace(data=json.dumps(data), schema_version=EVENT_SCHEMA_VERSION)
+        parts.append(row.to_json())
+    try:
+        return _EVENT_LIST.validate_json("[" + ",".join(parts) + "]")
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = first["loc"][0] if first["loc"] else 0
+        seq = rows[where].seq if isinstance(where, int) and where < len(rows) else "?"
+        raise CorruptDataError(
+            f"session {session_id!r}, seq {seq}: stored event is invalid: "
+            f"{first['msg']} at {'.'.join(map(str, first['loc'][1:]))}"
+        ) from exc
+
+
+# --------------------------------------------------------------------------
+# fold
+
+
+@dataclass
+class UsageTotals:
+    """Summed token usage."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    cost: float = 0.0
+    calls: int = 0
+    estimated: bool = False
+
+    def add(self, usage: Usage) -> None:
+        """Add one model call's usage."""
+        self.prompt_tokens += usage.prompt_tokens
+        self.completion_tokens += usage.completion_tokens
+        self.total_tokens += usage.total_tokens
+        self.cost += usage.cost or 0.0
+        self.calls += 1
+        self.estimated = self.estimated or usage.estimated
+
+
+@dataclass
+class ConversationState:
+    """What a log means; built by :func:`fold`.
+
+    Attributes:
+        head: The seq of the last event folded in.
+        context: The messages the model sees now, as ``(seq, message)``; a
+            compaction summary has the compaction's seq.
+        history: Every message ever recorded, as ``(seq, message)``: clear,
+            rewind and compaction do not remove anything from it.
+        usage: Usage totals; ``usage_by_model`` and ``usage_by_level`` split them.
+        checkpoints: Name → ``(seq, Checkpoint)``; a later checkpoint of the
+            same name replaces the earlier one.
+        state: The agent's key-values as of the current context.
+        metadata: Session key-values.
+        turns: How many turns ended, by status.
+        open_turn: The id of a turn that started and has not ended (after a
+            crash it reads as interrupted), else None.
+        offloads: Blob id → :class:`Offload`.
+        resets, rewinds, compactions: How many of each were folded in.
+    """
+
+    head: int = 0
+    context: list[tuple[int, Message]] = field(default_factory=list)
+    history: list[tuple[int, Message]] = field(default_factory=list)
+    usage: UsageTotals = field(default_factory=UsageTotals)
+    usage_by_model: dict[str, UsageTotals] = field(default_factory=dict)
+    usage_by_level: dict[str, UsageTotals] = field(default_factory=dict)
+    checkpoints: dict[str, tuple[int, Checkpoint]] = field(default_factory=dict)
+    state: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    turns: dict[str, int] = field(default_factory=dict)
+    open_turn: str | None = None
+    offloads: dict[str, Offload] = field(default_factory=dict)
+    resets: int = 0
+    rewinds: int = 0
+    compactions: int = 0
+    # (seq, type, data) of every event that shapes context or state, for rewind
+    _timeline: list[tuple[int, str, Any]] = field(default_factory=list, repr=False)
+
+    @property
+    def messages(self) -> list[Message]:
+        """The messages the model sees now (``context`` without seqs)."""
+        return [m for _, m in self.context]
+
+    def copy(self) -> ConversationState:
+        """An independent copy: containers and JSON values copied, frozen events shared."""
+        return ConversationState(
+            head=self.head,
+            context=list(self.context),
+            history=list(self.history),
+            usage=replace(self.usage),
+            usage_by_model={k: replace(v) for k, v in self.usage_by_model.items()},
+            usage_by_level={k: replace(v) for k, v in self.usage_by_level.items()},
+            checkpoints=dict(self.checkpoints),
+            state=copy.deepcopy(self.state),
+            metadata=copy.deepcopy(self.metadata),
+            turns=dict(self.turns),
+            open_turn=self.open_turn,
+            offloads=dict(self.offloads),
+            resets=self.resets,
+            rewinds=self.rewinds,
+            compactions=self.compactions,
+            _timeline=list(self._timeline),
+        )
+
+    def dangling_tool_calls(self) -> list[ToolCall]:
+        """Tool calls in the context that have no tool result after them."""
+        answered = {m.tool_call_id for _, m in self.context if m.role == "tool"}
+        return [
+            call
+            for _, m in self.context
+            if m.role == "assistant"
+            for call in m.tool_calls
+            if call.id not in answered
+        ]
+
+    def apply(self, event: LogEvent) -> None:
+        """Fold one event in, in place (what :func:`fold` does for each event)."""
+        if event.seq:
+            self.head = event.seq
+        _APPLY[event.type](self, event.seq, event.turn_id, event.data)
+
+    def _replay(self, upto: int) -> tuple[list[tuple[int, Message]], dict[str, Any]]:
+        """Context and agent state as they were right after seq ``upto``."""
+        past = ConversationState()
+        for seq, event_type, data in self._timeline:
+            if seq > upto:
+                break
+            _APPLY[event_type](past, seq, None, data)
+        return past.context, past.state
+
+
+def _apply_message(state: ConversationState, seq: int, turn_id: str | None, data: Any) -> None:
+    item = (seq, data)
+    state.history.append(item)
+    state.context.append(item)
+    state._timeline.append((seq, "message", data))
+
+
+def _apply_usage(state: ConversationState, seq: int, turn_id: str | None, data: Any) -> None:
+    state.usage.add(data)
+    by_model = state.usage_by_model.get(data.model)
+    if by_model is None:
+        by_model = state.usage_by_model[data.model] = UsageTotals()
+    by_model.add(data)
+    by_level = state.usage_by_level.get(data.level)
+    if by_level is None:
+        by_level = state.usage_by_level[data.level] = UsageTotals()
+    by_level.add(data)
+
+
+def _apply_turn_start(state: ConversationState, seq: int, turn_id: str | None, data: Any) -> None:
+    state.open_turn = turn_id or f"seq-{seq}"
+
+
+def _apply_turn_end(state: ConversationState, seq: int, turn_id: str | None, data: Any) -> None:
+    state.turns[data.status] = state.turns.get(data.status, 0) + 1
+    state.open_turn = None
+
+
+def _apply_reset(state: ConversationState, seq: int, turn_id: str | None, data: Any) -> None:
+    state.resets += 1
+    state.context = []
+    if data.clear_state:
+        state.state = {}
+    state._timeline.append((seq, "reset", data))
+
+
+def _apply_rewind(state: ConversationState, seq: int, turn_id: str | None, data: Any) -> None:
+    state.rewinds += 1
+    state.context, state.state = state._replay(min(data.to_seq, seq - 1))
+    state._timeline.append((seq, "rewind", data))
+
+
+def _apply_checkpoint(state: ConversationState, seq: int, turn_id: str | None, data: Any) -> None:
+    state.checkpoints[data.name] = (seq, data)
+
+
+def _apply_metadata(state: ConversationState, seq: int, turn_id: str | None, data: Any) -> None:
+    _merge(state.metadata, data.values)
+
+
+def _apply_state(state: ConversationState, seq: int, turn_id: str | None, data: Any) -> None:
+    _merge(state.state, data.values)
+    state._timeline.append((seq, "state", data))
+
+
+def _apply_offload(state: ConversationState, seq: int, turn_id: str | None, data: Any) -> None:
+    state.offloads[data.blob_id] = data
+
+
+def _apply_compaction(state: ConversationState, seq: int, turn_id: str | None, data: Any) -> None:
+    state.compactions += 1
+    summary = Message(role="user", content="Summary of the earlier conversation:\n" + data.summary)
+    kept = [(s, m) for s, m in state.context if s > data.upto_seq]
+    state.context = [(seq, summary), *kept]
+    state._timeline.append((seq, "compaction", data))
+
+
+_APPLY: dict[str, Callable[[ConversationState, int, str | None, Any], None]] = {
+    "message": _apply_message,
+    "usage": _apply_usage,
+    "turn_start": _apply_turn_start,
+    "turn_end": _apply_turn_end,
+    "reset": _apply_reset,
+    "rewind": _apply_rewind,
+    "checkpoint": _apply_checkpoint,
+    "metadata": _apply_metadata,
+    "state": _apply_state,
+    "offload": _apply_offload,
+    "compaction": _apply_compaction,
+}
+
+
+def _merge(target: dict[str, Any], values: dict[str, Any]) -> None:
+    for key, value in values.items():
+        if value is None:
+            target.pop(key, None)
+        else:
+            target[key] = copy.deepcopy(value)
+
+
+def fold(events: Iterable[LogEvent], initial: ConversationState | None = None) -> ConversationState:
+    """Fold events into a conversation state. Pure: ``initial`` is not changed.
+
+    Args:
+        events: Events in seq order.
+        initial: The state to continue from (``fold(b, fold(a)) == fold(a + b)``).
+
+    Returns:
+        A new :class:`ConversationState`.
+    """
+    state = initial.copy() if initial is not None else ConversationState()
+    for event in events:
+        state.apply(event)
+    return state
