@@ -15,7 +15,15 @@ import sys
 import uuid
 
 from chatsession import default_store_url, open_store
-from chatsession.log import Message, MessageEntry, TurnEndEntry, TurnStartEntry, decode, encode, fold
+from chatsession.log import (
+    Message,
+    MessageEntry,
+    TurnEndEntry,
+    TurnStartEntry,
+    decode,
+    encode,
+    fold,
+)
 from chatsession.store import SessionRecord
 
 

@@ -20,7 +20,9 @@ POSTGRES_URL = os.environ.get(
 
 
 @pytest.fixture(autouse=True)
-def env_setup(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+def env_setup(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Path]:
     """Point every chatsession path and setting at a fresh temporary directory."""
     home = tmp_path_factory.mktemp("chatsession-home")
     for name in list(os.environ):

@@ -190,7 +190,9 @@ def test_fold_is_incremental(events: list[LogEvent], data: st.DataObject) -> Non
 
 @settings(max_examples=100, deadline=None)
 @given(logs(), logs())
-def test_fold_does_not_change_its_initial_state(first: list[LogEvent], more: list[LogEvent]) -> None:
+def test_fold_does_not_change_its_initial_state(
+    first: list[LogEvent], more: list[LogEvent]
+) -> None:
     initial = fold(first)
     before = snapshot(initial)
     offset = len(first)
@@ -264,7 +266,9 @@ def test_open_turn_and_dangling_tool_calls_are_reported() -> None:
     events: list[LogEvent] = [
         TurnStartEntry(seq=1, ts=1.0, turn_id="t1"),
         MessageEntry(seq=2, ts=1.0, turn_id="t1", data=Message(role="user", content="hi")),
-        MessageEntry(seq=3, ts=1.0, turn_id="t1", data=Message(role="assistant", tool_calls=(call,))),
+        MessageEntry(
+            seq=3, ts=1.0, turn_id="t1", data=Message(role="assistant", tool_calls=(call,))
+        ),
     ]
     state = fold(events)
     assert state.open_turn == "t1"
@@ -288,7 +292,12 @@ def _fixture_rows(name: str) -> list[StoredEvent]:
         raw = json.loads(line)
         rows.append(
             StoredEvent(
-                raw["seq"], raw["type"], raw["ts"], raw["turn_id"], json.dumps(raw["data"]), raw["v"]
+                raw["seq"],
+                raw["type"],
+                raw["ts"],
+                raw["turn_id"],
+                json.dumps(raw["data"]),
+                raw["v"],
             )
         )
     return rows
