@@ -16,7 +16,7 @@ import json
 import re
 import time
 from collections.abc import AsyncIterator, Sequence
-from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
+from typing import Any, Literal, NamedTuple, Protocol, TypeVar, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -57,6 +57,8 @@ DEFAULT_READ_BATCH = 2000
 MAX_ID_LENGTH = 128
 
 _ID_RE = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]*")
+
+K = TypeVar("K")  # how a backend names a session in a fork chain (id or row key)
 
 SessionState = Literal["active", "idle", "archived", "expired"]
 
@@ -235,13 +237,13 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
 
 
 def fork_segments(
-    lineage: Sequence[tuple[str, int]], head: int, after_seq: int = 0, upto_seq: int | None = None
-) -> list[tuple[str, int, int]]:
+    lineage: Sequence[tuple[K, int]], head: int, after_seq: int = 0, upto_seq: int | None = None
+) -> list[tuple[K, int, int]]:
     """Plan a read across a fork chain.
 
     Args:
-        lineage: ``(session_id, fork_seq)`` from the session itself up to the
-            root, where ``fork_seq`` is the last seq that node inherits from
+        lineage: ``(key, fork_seq)`` from the session itself up to the
+            root (``key`` is whatever names a session in the backend), where ``fork_seq`` is the last seq that node inherits from
             its parent (0 for the root).
         head: The session's head seq.
         after_seq: Read events with seq greater than this.
@@ -252,7 +254,7 @@ def fork_segments(
         events with ``lo < seq <= hi``. Empty segments are left out.
     """
     limit = head if upto_seq is None else min(upto_seq, head)
-    segments: list[tuple[str, int, int]] = []
+    segments: list[tuple[K, int, int]] = []
     for session_id, fork_seq in lineage:
         lo, hi = max(fork_seq, after_seq), limit
         if hi > lo:
