@@ -1,0 +1,127 @@
+"""Damaged storage gives a clear error or a reported repair, never silent loss.
+
+Each durable backend damages its own storage the way a crash, a bad disk or a
+bad hand edit would, using its own on-disk (or in-server) format.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import warnings
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from chatsession import (
+    CorruptDataError,
+    NewEvent,
+    SessionNotFoundError,
+    SessionRecord,
+    StoreRepairWarning,
+    StoreUnavailableError,
+    open_store,
+)
+
+
+async def _seed(url: str, n: int = 20) -> None:
+    store = open_store(url)
+    await store.create(SessionRecord(id="s"))
+    await store.append("s", [NewEvent("message", json.dumps({"n": i}), 1.0) for i in range(n)], 0)
+    await store.aclose()
+
+
+def _sqlite_path(url: str) -> Path:
+    return Path(urlsplit(url).path[1:])
+
+
+def _file_dir(url: str) -> Path:
+    return Path(urlsplit(url).path) / "s"
+
+
+async def _read(url: str) -> list[int]:
+    store = open_store(url)
+    try:
+        return [r.seq async for batch in store.read("s") for r in batch]
+    finally:
+        await store.aclose()
+
+
+# -- sqlite ---------------------------------------------------------------------
+
+
+async def sqlite_garbage(url: str) -> None:
+    path = _sqlite_path(url)
+    for suffix in ("-wal", "-shm"):
+        Path(str(path) + suffix).unlink(missing_ok=True)
+    path.write_bytes(b"this is not a database at all" * 200)
+
+
+async def sqlite_missing_rows(url: str) -> None:
+    db = sqlite3.connect(_sqlite_path(url))
+    db.execute("DELETE FROM events WHERE seq IN (5, 6)")
+    db.commit()
+    db.close()
+
+
+async def sqlite_truncated(url: str) -> None:
+    path = _sqlite_path(url)
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    db.close()
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2 + 100])
+
+
+# -- file ------------------------------------------------------------------------
+
+
+async def file_middle_line(url: str) -> None:
+    path = _file_dir(url) / "context.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    lines[7] = '{"seq": 8, "type": "mess\n'
+    path.write_text("".join(lines))
+
+
+async def file_bad_header(url: str) -> None:
+    (_file_dir(url) / "session.json").write_text("{ not json")
+
+
+DAMAGE: dict[str, list[Callable[[str], Awaitable[None]]]] = {
+    "sqlite": [sqlite_garbage, sqlite_missing_rows, sqlite_truncated],
+    "file": [file_middle_line, file_bad_header],
+}
+
+
+def _damage_cases(backend: str) -> list[Callable[[str], Awaitable[None]]]:
+    cases = DAMAGE.get(backend)
+    assert cases, f"no damage recipe for backend {backend!r}: add one to DAMAGE"
+    return cases
+
+
+async def test_damage_is_reported_never_silent(durable_backend: str, tmp_path: Path) -> None:
+    from tests.conformance.conftest import cleanup, make_url
+
+    for damage in _damage_cases(durable_backend):
+        url, namespace = make_url(durable_backend, tmp_path / damage.__name__)
+        (tmp_path / damage.__name__).mkdir()
+        await _seed(url)
+        await damage(url)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", StoreRepairWarning)
+            try:
+                seqs = await _read(url)
+            except CorruptDataError as exc:
+                assert str(exc), damage.__name__
+                assert "s" in str(exc) or "sqlite" in str(exc).lower() or "/" in str(exc)
+            except (SessionNotFoundError, StoreUnavailableError) as exc:
+                pytest.fail(f"{damage.__name__}: damage reported as {type(exc).__name__}: {exc}")
+            else:
+                repaired = [w for w in caught if issubclass(w.category, StoreRepairWarning)]
+                assert repaired, (
+                    f"{damage.__name__}: read {len(seqs)} events with no error or repair report"
+                )
+                assert seqs == list(range(1, len(seqs) + 1))
+        await cleanup(durable_backend, namespace)
