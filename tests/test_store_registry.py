@@ -1,0 +1,108 @@
+"""open_store's URL registry, id validation and the contract's helpers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import chatsession
+import chatsession.store as registry
+from chatsession import InvalidIdError, InvalidURLError, MissingDependencyError, open_store
+from chatsession.store import default_store_url
+from chatsession.store.base import (
+    SessionRecord,
+    decode_cursor,
+    encode_cursor,
+    fork_segments,
+    validate_id,
+)
+
+
+@pytest.mark.parametrize("url", ["foo://x", "http://example.com/db", "mysql://root@127.0.0.1/test"])
+def test_unknown_scheme_names_the_known_ones(url: str) -> None:
+    with pytest.raises(InvalidURLError) as info:
+        open_store(url)
+    message = str(info.value)
+    assert url.split(":")[0] in message
+    for scheme in ("memory://", "sqlite://", "file://", "redis://", "postgresql://"):
+        assert scheme in message
+
+
+@pytest.mark.parametrize("url", ["", "   ", "no-scheme-at-all"])
+def test_empty_or_schemeless_url_is_refused(url: str) -> None:
+    with pytest.raises(InvalidURLError):
+        open_store(url)
+
+
+def test_missing_driver_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a backend module whose driver package is not installed
+    (tmp_path / "cs_fake_backend.py").write_text("import cs_missing_driver_pkg\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(
+        registry._BACKENDS,
+        "fakedb",
+        ("cs_fake_backend", "FakeStore", "fakedb", "cs_missing_driver_pkg"),
+    )
+    with pytest.raises(MissingDependencyError) as info:
+        open_store("fakedb://127.0.0.1/x")
+    assert "pip install 'chatsession[fakedb]'" in str(info.value)
+    assert isinstance(info.value, ImportError)
+
+
+def test_default_store_is_sqlite_in_the_data_dir(env_setup: Path) -> None:
+    url = default_store_url()
+    assert url == "sqlite:///" + str(env_setup / "sessions.db")
+
+
+def test_store_url_setting_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CHATSESSION_STORE_URL", "memory://")
+    assert default_store_url() == "memory://"
+    assert open_store().url == "memory://"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["", "../x", "a/b", "a\\b", ".hidden", "a\nb", "a\x00b", "tab\there", "é", "a" * 129, "a b"],
+)
+def test_bad_ids_are_rejected(bad: str) -> None:
+    with pytest.raises(InvalidIdError) as info:
+        validate_id(bad)
+    assert "session id" in str(info.value)
+
+
+@pytest.mark.parametrize("bad", [None, 12, b"bytes"])
+def test_non_string_ids_are_rejected(bad: object) -> None:
+    with pytest.raises(InvalidIdError, match="must be a string"):
+        validate_id(bad)
+
+
+@pytest.mark.parametrize("good", ["a", "A-b_c.d", "0" * 128, "3f2a9c1e", "user.42"])
+def test_good_ids_pass(good: str) -> None:
+    assert validate_id(good) == good
+
+
+def test_cursor_round_trip_and_garbage() -> None:
+    record = SessionRecord(id="s-1", created_at=1234.5)
+    assert decode_cursor(encode_cursor(record)) == (1234.5, "s-1")
+    with pytest.raises(ValueError, match="bad listing cursor"):
+        decode_cursor("not-a-cursor")
+
+
+def test_fork_segments_plan_reads_across_a_chain() -> None:
+    # root r (events 1..10), child c forked at 6 (own 7..9), grandchild g forked at 8 (own 9..12)
+    lineage = [("g", 8), ("c", 6), ("r", 0)]
+    assert fork_segments(lineage, head=12) == [("r", 0, 6), ("c", 6, 8), ("g", 8, 12)]
+    assert fork_segments(lineage, head=12, after_seq=7) == [("c", 7, 8), ("g", 8, 12)]
+    assert fork_segments(lineage, head=12, upto_seq=5) == [("r", 0, 5)]
+    assert fork_segments(lineage, head=12, after_seq=12) == []
+    # a grandchild forked before its parent's own fork point reads only the root
+    assert fork_segments([("g", 3), ("c", 6), ("r", 0)], head=3) == [("r", 0, 3)]
+
+
+def test_public_names_are_exported() -> None:
+    public = sorted(n for n in dir(chatsession) if not n.startswith("_") and n != "annotations")
+    modules = {"errors", "log", "store", "session", "transfer", "blocking", "agent", "cli"}
+    assert sorted(set(chatsession.__all__) - {"__version__"}) == sorted(
+        n for n in public if n not in modules
+    )
