@@ -16,7 +16,18 @@ BENCH = Path(__file__).resolve().parent.parent / "bench" / "store_bench.py"
 def test_store_bench_writes_rows(backend: str, tmp_path: Path) -> None:
     out = tmp_path / "rows.jsonl"
     result = subprocess.run(
-        [sys.executable, str(BENCH), "--backend", backend, "--sizes", "10,40", "--appends", "5", "--json", str(out)],
+        [
+            sys.executable,
+            str(BENCH),
+            "--backend",
+            backend,
+            "--sizes",
+            "10,40",
+            "--appends",
+            "5",
+            "--json",
+            str(out),
+        ],
         capture_output=True,
         text=True,
         timeout=120,
