@@ -396,10 +396,14 @@ def derived(rows: list[Row]) -> dict[str, float]:
         lo, hi = sizes[0], sizes[-1]
         if ("append_p50", lo) in by and ("append_p50", hi) in by:
             out["append_flat"] = by[("append_p50", hi)] / by[("append_p50", lo)]
-        for metric in ("fork", "fork_bytes", "append_vs_floor"):
+        for metric, name in (
+            ("fork", "fork_max"),
+            ("fork_bytes", "fork_bytes_max"),
+            ("append_p50_vs_floor", "append_vs_floor_max"),
+        ):
             values = [by[(metric, n)] for n in sizes if (metric, n) in by]
             if values:
-                out[f"{metric}_max"] = max(values)
+                out[name] = max(values)
     return out
 
 

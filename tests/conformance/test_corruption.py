@@ -11,7 +11,7 @@ import sqlite3
 import warnings
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 
@@ -89,9 +89,38 @@ async def file_bad_header(url: str) -> None:
     (_file_dir(url) / "session.json").write_text("{ not json")
 
 
+# -- redis -----------------------------------------------------------------------
+
+
+async def _redis_call(url: str, *command: object) -> None:
+    import redis.asyncio as aioredis
+
+    from tests.conformance.conftest import REDIS_URL
+
+    prefix = dict(parse_qsl(urlsplit(url).query))["prefix"]
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        await client.execute_command(*[str(c).replace("PREFIX", prefix) for c in command])
+    finally:
+        await client.aclose()
+
+
+async def redis_garbage_event(url: str) -> None:
+    await _redis_call(url, "LSET", "PREFIX{s}:ev", 4, "garbage without separators")
+
+
+async def redis_missing_events(url: str) -> None:
+    await _redis_call(url, "LTRIM", "PREFIX{s}:ev", 0, 9)
+
+
+async def redis_bad_record(url: str) -> None:
+    await _redis_call(url, "HSET", "PREFIX{s}:rec", "head", "not-a-number")
+
+
 DAMAGE: dict[str, list[Callable[[str], Awaitable[None]]]] = {
     "sqlite": [sqlite_garbage, sqlite_missing_rows, sqlite_truncated],
     "file": [file_middle_line, file_bad_header],
+    "redis": [redis_garbage_event, redis_missing_events, redis_bad_record],
 }
 
 
