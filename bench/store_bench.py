@@ -243,17 +243,19 @@ class Floor:
         if sync:
             await conn.execute(f"SET synchronous_commit = {sync}")
         table = f"floor_{uuid.uuid4().hex[:8]}"
+        # the same row shape as chatsession's events table, without its logic
         await conn.execute(
-            f"CREATE TABLE {table} (id int NOT NULL, seq int NOT NULL, data text NOT NULL, "
+            f"CREATE TABLE {table} (id bigint NOT NULL, seq bigint NOT NULL, type text NOT NULL, "
+            "ts double precision NOT NULL, turn_id text, v smallint NOT NULL, data text NOT NULL, "
             "PRIMARY KEY (id, seq))"
         )
         rows = [
-            (1, i + 1, e.data)
+            (1, i + 1, e.type, e.ts, e.turn_id, e.schema_version, e.data)
             for i, e in enumerate(e for t in range(n // 2) for e in turn_events(t))
         ]
         await conn.copy_records_to_table(table, records=rows)
         seq = len(rows)
-        turn = [e.data for e in turn_events(0)]
+        turn = turn_events(0)
         times = []
         for _ in range(appends):
 
@@ -261,8 +263,12 @@ class Floor:
                 nonlocal seq
                 async with conn.transaction():
                     await conn.executemany(
-                        f"INSERT INTO {table} (id, seq, data) VALUES ($1, $2, $3)",
-                        [(1, seq + 1, turn[0]), (1, seq + 2, turn[1])],
+                        f"INSERT INTO {table} (id, seq, type, ts, turn_id, v, data) "
+                        "VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                        [
+                            (1, seq + k + 1, e.type, e.ts, e.turn_id, e.schema_version, e.data)
+                            for k, e in enumerate(turn)
+                        ],
                     )
                 seq += 2
 
@@ -270,7 +276,9 @@ class Floor:
         await conn.execute(f"DELETE FROM {table} WHERE seq > $1", n)
         reads = [
             await timed(
-                lambda: conn.fetch(f"SELECT seq, data FROM {table} WHERE id = 1 ORDER BY seq")
+                lambda: conn.fetch(
+                    f"SELECT seq, type, ts, turn_id, data, v FROM {table} WHERE id = 1 ORDER BY seq"
+                )
             )
             for _ in range(5)
         ]

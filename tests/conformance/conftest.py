@@ -22,7 +22,7 @@ REDIS_URL = os.environ.get("CHATSESSION_TEST_REDIS_URL", "redis://127.0.0.1:6379
 POSTGRES_URL = os.environ.get(
     "CHATSESSION_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
 )
-ALL_BACKENDS = ["memory", "sqlite", "file", "redis"]
+ALL_BACKENDS = ["memory", "sqlite", "file", "redis", "postgres"]
 _chosen = os.environ.get("CHATSESSION_TEST_BACKENDS", "")
 BACKENDS = [b.strip() for b in _chosen.split(",") if b.strip()] or ALL_BACKENDS
 DURABLE = [b for b in BACKENDS if b != "memory"]

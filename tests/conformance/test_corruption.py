@@ -44,6 +44,7 @@ def _file_dir(url: str) -> Path:
 async def _read(url: str) -> list[int]:
     store = open_store(url)
     try:
+        await store.get("s")
         return [r.seq async for batch in store.read("s") for r in batch]
     finally:
         await store.aclose()
@@ -117,10 +118,35 @@ async def redis_bad_record(url: str) -> None:
     await _redis_call(url, "HSET", "PREFIX{s}:rec", "head", "not-a-number")
 
 
+# -- postgres --------------------------------------------------------------------
+
+
+async def _pg_execute(url: str, sql: str) -> None:
+    import asyncpg
+
+    from tests.conformance.conftest import POSTGRES_URL
+
+    schema = dict(parse_qsl(urlsplit(url).query))["schema"]
+    conn = await asyncpg.connect(POSTGRES_URL)
+    try:
+        await conn.execute(sql.replace("SCHEMA", f'"{schema}"'))
+    finally:
+        await conn.close()
+
+
+async def postgres_missing_rows(url: str) -> None:
+    await _pg_execute(url, "DELETE FROM SCHEMA.events WHERE seq IN (5, 6)")
+
+
+async def postgres_bad_record(url: str) -> None:
+    await _pg_execute(url, """UPDATE SCHEMA.sessions SET body = '{"metadata": 5}'""")
+
+
 DAMAGE: dict[str, list[Callable[[str], Awaitable[None]]]] = {
     "sqlite": [sqlite_garbage, sqlite_missing_rows, sqlite_truncated],
     "file": [file_middle_line, file_bad_header],
     "redis": [redis_garbage_event, redis_missing_events, redis_bad_record],
+    "postgres": [postgres_missing_rows, postgres_bad_record],
 }
 
 
