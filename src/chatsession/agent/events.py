@@ -1,0 +1,109 @@
+"""What a turn yields as it runs.
+
+``TextEvent`` carries text deltas as the model streams them; the other events
+mark completed steps. ``ChatSession`` persists each completed step before it
+yields the event.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from chatsession.log import Message, ToolCall, Usage
+
+__all__ = [
+    "AgentEvent",
+    "AssistantMessageEvent",
+    "ErrorEvent",
+    "StopEvent",
+    "TextEvent",
+    "ToolCallEvent",
+    "ToolResultEvent",
+    "UsageEvent",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class TextEvent:
+    """A piece of the answer's text, as the model streams it.
+
+    Attributes:
+        content: The text delta.
+    """
+
+    content: str
+
+    @property
+    def text(self) -> str:
+        """The same as ``content``."""
+        return self.content
+
+
+@dataclass(frozen=True, slots=True)
+class AssistantMessageEvent:
+    """A model call finished: the whole assistant message, with any tool calls."""
+
+    message: Message
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallEvent:
+    """The model asked for a tool; it runs next."""
+
+    call: ToolCall
+
+    @property
+    def name(self) -> str:
+        """The tool's name."""
+        return self.call.name
+
+
+@dataclass(frozen=True, slots=True)
+class ToolResultEvent:
+    """A tool returned (or failed: ``is_error``); ``message`` is what the model sees."""
+
+    call_id: str
+    name: str
+    content: str
+    is_error: bool
+    message: Message
+
+
+@dataclass(frozen=True, slots=True)
+class UsageEvent:
+    """Tokens (and cost) of one model call."""
+
+    usage: Usage
+
+
+@dataclass(frozen=True, slots=True)
+class StopEvent:
+    """The turn ended.
+
+    Attributes:
+        reason: ``end_turn`` (the model answered), ``max_steps`` (the step
+            limit stopped the tool loop) or ``error`` (the model failed).
+        text: The final answer's text.
+    """
+
+    reason: str
+    text: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorEvent:
+    """The model call failed; a ``StopEvent("error")`` follows."""
+
+    error: str
+    exception: BaseException | None = None
+
+
+AgentEvent = (
+    TextEvent
+    | AssistantMessageEvent
+    | ToolCallEvent
+    | ToolResultEvent
+    | UsageEvent
+    | StopEvent
+    | ErrorEvent
+)

@@ -1,0 +1,203 @@
+"""Deterministic models for tests and demos: ``scripted`` and ``FunctionLLM``.
+
+``ScriptedLLM`` answers from a queue of canned replies, then from rules
+(regular expression → reply), then by echoing the user. Replies stream word
+by word. Usage is counted in words, the same way every time. Nothing is
+random and nothing touches the network. Every request is kept in
+``.requests``.
+
+``FunctionLLM`` lets a function of yours play the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import re
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from chatsession.agent.llm.base import Completion, LLMChunk, TextDelta, ToolSpec
+from chatsession.errors import ModelError
+from chatsession.log import Message, ToolCall, Usage
+
+__all__ = ["FunctionLLM", "Reply", "ScriptedLLM", "ScriptedRequest"]
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A canned answer: text, tool calls, or both.
+
+    Build a tool-calling reply with ``Reply.call("name", arg=value)``.
+    """
+
+    text: str = ""
+    tool_calls: tuple[tuple[str, dict[str, Any]], ...] = ()
+
+    @classmethod
+    def call(cls, name: str, text: str = "", /, **arguments: Any) -> Reply:
+        """A reply that calls tool ``name`` with ``arguments``."""
+        return cls(text=text, tool_calls=((name, arguments),))
+
+
+ReplyLike = str | Reply | BaseException | Callable[[Sequence[Message]], "str | Reply"]
+
+
+@dataclass
+class ScriptedRequest:
+    """One call of the model, as recorded in ``.requests``."""
+
+    messages: list[Message]
+    tools: list[ToolSpec] = field(default_factory=list)
+
+
+def _words(text: str) -> int:
+    return len(text.split())
+
+
+def _last(messages: Sequence[Message], role: str) -> Message | None:
+    return next((m for m in reversed(messages) if m.role == role), None)
+
+
+class _StreamingModel:
+    """What scripted models share: streaming a reply and counting words."""
+
+    provider = "scripted"
+
+    def __init__(self, model: str, context_window: int, chunk_delay: float) -> None:
+        self.model = model
+        self.context_window = context_window
+        self.chunk_delay = chunk_delay
+        self.requests: list[ScriptedRequest] = []
+        self._calls = 0
+
+    def count_tokens(self, messages: Sequence[Message]) -> int | None:
+        """Words plus four per message: this model's own deterministic "tokenizer"."""
+        return sum(
+            4 + _words(m.text) + sum(_words(c.arguments) + 1 for c in m.tool_calls)
+            for m in messages
+        )
+
+    async def _emit(self, reply: Reply, messages: Sequence[Message]) -> AsyncIterator[LLMChunk]:
+        for piece in re.findall(r"\S+\s*|\s+", reply.text):
+            await asyncio.sleep(self.chunk_delay)
+            yield TextDelta(piece)
+        calls = []
+        for name, arguments in reply.tool_calls:
+            self._calls += 1
+            calls.append(
+                ToolCall(id=f"call_{self._calls}", name=name, arguments=json.dumps(arguments))
+            )
+        message = Message(role="assistant", content=reply.text, tool_calls=tuple(calls))
+        prompt = self.count_tokens(messages) or 0
+        completion = _words(reply.text) + sum(_words(c.arguments) + 1 for c in calls)
+        usage = Usage(
+            model=self.model,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=prompt + completion,
+        )
+        yield Completion(message, usage, "tool_calls" if calls else "stop")
+
+
+class ScriptedLLM(_StreamingModel):
+    """A deterministic model (the ``scripted`` spec).
+
+    Args:
+        replies: Answers given in order, before anything else. Each is text, a
+            :class:`Reply`, an exception (raised as the model failing), or a
+            function of the messages returning text or a Reply.
+        rules: ``(pattern, reply)`` pairs: the first pattern found in the last
+            user message picks the reply (used when the queue is empty).
+        echo: With no queued reply and no rule: answer ``You said: ...``
+            (after a tool result: ``The tool NAME returned: ...``).
+        chunk_delay: Seconds between streamed words (for timeouts and demos).
+        model: The model name reported in usage.
+        context_window: The context size reported to the session.
+    """
+
+    def __init__(
+        self,
+        replies: Iterable[ReplyLike] = (),
+        *,
+        rules: Iterable[tuple[str, ReplyLike]] = (),
+        echo: bool = True,
+        chunk_delay: float = 0.0,
+        model: str = "scripted",
+        context_window: int = 8192,
+    ) -> None:
+        super().__init__(model, context_window, chunk_delay)
+        self.queue: deque[ReplyLike] = deque(replies)
+        self.rules = [(re.compile(p, re.I), r) for p, r in rules]
+        self.echo = echo
+
+    def enqueue(self, *replies: ReplyLike) -> None:
+        """Add canned replies to the end of the queue."""
+        self.queue.extend(replies)
+
+    def _pick(self, messages: Sequence[Message]) -> ReplyLike:
+        if self.queue:
+            return self.queue.popleft()
+        user = _last(messages, "user")
+        text = user.text if user else ""
+        for pattern, reply in self.rules:
+            if pattern.search(text):
+                return reply
+        if messages and messages[-1].role == "tool":
+            last = messages[-1]
+            return f"The tool {last.name or 'call'} returned: {last.text}"
+        if not self.echo:
+            raise ModelError("the scripted model has no reply queued and echo is off")
+        return f"You said: {text}"
+
+    async def stream(
+        self, messages: Sequence[Message], tools: Sequence[ToolSpec]
+    ) -> AsyncIterator[LLMChunk]:
+        """Answer deterministically (see the class docstring)."""
+        self.requests.append(ScriptedRequest(list(messages), list(tools)))
+        choice = self._pick(messages)
+        if isinstance(choice, BaseException):
+            raise choice
+        if callable(choice) and not isinstance(choice, Reply):
+            choice = choice(messages)
+        reply = choice if isinstance(choice, Reply) else Reply(text=str(choice))
+        async for chunk in self._emit(reply, messages):
+            yield chunk
+
+
+class FunctionLLM(_StreamingModel):
+    """A model played by your function.
+
+    Args:
+        fn: Called with ``(messages, tools)``; returns (or, if async, resolves
+            to) text or a :class:`Reply`. Exceptions it raises are the model
+            failing.
+        model: The model name reported in usage.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[list[Message], list[ToolSpec]], str | Reply | Awaitable[str | Reply]],
+        *,
+        model: str = "function",
+        context_window: int = 8192,
+        chunk_delay: float = 0.0,
+    ) -> None:
+        super().__init__(model, context_window, chunk_delay)
+        self.provider = "function"
+        self.fn = fn
+
+    async def stream(
+        self, messages: Sequence[Message], tools: Sequence[ToolSpec]
+    ) -> AsyncIterator[LLMChunk]:
+        """Ask the function, then stream its answer."""
+        self.requests.append(ScriptedRequest(list(messages), list(tools)))
+        result = self.fn(list(messages), list(tools))
+        if inspect.isawaitable(result):
+            result = await result
+        reply = result if isinstance(result, Reply) else Reply(text=str(result))
+        async for chunk in self._emit(reply, messages):
+            yield chunk

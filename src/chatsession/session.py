@@ -1,0 +1,1114 @@
+"""One durable conversation: :class:`ChatSession`.
+
+A ``ChatSession`` runs an :class:`~chatsession.agent.Agent` turn by turn and
+persists every step to a store as it happens:
+
+1. ``turn_start`` and the user's message, before the model is called;
+2. each assistant message (with its tool calls) and its usage, as the model
+   finishes it; each tool result as the tool returns;
+3. ``turn_end``, before :class:`StopEvent` is yielded.
+
+If the turn is stopped (Ctrl+C, task cancellation, a timeout, an exception),
+what was produced so far is recorded: the partial assistant text, an error
+result for every tool call that has none (so the next model call is valid),
+and ``turn_end`` with status ``interrupted``, ``cancelled``, ``timeout`` or
+``error``. A process killed outright leaves a turn without ``turn_end``; it
+reads back as interrupted and is repaired the same way on the next turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import json
+import math
+import time
+import uuid
+import warnings
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Literal, Self, TypeAlias
+
+from chatsession.agent import Agent
+from chatsession.agent.events import (
+    AgentEvent,
+    AssistantMessageEvent,
+    ErrorEvent,
+    StopEvent,
+    TextEvent,
+    ToolCallEvent,
+    ToolResultEvent,
+    UsageEvent,
+)
+from chatsession.errors import (
+    ChatSessionClosedError,
+    ConflictError,
+    ConsistencyError,
+    SessionBusyError,
+    SessionNotFoundError,
+    SessionTimeoutError,
+    UsageError,
+)
+from chatsession.log import (
+    Checkpoint,
+    CheckpointEntry,
+    Compaction,
+    CompactionEntry,
+    ConversationState,
+    ImagePart,
+    LogEvent,
+    Message,
+    MessageEntry,
+    Metadata,
+    MetadataEntry,
+    Offload,
+    OffloadEntry,
+    Reset,
+    ResetEntry,
+    Rewind,
+    RewindEntry,
+    StateChange,
+    StateEntry,
+    TextPart,
+    TurnEnd,
+    TurnEndEntry,
+    TurnStartEntry,
+    TurnStatus,
+    Usage,
+    UsageEntry,
+    UsageTotals,
+    decode,
+    encode,
+)
+from chatsession.store import Store, open_store
+from chatsession.store.base import SessionRecord, validate_id
+from chatsession.transfer import ExportFormat, read_snapshot, write_export
+
+__all__ = [
+    "ChatMessage",
+    "ChatSession",
+    "ContextInfo",
+    "MessageSource",
+    "ModelUsage",
+    "UsageSummary",
+]
+
+ChatMessage: TypeAlias = str | Sequence[TextPart | ImagePart] | Message
+"""What a user sends: text, a list of text and image parts, or a ``Message``."""
+
+MessageSource: TypeAlias = (
+    Iterable[ChatMessage] | Iterator[ChatMessage] | AsyncIterator[ChatMessage] | asyncio.Queue[Any]
+)
+"""Where ``events()`` takes messages from: a list, an iterator, an async
+iterator or generator, or an ``asyncio.Queue`` (``None`` in the queue ends it)."""
+
+Consistency = Literal["warn", "strict", "ignore"]
+
+_END = object()  # ends the internal message queue
+
+#: Cancel a turn's task with this message (``task.cancel(INTERRUPTED)``) to have
+#: the turn recorded as ``interrupted`` rather than ``cancelled``: what Ctrl+C does.
+INTERRUPTED = "interrupted"
+
+
+@dataclass(frozen=True)
+class ModelUsage:
+    """Token usage of one model or one level."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    cost: float = 0.0
+    calls: int = 0
+
+    @classmethod
+    def of(cls, totals: UsageTotals) -> ModelUsage:
+        """Freeze running totals."""
+        return cls(
+            totals.prompt_tokens,
+            totals.completion_tokens,
+            totals.total_tokens,
+            totals.cost,
+            totals.calls,
+        )
+
+    def minus(self, other: ModelUsage) -> ModelUsage:
+        """This usage without ``other`` (for a fork's own figures)."""
+        return ModelUsage(
+            self.prompt_tokens - other.prompt_tokens,
+            self.completion_tokens - other.completion_tokens,
+            self.total_tokens - other.total_tokens,
+            self.cost - other.cost,
+            self.calls - other.calls,
+        )
+
+
+@dataclass(frozen=True)
+class UsageSummary:
+    """What a session's model calls used, from :meth:`ChatSession.get_usage`.
+
+    For a fork, the main figures are the fork's own; ``inherited`` is what
+    the shared history (before the fork point) used, and ``including_inherited``
+    both together. Nothing is counted twice.
+
+    Attributes:
+        total_prompt_tokens: Prompt tokens of this session's own calls.
+        total_completion_tokens: Completion tokens of this session's own calls.
+        total_tokens: Both.
+        total_cost: US dollars, from the price table (0 where unknown).
+        calls: Model calls made.
+        by_model: Own usage per model.
+        by_level: Own usage per agent level (main, subagent, compaction, ...).
+        inherited: Usage of the history shared with the parent (forks only).
+        including_inherited: Own plus inherited.
+    """
+
+    total_prompt_tokens: int
+    total_completion_tokens: int
+    total_tokens: int
+    total_cost: float
+    calls: int
+    by_model: dict[str, ModelUsage]
+    by_level: dict[str, ModelUsage]
+    inherited: ModelUsage = ModelUsage()
+    including_inherited: ModelUsage = ModelUsage()
+
+
+@dataclass(frozen=True)
+class ContextInfo:
+    """How full the model's context is, from :meth:`ChatSession.get_context_info`.
+
+    Attributes:
+        current_tokens: Tokens of the context the model would see now.
+        budget_tokens: The context budget (the model's window or the setting).
+        conversation_items: The messages in context.
+        utilisation: ``current_tokens / budget_tokens``.
+        method: ``provider`` (last reported prompt + completion, plus an
+            estimate of newer messages), ``tokenizer`` (the model's own), or
+            ``estimate`` (about four characters a token).
+        estimated: True unless the figure is exact.
+    """
+
+    current_tokens: int
+    budget_tokens: int
+    conversation_items: list[Message]
+    utilisation: float
+    method: Literal["provider", "tokenizer", "estimate"]
+    estimated: bool
+
+
+@dataclass
+class _Turn:
+    """What one running turn has produced so far (for recording an interruption)."""
+
+    turn_id: str
+    started: float
+    pending: list[LogEvent] = field(default_factory=list)
+    partial_text: list[str] = field(default_factory=list)
+    steps: int = 0
+    final_text: str = ""
+
+
+def _user_message(message: ChatMessage) -> Message:
+    if isinstance(message, Message):
+        if message.role != "user":
+            raise UsageError(f"send user messages, not {message.role!r} messages")
+        return message
+    if isinstance(message, str):
+        return Message(role="user", content=message)
+    parts = list(message)
+    if not parts or not all(isinstance(p, TextPart | ImagePart) for p in parts):
+        raise UsageError("a message is a str, a Message, or a non-empty list of TextPart/ImagePart")
+    return Message(role="user", content=parts)
+
+
+def estimate_tokens(messages: Iterable[Message]) -> int:
+    """About four characters a token, plus a few tokens per message."""
+    total = 0
+    for message in messages:
+        chars = len(message.text) + sum(len(c.name) + len(c.arguments) for c in message.tool_calls)
+        total += 4 + math.ceil(chars / 4)
+    return total
+
+
+class ChatSession:
+    """A durable conversation with an agent.
+
+    Args:
+        agent: The agent that answers.
+        session_id: Open this session (created if it does not exist); None
+            for a new session with a fresh id.
+        store: A store URL or object; None for the default store.
+        user_id: The owner recorded on a new session.
+        agent_id: The agent id recorded on a new session.
+        window_id: The client window recorded on a new session.
+        title: A title for a new session.
+        message_source: Where :meth:`events` takes messages from; without
+            one, feed it with :meth:`send` and end it with :meth:`close`.
+        timeout: Seconds a turn may take (None: no limit).
+        consistency: On resume, how to treat an agent that differs from the
+            one that wrote the session: ``warn`` (default), ``strict`` (raise
+            :class:`ConsistencyError`) or ``ignore``.
+        offload_threshold: Tool outputs longer than this many characters are
+            kept as blobs; the context gets a preview and a reference.
+        compaction_threshold: When the context passes this fraction of the
+            budget, older turns are summarised (0 or None: never).
+        budget_tokens: The context budget; default: the model's window.
+        must_exist: Raise :class:`SessionNotFoundError` instead of creating
+            the session (what :meth:`resume` does).
+    """
+
+    def __init__(
+        self,
+        agent: Agent,
+        session_id: str | None = None,
+        *,
+        store: str | Store | None = None,
+        user_id: str | None = None,
+        agent_id: str | None = None,
+        window_id: str | None = None,
+        title: str | None = None,
+        message_source: MessageSource | None = None,
+        timeout: float | None = None,
+        consistency: Consistency = "warn",
+        offload_threshold: int = 8000,
+        compaction_threshold: float | None = 0.8,
+        budget_tokens: int | None = None,
+        must_exist: bool = False,
+    ) -> None:
+        if consistency not in ("warn", "strict", "ignore"):
+            raise UsageError(
+                f"consistency must be 'warn', 'strict' or 'ignore', not {consistency!r}"
+            )
+        if timeout is not None and timeout <= 0:
+            raise UsageError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        self.agent = agent
+        self.session_id = validate_id(session_id) if session_id is not None else uuid.uuid4().hex
+        self._owns_store = not (store is not None and not isinstance(store, str))
+        self.store: Store = open_store(store) if isinstance(store, str) or store is None else store
+        self._new_record = SessionRecord(
+            id=self.session_id, user_id=user_id, agent_id=agent_id, window_id=window_id, title=title
+        )
+        self.timeout = timeout
+        self.consistency: Consistency = consistency
+        self.offload_threshold = offload_threshold
+        self.compaction_threshold = compaction_threshold
+        self._budget_tokens = budget_tokens
+        self._must_exist = must_exist
+        self._message_source = message_source
+        self._inbox: asyncio.Queue[Any] | None = None
+        self._opened = False
+        self._open_lock: asyncio.Lock | None = None
+        self._turn_lock: asyncio.Lock | None = None
+        self._closed = False
+        self.record: SessionRecord | None = None
+        self.conversation = ConversationState()
+        self._inherited = UsageTotals()
+        self._inherited_by_model: dict[str, UsageTotals] = {}
+        self._inherited_by_level: dict[str, UsageTotals] = {}
+        self._saved_state: dict[str, Any] = {}
+        self.state: dict[str, Any] = {}
+        self.consistency_warnings: list[str] = []
+        self._last_usage_seq = 0
+        self._last_usage: Usage | None = None
+
+    # ------------------------------------------------------------------
+    # opening
+
+    @classmethod
+    def resume(
+        cls, agent: Agent, session_id: str, *, store: str | Store | None = None, **options: Any
+    ) -> Self:
+        """Open an existing session; it must exist (never silently starts a new one).
+
+        The conversation state is restored from the log on first use (or by
+        ``await session.open()``). Options are those of :class:`ChatSession`.
+
+        Raises:
+            SessionNotFoundError: On first use, if there is no such session.
+        """
+        return cls(agent, session_id, store=store, must_exist=True, **options)
+
+    async def open(self) -> Self:
+        """Load (or create) the session now instead of on first use. Idempotent.
+
+        Raises:
+            SessionNotFoundError: ``must_exist`` and the session is missing.
+            ConsistencyError: ``consistency="strict"`` and the agent changed.
+        """
+        self._check_open()
+        if self._opened:
+            return self
+        if self._open_lock is None:
+            self._open_lock = asyncio.Lock()
+        async with self._open_lock:
+            if not self._opened:
+                await self._load()
+                self._opened = True
+        return self
+
+    async def _load(self) -> None:
+        try:
+            record = await self.store.get(self.session_id)
+        except SessionNotFoundError:
+            if self._must_exist:
+                raise
+            fingerprint = self.agent.fingerprint()
+            record = await self.store.create(
+                self._new_record.model_copy(update={"fingerprint": fingerprint})
+            )
+            self.record = record
+            return
+        self.record = record
+        fork_seq = record.parent.seq if record.parent else 0
+        was_enabled = gc.isenabled()
+        gc.disable()  # folding creates many small objects at once
+        try:
+            async for batch in self.store.read(self.session_id):
+                for event in decode(batch, self.session_id):
+                    self.conversation.apply(event)
+                    if event.seq == fork_seq:
+                        self._snapshot_inherited()
+        finally:
+            if was_enabled:
+                gc.enable()
+        if fork_seq and not self._inherited.calls and self.conversation.head <= fork_seq:
+            self._snapshot_inherited()
+        self._saved_state = json.loads(json.dumps(self.conversation.state))
+        self.state = json.loads(json.dumps(self.conversation.state))
+        self._check_fingerprint(record)
+
+    def _snapshot_inherited(self) -> None:
+        c = self.conversation
+        self._inherited = UsageTotals(**vars(c.usage))
+        self._inherited_by_model = {k: UsageTotals(**vars(v)) for k, v in c.usage_by_model.items()}
+        self._inherited_by_level = {k: UsageTotals(**vars(v)) for k, v in c.usage_by_level.items()}
+
+    def _check_fingerprint(self, record: SessionRecord) -> None:
+        if self.consistency == "ignore" or not record.fingerprint:
+            return
+        current = self.agent.fingerprint()
+        changes = [
+            f"{key}: {record.fingerprint.get(key)!r} -> {current.get(key)!r}"
+            for key in sorted(set(record.fingerprint) | set(current))
+            if record.fingerprint.get(key) != current.get(key)
+        ]
+        if not changes:
+            return
+        if self.consistency == "strict":
+            raise ConsistencyError(changes)
+        self.consistency_warnings = changes
+        warnings.warn(
+            f"session {self.session_id!r} was written by a different agent: " + "; ".join(changes),
+            UserWarning,
+            stacklevel=3,
+        )
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ChatSessionClosedError(
+                f"session {self.session_id!r} is closed; open a new ChatSession to continue it"
+            )
+
+    # ------------------------------------------------------------------
+    # writing events
+
+    async def _append(self, events: Sequence[LogEvent]) -> None:
+        """Append events at our head; on a conflict, catch up with the log and append after it."""
+        rows = [encode(e) for e in events]
+        for _ in range(20):
+            head = self.conversation.head
+            try:
+                new_head = await self.store.append(self.session_id, rows, head)
+            except ConflictError:
+                await self._catch_up()
+                continue
+            for offset, event in enumerate(events, start=head + 1):
+                stamped = event.model_copy(update={"seq": offset, "ts": rows[offset - head - 1].ts})
+                self.conversation.apply(stamped)
+                if isinstance(stamped, UsageEntry):
+                    self._last_usage_seq, self._last_usage = stamped.seq, stamped.data
+            assert new_head == self.conversation.head
+            return
+        raise SessionBusyError(self.session_id, "other writers (20 conflicts in a row)")
+
+    async def _catch_up(self) -> None:
+        async for batch in self.store.read(self.session_id, after_seq=self.conversation.head):
+            for event in decode(batch, self.session_id):
+                self.conversation.apply(event)
+
+    def _state_changes(self) -> StateEntry | None:
+        current = json.loads(json.dumps(self.state))
+        if current == self._saved_state:
+            return None
+        values: dict[str, Any] = {k: v for k, v in current.items() if self._saved_state.get(k) != v}
+        values.update({k: None for k in self._saved_state if k not in current})
+        self._saved_state = current
+        return StateEntry(data=StateChange(values=values))
+
+    # ------------------------------------------------------------------
+    # turns
+
+    async def query_stream(
+        self, message: ChatMessage, *, timeout: float | None = None
+    ) -> AsyncIterator[AgentEvent]:
+        """Run one turn and yield its events as they happen.
+
+        Yields :class:`TextEvent` deltas, :class:`AssistantMessageEvent`,
+        :class:`ToolCallEvent`, :class:`ToolResultEvent`, :class:`UsageEvent`,
+        :class:`ErrorEvent` and finally :class:`StopEvent`. Every step is
+        persisted before it is yielded.
+
+        Args:
+            message: The user's message.
+            timeout: Seconds for this turn (default: the session's ``timeout``).
+
+        Raises:
+            SessionTimeoutError: The turn ran past its timeout (the partial
+                turn is kept with status ``timeout``).
+            SessionBusyError: Another turn of this session object is running.
+            ChatSessionClosedError: The session is closed.
+        """
+        user = _user_message(message)
+        await self.open()
+        if self._turn_lock is None:
+            self._turn_lock = asyncio.Lock()
+        if self._turn_lock.locked():
+            raise SessionBusyError(self.session_id, "another turn of this ChatSession")
+        async with self._turn_lock:
+            async for event in self._run_turn(user, self.timeout if timeout is None else timeout):
+                yield event
+
+    async def query(self, message: ChatMessage, *, timeout: float | None = None) -> str:
+        """Run one turn and return the final text (see :meth:`query_stream`)."""
+        text = ""
+        async for event in self.query_stream(message, timeout=timeout):
+            if isinstance(event, StopEvent):
+                text = event.text
+        return text
+
+    async def _run_turn(self, user: Message, timeout: float | None) -> AsyncIterator[AgentEvent]:
+        turn = _Turn(turn_id=uuid.uuid4().hex, started=time.monotonic())
+        await self._repair_interrupted()
+        await self._append(
+            [TurnStartEntry(turn_id=turn.turn_id), MessageEntry(turn_id=turn.turn_id, data=user)]
+        )
+        await self._maybe_compact(turn)
+        context = self.conversation.messages
+        queue: asyncio.Queue[AgentEvent | BaseException | object] = asyncio.Queue()
+        producer = asyncio.create_task(self._produce(turn, context, queue))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        status: TurnStatus = "completed"
+        error: str | None = None
+        try:
+            while True:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError
+                try:
+                    item = await asyncio.wait_for(queue.get(), remaining)
+                except TimeoutError:
+                    status, error = "timeout", f"the turn ran past its timeout of {timeout} s"
+                    raise SessionTimeoutError(
+                        f"session {self.session_id!r}: the turn took longer than {timeout} s; "
+                        "the partial answer is kept (status 'timeout') and the session can "
+                        "continue"
+                    ) from None
+                if item is _END:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                assert not isinstance(item, BaseException) and item is not _END
+                event: AgentEvent = item  # type: ignore[assignment]
+                flushed = await self._record(turn, event)
+                if isinstance(event, StopEvent):
+                    if event.reason == "error":
+                        status = "error"
+                        error = error or "the model call failed"
+                    await self._finish(turn, status, error)
+                    yield event
+                    return
+                if isinstance(event, ErrorEvent):
+                    error = event.error
+                if flushed is not None:
+                    yield flushed
+        except SessionTimeoutError:
+            await self._stop_producer(producer)
+            await self._finish(turn, "timeout", error)
+            raise
+        except asyncio.CancelledError as exc:
+            await self._stop_producer(producer)
+            if INTERRUPTED in exc.args:
+                await self._finish(turn, "interrupted", "the turn was interrupted (Ctrl+C)")
+            else:
+                await self._finish(turn, "cancelled", "the task running the turn was cancelled")
+            raise
+        except (KeyboardInterrupt, GeneratorExit):
+            await self._stop_producer(producer)
+            await self._finish(turn, "interrupted", "the turn was interrupted")
+            raise
+        except BaseException as exc:
+            await self._stop_producer(producer)
+            await self._finish(turn, "error", f"{type(exc).__name__}: {exc}")
+            raise
+        finally:
+            if not producer.done():
+                producer.cancel()
+
+    async def _produce(
+        self, turn: _Turn, context: list[Message], queue: asyncio.Queue[Any]
+    ) -> None:
+        async def offload(message: Message) -> Message:
+            return await self._maybe_offload(turn, message)
+
+        try:
+            async for event in self.agent.run(context, on_tool_result=offload):
+                await queue.put(event)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # handed to the consumer
+            await queue.put(exc)
+            return
+        await queue.put(_END)
+
+    @staticmethod
+    async def _stop_producer(producer: asyncio.Task[None]) -> None:
+        producer.cancel()
+        with contextlib.suppress(BaseException):
+            await producer
+
+    async def _record(self, turn: _Turn, event: AgentEvent) -> AgentEvent | None:
+        """Persist what ``event`` completes; return the event to yield (None: held back)."""
+        tid = turn.turn_id
+        if isinstance(event, TextEvent):
+            turn.partial_text.append(event.content)
+            return event
+        if isinstance(event, AssistantMessageEvent):
+            turn.partial_text.clear()
+            turn.steps += 1
+            turn.final_text = event.message.text
+            turn.pending.append(MessageEntry(turn_id=tid, data=event.message))
+            if event.message.tool_calls:
+                await self._flush(turn)
+            return event
+        if isinstance(event, UsageEvent):
+            turn.pending.append(UsageEntry(turn_id=tid, data=event.usage))
+            if any(isinstance(e, MessageEntry) and e.data.tool_calls for e in turn.pending):
+                await self._flush(turn)
+            return event
+        if isinstance(event, ToolCallEvent):
+            await self._flush(turn)
+            return event
+        if isinstance(event, ToolResultEvent):
+            turn.pending.append(MessageEntry(turn_id=tid, data=event.message))
+            await self._flush(turn)
+            return event
+        return event
+
+    async def _flush(self, turn: _Turn) -> None:
+        if turn.pending:
+            pending, turn.pending = turn.pending, []
+            await self._append(pending)
+
+    async def _finish(self, turn: _Turn, status: TurnStatus, error: str | None) -> None:
+        """Write everything the turn still holds, repairs, state changes and ``turn_end``."""
+        tid = turn.turn_id
+        events: list[LogEvent] = list(turn.pending)
+        turn.pending = []
+        partial = "".join(turn.partial_text)
+        if status != "completed" and partial:
+            events.append(
+                MessageEntry(
+                    turn_id=tid, data=Message(role="assistant", content=partial, partial=True)
+                )
+            )
+        events.extend(self._answers_for_dangling(tid, events, status))
+        state = self._state_changes()
+        if state is not None:
+            events.append(state.model_copy(update={"turn_id": tid}))
+        duration = time.monotonic() - turn.started
+        events.append(
+            TurnEndEntry(
+                turn_id=tid,
+                data=TurnEnd(status=status, error=error, duration=duration, steps=turn.steps),
+            )
+        )
+        await asyncio.shield(self._append(events))
+        if self.record is not None and self.record.fingerprint != self.agent.fingerprint():
+            await self._update_record(fingerprint=self.agent.fingerprint())
+
+    def _answers_for_dangling(
+        self, turn_id: str | None, pending: Sequence[LogEvent], status: str
+    ) -> list[LogEvent]:
+        context = [m for _, m in self.conversation.context] + [
+            e.data for e in pending if isinstance(e, MessageEntry)
+        ]
+        answered = {m.tool_call_id for m in context if m.role == "tool"}
+        return [
+            MessageEntry(
+                turn_id=turn_id,
+                data=Message(
+                    role="tool",
+                    tool_call_id=call.id,
+                    name=call.name,
+                    is_error=True,
+                    content=f"tool call not completed: the turn ended ({status}) before it returned",
+                ),
+            )
+            for m in context
+            if m.role == "assistant"
+            for call in m.tool_calls
+            if call.id not in answered
+        ]
+
+    async def _repair_interrupted(self) -> None:
+        """Close a turn left open by a crashed process, so the history stays valid."""
+        if self.conversation.open_turn is None:
+            return
+        tid = self.conversation.open_turn
+        events = self._answers_for_dangling(tid, [], "interrupted")
+        events.append(
+            TurnEndEntry(
+                turn_id=tid,
+                data=TurnEnd(status="interrupted", error="the process stopped during the turn"),
+            )
+        )
+        await self._append(events)
+
+    async def _maybe_offload(self, turn: _Turn, message: Message) -> Message:
+        text = message.text
+        if self.offload_threshold <= 0 or len(text) <= self.offload_threshold:
+            return message
+        blob_id = await self.store.put_blob(self.session_id, text.encode(), "text/plain")
+        preview = text[: min(1000, self.offload_threshold // 2)]
+        turn.pending.append(
+            OffloadEntry(
+                turn_id=turn.turn_id,
+                data=Offload(
+                    blob_id=blob_id,
+                    size=len(text),
+                    preview=preview,
+                    tool_call_id=message.tool_call_id,
+                ),
+            )
+        )
+        note = (
+            f"{preview}\n[... output truncated: {len(text)} characters in total, "
+            f"kept as blob {blob_id}]"
+        )
+        return message.model_copy(update={"content": note})
+
+    async def read_blob(self, blob_id: str) -> bytes:
+        """The full bytes of an offloaded tool output (or any blob of this session)."""
+        await self.open()
+        return await self.store.get_blob(self.session_id, blob_id)
+
+    # ------------------------------------------------------------------
+    # compaction
+
+    async def _maybe_compact(self, turn: _Turn) -> None:
+        if not self.compaction_threshold:
+            return
+        info = await self.get_context_info()
+        if info.utilisation < self.compaction_threshold:
+            return
+        await self.compact(turn_id=turn.turn_id)
+
+    async def compact(self, *, keep_messages: int = 4, turn_id: str | None = None) -> bool:
+        """Summarise older messages into one, in the model's context only.
+
+        The summary is made by the agent's model and recorded as a
+        ``compaction`` event with its usage (level ``compaction``). Nothing
+        is deleted: the record keeps every message.
+
+        Args:
+            keep_messages: How many of the newest messages stay verbatim.
+
+        Returns:
+            False when there was too little to compact.
+        """
+        await self.open()
+        context = self.conversation.context
+        if len(context) <= keep_messages:
+            return False
+        cut = len(context) - keep_messages
+        # never split a tool call from its results
+        while cut > 0 and context[cut][1].role == "tool":
+            cut -= 1
+        if cut <= 0:
+            return False
+        older = [m for _, m in context[:cut]]
+        upto_seq = context[cut - 1][0]
+        summary, usage = await self.agent.summarize(older)
+        events: list[LogEvent] = [
+            CompactionEntry(
+                turn_id=turn_id,
+                data=Compaction(summary=summary, upto_seq=upto_seq, model=usage.model),
+            ),
+            UsageEntry(turn_id=turn_id, data=usage),
+        ]
+        await self._append(events)
+        return True
+
+    # ------------------------------------------------------------------
+    # streaming input
+
+    async def send(self, message: ChatMessage) -> None:
+        """Queue a message for :meth:`events` (only without a ``message_source``).
+
+        Raises:
+            UsageError: The session was given a ``message_source``.
+            ChatSessionClosedError: The session is closed.
+        """
+        self._check_open()
+        if self._message_source is not None:
+            raise UsageError(
+                "this session reads messages from its message_source; send() is only for "
+                "sessions created without one"
+            )
+        _user_message(message)  # validate now, not when the turn runs
+        self._queue().put_nowait(message)
+
+    def _queue(self) -> asyncio.Queue[Any]:
+        if self._inbox is None:
+            self._inbox = asyncio.Queue()
+        return self._inbox
+
+    async def _incoming(self) -> AsyncIterator[ChatMessage]:
+        source = self._message_source
+        if source is None:
+            inbox = self._queue()
+            while True:
+                item = await inbox.get()
+                if item is _END:
+                    return
+                yield item
+        elif isinstance(source, asyncio.Queue):
+            while True:
+                item = await source.get()
+                if item is None or item is _END:
+                    return
+                yield item
+        elif hasattr(source, "__anext__"):
+            async for item in source:  # type: ignore[union-attr]
+                yield item
+        else:
+            iterator = iter(source)
+            done = object()
+            while True:
+                # a blocking iterator must not block the event loop
+                item = await asyncio.to_thread(next, iterator, done)
+                if item is done:
+                    return
+                yield item
+
+    async def events(self) -> AsyncIterator[AgentEvent]:
+        """Run one turn per incoming message and yield all their events.
+
+        Messages come from ``message_source`` or from :meth:`send`; the
+        iteration ends when the source is exhausted or :meth:`close` is called.
+        """
+        self._check_open()
+        async for message in self._incoming():
+            async for event in self.query_stream(message):
+                yield event
+
+    # ------------------------------------------------------------------
+    # fork, checkpoints, rewind, clear
+
+    async def _resolve_seq(self, at: int | str | None) -> int:
+        """A seq from a seq, a checkpoint name or a turn id (None: the head)."""
+        await self.open()
+        head = self.conversation.head
+        if at is None:
+            return head
+        if isinstance(at, bool):
+            raise UsageError(f"not a seq, checkpoint or turn: {at!r}")
+        if isinstance(at, int):
+            if not 0 <= at <= head:
+                raise UsageError(f"seq {at} is outside this session's events 0..{head}")
+            return at
+        checkpoint = self.conversation.checkpoints.get(at)
+        if checkpoint is not None:
+            return checkpoint[0]
+        seq = await self._turn_end_seq(at)
+        if seq is None:
+            names = ", ".join(sorted(self.conversation.checkpoints)) or "none"
+            raise UsageError(f"no checkpoint or turn named {at!r} (checkpoints: {names})")
+        return seq
+
+    async def _turn_end_seq(self, turn_id: str) -> int | None:
+        last = None
+        async for batch in self.store.read(self.session_id):
+            for row in batch:
+                if row.turn_id == turn_id:
+                    last = row.seq
+        return last
+
+    async def fork_session(
+        self, at: int | str | None = None, *, session_id: str | None = None
+    ) -> ChatSession:
+        """A new, independent session sharing this one's history up to ``at``.
+
+        O(1): the store records the fork point and copies nothing.
+
+        Args:
+            at: A seq, a checkpoint name or a turn id; None for now.
+            session_id: The fork's id (default: a fresh one).
+
+        Returns:
+            The fork, with the same agent and store, ready to use.
+        """
+        self._check_open()
+        seq = await self._resolve_seq(at)
+        assert self.record is not None
+        fork_id = session_id or uuid.uuid4().hex
+        new = self.record.model_copy(
+            update={"id": fork_id, "created_at": 0.0, "updated_at": 0.0, "title": self.record.title}
+        )
+        await self.store.fork(self.session_id, seq, new)
+        fork = type(self)(
+            self.agent,
+            fork_id,
+            store=self.store,
+            timeout=self.timeout,
+            consistency=self.consistency,
+            offload_threshold=self.offload_threshold,
+            compaction_threshold=self.compaction_threshold,
+            budget_tokens=self._budget_tokens,
+            must_exist=True,
+        )
+        await fork.open()
+        return fork
+
+    async def checkpoint(self, name: str, data: Any = None) -> int:
+        """Mark the current point with a name; returns its seq.
+
+        A later checkpoint with the same name moves the name.
+        """
+        if not isinstance(name, str) or not name.strip():
+            raise UsageError("a checkpoint needs a non-empty name")
+        await self.open()
+        await self._append([CheckpointEntry(data=Checkpoint(name=name, data=data))])
+        return self.conversation.head
+
+    async def rewind(self, to: int | str) -> int:
+        """Return the context (and the agent state) to a seq, checkpoint or turn.
+
+        The record keeps everything: the rewind is an event. Usage totals are
+        not rewound (those tokens were spent).
+
+        Returns:
+            The seq rewound to.
+        """
+        seq = await self._resolve_seq(to)
+        name = to if isinstance(to, str) else None
+        await self._append([RewindEntry(data=Rewind(to_seq=seq, checkpoint=name))])
+        self._saved_state = json.loads(json.dumps(self.conversation.state))
+        self.state = json.loads(json.dumps(self.conversation.state))
+        return seq
+
+    async def clear_history(self, *, clear_state: bool = False) -> None:
+        """Empty the model's context with a ``reset`` event; exports keep the past."""
+        await self.open()
+        await self._append([ResetEntry(data=Reset(clear_state=clear_state))])
+        if clear_state:
+            self.state = {}
+            self._saved_state = {}
+
+    async def save_state(self) -> None:
+        """Persist changes to :attr:`state` made outside a turn."""
+        await self.open()
+        change = self._state_changes()
+        if change is not None:
+            await self._append([change])
+
+    async def set_metadata(self, **values: Any) -> None:
+        """Record session key-values (None deletes a key)."""
+        await self.open()
+        await self._append([MetadataEntry(data=Metadata(values=values))])
+
+    async def _update_record(self, **changes: Any) -> None:
+        for _ in range(5):
+            current = await self.store.get(self.session_id)
+            try:
+                self.record = await self.store.update(
+                    current.model_copy(update=changes), current.version
+                )
+                return
+            except ConflictError:
+                continue
+
+    # ------------------------------------------------------------------
+    # reading
+
+    @property
+    def messages(self) -> list[Message]:
+        """The messages the model sees now."""
+        return self.conversation.messages
+
+    @property
+    def history(self) -> list[Message]:
+        """Every message ever recorded, including cleared and rewound ones."""
+        return [m for _, m in self.conversation.history]
+
+    async def get_usage(self) -> UsageSummary:
+        """Token usage and cost; correct through resume, fork, clear and rewind."""
+        await self._open_for_reading()
+        c = self.conversation
+        own_by_model = {
+            k: ModelUsage.of(v).minus(ModelUsage.of(self._inherited_by_model.get(k, UsageTotals())))
+            for k, v in c.usage_by_model.items()
+        }
+        own_by_level = {
+            k: ModelUsage.of(v).minus(ModelUsage.of(self._inherited_by_level.get(k, UsageTotals())))
+            for k, v in c.usage_by_level.items()
+        }
+        total = ModelUsage.of(c.usage)
+        inherited = ModelUsage.of(self._inherited)
+        own = total.minus(inherited)
+        return UsageSummary(
+            total_prompt_tokens=own.prompt_tokens,
+            total_completion_tokens=own.completion_tokens,
+            total_tokens=own.total_tokens,
+            total_cost=own.cost,
+            calls=own.calls,
+            by_model={k: v for k, v in own_by_model.items() if v.calls},
+            by_level={k: v for k, v in own_by_level.items() if v.calls},
+            inherited=inherited,
+            including_inherited=total,
+        )
+
+    async def get_context_info(self) -> ContextInfo:
+        """How many tokens the model's context holds, against the budget."""
+        await self._open_for_reading()
+        context = self.conversation.context
+        messages = [m for _, m in context]
+        budget = self._budget_tokens or self.agent.context_window
+        exact = self.agent.count_tokens(messages)
+        method: Literal["provider", "tokenizer", "estimate"]
+        if exact is not None:
+            current, method = exact, "tokenizer"
+        elif (
+            self._last_usage is not None
+            and not self._last_usage.estimated
+            and context
+            and self._last_usage_seq > context[0][0]
+        ):
+            newer = [m for s, m in context if s > self._last_usage_seq]
+            current = (
+                self._last_usage.prompt_tokens
+                + self._last_usage.completion_tokens
+                + estimate_tokens(newer)
+            )
+            method = "provider"
+        else:
+            current, method = estimate_tokens(messages), "estimate"
+        return ContextInfo(
+            current_tokens=current,
+            budget_tokens=budget,
+            conversation_items=messages,
+            utilisation=current / budget if budget else 0.0,
+            method=method,
+            estimated=method != "tokenizer",
+        )
+
+    async def _open_for_reading(self) -> None:
+        if not self._opened:
+            await self.open()
+
+    async def read_events(self) -> list[LogEvent]:
+        """The whole log of this session (inherited events first, for a fork)."""
+        await self._open_for_reading()
+        out: list[LogEvent] = []
+        async for batch in self.store.read(self.session_id):
+            out.extend(decode(batch, self.session_id))
+        return out
+
+    # ------------------------------------------------------------------
+    # export and import
+
+    async def export(self, dest: str | Path | IO[str], format: ExportFormat = "json") -> None:
+        """Write the whole session (every event, even cleared ones) to a file.
+
+        Args:
+            dest: A path or a writable text file.
+            format: ``json`` (a snapshot: history, agent config, tool schema
+                hash, state, metadata), ``jsonl`` or ``markdown``.
+        """
+        events = await self.read_events()
+        assert self.record is not None
+        record = await self.store.get(self.session_id)
+        agent = dict(self.agent.fingerprint())
+        write_export(dest, record, events, format=format, agent=agent, state=self.state)
+
+    @classmethod
+    async def import_session(
+        cls,
+        source: str | Path | IO[str],
+        agent: Agent,
+        *,
+        store: str | Store | None = None,
+        session_id: str | None = None,
+        user_id: str | None = None,
+        **options: Any,
+    ) -> Self:
+        """Create a session from a JSON or JSONL export, in any store.
+
+        Args:
+            source: A path or a readable text file made by :meth:`export`.
+            agent: The agent for the imported session.
+            store: Where to create it (default store when None).
+            session_id: Its id (default: a fresh id, so nothing is overwritten).
+            user_id: Its owner (default: the exported owner).
+
+        Raises:
+            CorruptDataError: The file is not a chatsession export.
+            SessionExistsError: ``session_id`` is taken.
+        """
+        snapshot = read_snapshot(source)
+        new_id = validate_id(session_id) if session_id else uuid.uuid4().hex
+        session = cls(agent, new_id, store=store, **options)
+        exported = snapshot.record
+        record = exported.model_copy(
+            update={
+                "id": new_id,
+                "parent": None,
+                "user_id": user_id if user_id is not None else exported.user_id,
+                "created_at": 0.0,
+                "updated_at": 0.0,
+                "metadata": {**exported.metadata, "imported_from": exported.id},
+            }
+        )
+        await session.store.create(record)
+        rows = [encode(e) for e in snapshot.events]
+        for start in range(0, len(rows), 1000):
+            await session.store.append(new_id, rows[start : start + 1000], start)
+        session._must_exist = True
+        await session.open()
+        return session
+
+    # ------------------------------------------------------------------
+    # closing
+
+    async def close(self) -> None:
+        """End :meth:`events`, and release the store if this session opened it.
+
+        Usage and context information stay readable after closing.
+        """
+        if self._closed:
+            return
+        if self._inbox is not None:
+            self._inbox.put_nowait(_END)
+        self._closed = True
+        if self._owns_store:
+            await self.store.aclose()
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
