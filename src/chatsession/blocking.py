@@ -91,6 +91,7 @@ class _Portal:
         if self.users <= 0 and self.loop.is_running():
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=10)
+            self.loop.close()
 
 
 class SyncChatSession:
@@ -218,9 +219,13 @@ class SyncChatSession:
         self._portal.run(lambda: self._session.export(dest, format))
 
     def close(self) -> None:
-        """Close the session and stop the background loop when no fork uses it."""
+        """Close the session and stop the background loop when no fork uses it.
+
+        Unlike the other methods, this one may be called inside a running loop.
+        """
         if self._portal.loop.is_running():
-            self._portal.run(self._session.close)
+            done = asyncio.run_coroutine_threadsafe(self._session.close(), self._portal.loop)
+            done.result(timeout=30)
         self._portal.stop()
 
     def __enter__(self) -> Self:

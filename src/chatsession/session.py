@@ -313,6 +313,7 @@ class ChatSession:
         self.consistency_warnings: list[str] = []
         self._last_usage_seq = 0
         self._last_usage: Usage | None = None
+        self._inflight: asyncio.Future[None] | None = None
 
     # ------------------------------------------------------------------
     # opening
@@ -416,7 +417,25 @@ class ChatSession:
     # writing events
 
     async def _append(self, events: Sequence[LogEvent]) -> None:
-        """Append events at our head; on a conflict, catch up with the log and append after it."""
+        """Append events at our head, shielded from cancellation.
+
+        A cancelled caller stops waiting, but the write itself completes and
+        is folded in, so the in-memory state never lags behind the store.
+        """
+        await self._settle()
+        task = asyncio.ensure_future(self._append_now(events))
+        self._inflight = task
+        await asyncio.shield(task)
+
+    async def _settle(self) -> None:
+        """Wait for a write that a cancelled caller left running."""
+        task = self._inflight
+        if task is not None and not task.done():
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(task)
+
+    async def _append_now(self, events: Sequence[LogEvent]) -> None:
+        """Append at our head; on a conflict, catch up with the log and append after it."""
         rows = [encode(e) for e in events]
         for _ in range(20):
             head = self.conversation.head
@@ -614,6 +633,7 @@ class ChatSession:
 
     async def _finish(self, turn: _Turn, status: TurnStatus, error: str | None) -> None:
         """Write everything the turn still holds, repairs, state changes and ``turn_end``."""
+        await self._settle()
         tid = turn.turn_id
         events: list[LogEvent] = list(turn.pending)
         turn.pending = []
@@ -635,7 +655,7 @@ class ChatSession:
                 data=TurnEnd(status=status, error=error, duration=duration, steps=turn.steps),
             )
         )
-        await asyncio.shield(self._append(events))
+        await self._append(events)
         if self.record is not None and self.record.fingerprint != self.agent.fingerprint():
             await self._update_record(fingerprint=self.agent.fingerprint())
 

@@ -94,7 +94,7 @@ def write_export(
         "format": FORMAT,
         "session": record.model_dump(mode="json"),
         "agent": agent or {},
-        "tool_schema_hash": (agent or {}).get("tool_schema_hash"),
+        "tool_schema_hash": (agent or {}).get("tool_schema_sha256"),
         "state": state if state is not None else fold(events).state,
         "metadata": _summary(record, events),
     }
