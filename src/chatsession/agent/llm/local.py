@@ -126,6 +126,14 @@ class LocalLLM:
             if item.get("content") is None:
                 item["content"] = ""
 
+        def put(item: Any) -> bool:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the event loop is gone: nobody is listening
+                stop.set()
+                return False
+            return True
+
         def work() -> None:
             try:
                 llama = self._model()
@@ -137,13 +145,12 @@ class LocalLLM:
                     seed=self.seed,
                 )
                 for chunk in chunks:
-                    if stop.is_set():
+                    if stop.is_set() or not put(chunk):
                         break
-                    loop.call_soon_threadsafe(queue.put_nowait, chunk)
             except BaseException as exc:  # handed to the event loop
-                loop.call_soon_threadsafe(queue.put_nowait, exc)
+                put(exc)
             finally:
-                loop.call_soon_threadsafe(queue.put_nowait, done)
+                put(done)
 
         thread = threading.Thread(target=work, name="chatsession-local-llm", daemon=True)
         thread.start()
@@ -165,6 +172,8 @@ class LocalLLM:
                     finish = choice["finish_reason"]
         finally:
             stop.set()
+            # generation stops between tokens; wait for it so the model is free again
+            await asyncio.to_thread(thread.join, 30)
         message = Message(role="assistant", content="".join(text))
         prompt = self.count_tokens(messages) or 0
         completion = (

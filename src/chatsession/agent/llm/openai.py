@@ -93,9 +93,8 @@ class OpenAILLM:
             key = "no-key-needed"
         self.context_window = context_window
         self.settings = settings
-        self._client = openai.AsyncOpenAI(
-            api_key=key, base_url=self.base_url, timeout=timeout, max_retries=0
-        )
+        self._key = key
+        self._timeout = timeout
 
     def count_tokens(self, messages: Sequence[Message]) -> int | None:
         """None: the provider reports usage; there is no local tokenizer."""
@@ -118,8 +117,12 @@ class OpenAILLM:
         calls: dict[int, dict[str, str]] = {}
         usage: Usage | None = None
         finish = "stop"
+        # a client per call: nothing is bound to an event loop between calls
+        client = openai.AsyncOpenAI(
+            api_key=self._key, base_url=self.base_url, timeout=self._timeout, max_retries=0
+        )
         try:
-            stream = await self._client.chat.completions.create(**request)
+            stream = await client.chat.completions.create(**request)
             try:
                 async for chunk in stream:
                     if chunk.usage is not None:
@@ -141,7 +144,10 @@ class OpenAILLM:
                             if call.id:
                                 slot["id"] = call.id
                             if call.function is not None:
-                                slot["name"] += call.function.name or ""
+                                name = call.function.name or ""
+                                # OpenAI sends the name once; llama.cpp's server repeats it
+                                if name and not slot["name"].endswith(name):
+                                    slot["name"] += name
                                 slot["arguments"] += call.function.arguments or ""
                         if choice.finish_reason:
                             finish = choice.finish_reason
@@ -156,6 +162,8 @@ class OpenAILLM:
             raise ModelError(
                 f"calling model {self.model!r} at {self.base_url or 'OpenAI'} failed: {exc}"
             ) from exc
+        finally:
+            await client.close()
         tool_calls = tuple(
             ToolCall(id=c["id"] or f"call_{i}", name=c["name"], arguments=c["arguments"] or "{}")
             for i, c in sorted(calls.items())

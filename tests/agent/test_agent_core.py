@@ -1,0 +1,291 @@
+"""The agent loop, @tool schemas, the scripted models, resolve_llm, pricing."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from typing import Literal
+
+import pytest
+from pydantic import BaseModel
+
+from chatsession import (
+    Agent,
+    AssistantMessageEvent,
+    ErrorEvent,
+    FunctionLLM,
+    Reply,
+    ScriptedLLM,
+    StopEvent,
+    TextEvent,
+    ToolResultEvent,
+    UsageError,
+    UsageEvent,
+    register_price,
+    resolve_llm,
+    tool,
+)
+from chatsession.agent.pricing import cost_of
+from chatsession.agent.tools import schema_hash
+from chatsession.errors import ToolError
+from chatsession.log import Message, Usage
+
+
+class Color(enum.Enum):
+    RED = "red"
+    BLUE = "blue"
+
+
+class Point(BaseModel):
+    x: int
+    y: int
+
+
+@tool
+def everything(
+    name: str,
+    count: int,
+    ratio: float,
+    flag: bool,
+    tags: list[str],
+    scores: dict[str, int],
+    mode: Literal["fast", "slow"] = "fast",
+    color: Color = Color.RED,
+    nickname: str | None = None,
+    where: Point | None = None,
+) -> str:
+    """Exercise every kind of parameter.
+
+    More text that is not the description.
+
+    Args:
+        name: Who to greet.
+        count: How many times,
+            across two lines.
+        ratio: A fraction.
+        flag: On or off.
+        tags: Labels.
+        scores: Named scores.
+        mode: How fast.
+        color: A color.
+        nickname: Optional.
+        where: A point.
+
+    Returns:
+        Nothing useful.
+    """
+    return f"{name}:{count}:{mode}:{color.value}:{where.x if where else '-'}"
+
+
+def test_schema_from_hints_and_docstring() -> None:
+    schema = everything.parameters
+    props = schema["properties"]
+    assert everything.description == "Exercise every kind of parameter."
+    assert schema["required"] == ["name", "count", "ratio", "flag", "tags", "scores"]
+    assert props["name"] == {"type": "string", "description": "Who to greet."}
+    assert props["count"]["type"] == "integer"
+    assert props["count"]["description"] == "How many times, across two lines."
+    assert props["ratio"]["type"] == "number" and props["flag"]["type"] == "boolean"
+    assert props["tags"] == {"type": "array", "items": {"type": "string"}, "description": "Labels."}
+    assert props["scores"]["additionalProperties"] == {"type": "integer"}
+    assert props["mode"]["enum"] == ["fast", "slow"] and props["mode"]["default"] == "fast"
+    assert "$defs" in schema and "Color" in schema["$defs"] and "Point" in schema["$defs"]
+    assert everything.to_openai()["function"]["name"] == "everything"
+
+
+async def test_arguments_are_validated() -> None:
+    ok = await everything.call(
+        {
+            "name": "a",
+            "count": "3",
+            "ratio": 0.5,
+            "flag": True,
+            "tags": [],
+            "scores": {},
+            "where": {"x": 1, "y": 2},
+        }
+    )
+    assert ok == "a:3:fast:red:1"
+    with pytest.raises(ToolError, match="count"):
+        await everything.call(
+            {"name": "a", "count": "many", "ratio": 1, "flag": True, "tags": [], "scores": {}}
+        )
+    with pytest.raises(ToolError, match="bogus: Extra inputs are not permitted"):
+        await everything.call({"bogus": 1})
+
+
+async def test_sync_tools_run_off_the_event_loop() -> None:
+    import threading
+    import time
+
+    main = threading.get_ident()
+    seen: list[int] = []
+
+    @tool("Sleep a little and say where it ran.")
+    def blocking() -> str:
+        seen.append(threading.get_ident())
+        time.sleep(0.1)
+        return "done"
+
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        for _ in range(5):
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    result, _ = await asyncio.gather(blocking.call({}), ticker())
+    assert result == "done" and seen and seen[0] != main and ticks == 5
+    assert blocking.description == "Sleep a little and say where it ran."
+
+
+def test_bad_tools_are_refused() -> None:
+    with pytest.raises(UsageError):
+        tool(lambda *args: None)
+    with pytest.raises(UsageError, match="share the name"):
+        Agent(ScriptedLLM(), tools=[everything, everything])
+
+
+async def run(agent: Agent, text: str = "hi") -> list[object]:
+    return [e async for e in agent.run([Message(role="user", content=text)])]
+
+
+async def test_tool_loop_events_in_order() -> None:
+    @tool
+    async def double(n: int) -> int:
+        """Double a number.
+
+        Args:
+            n: The number.
+        """
+        return 2 * n
+
+    llm = ScriptedLLM([Reply.call("double", n=21), "It is 42."])
+    events = await run(Agent(llm, tools=[double], system_prompt="You add."))
+    kinds = [type(e).__name__ for e in events]
+    assert kinds[:4] == ["AssistantMessageEvent", "UsageEvent", "ToolCallEvent", "ToolResultEvent"]
+    assert kinds[-1] == "StopEvent" and "TextEvent" in kinds
+    result = next(e for e in events if isinstance(e, ToolResultEvent))
+    assert (result.content, result.is_error, result.message.role) == ("42", False, "tool")
+    assert events[-1] == StopEvent("end_turn", "It is 42.")
+    # the system prompt goes first, the tool result goes back to the model
+    assert llm.requests[0].messages[0].role == "system"
+    assert llm.requests[1].messages[-1].text == "42"
+    assert llm.requests[0].tools[0]["function"]["name"] == "double"
+
+
+async def test_unknown_tool_and_bad_json_become_error_results() -> None:
+    llm = ScriptedLLM([Reply.call("nope"), "recovered"])
+    events = await run(Agent(llm))
+    result = next(e for e in events if isinstance(e, ToolResultEvent))
+    assert result.is_error and "no tool named 'nope'" in result.content
+    assert isinstance(events[-1], StopEvent) and events[-1].text == "recovered"
+
+
+async def test_max_steps_stops_the_loop() -> None:
+    @tool
+    def again() -> str:
+        """Ask again."""
+        return "again"
+
+    llm = ScriptedLLM(rules=[(".*", Reply.call("again"))])
+    events = await run(Agent(llm, tools=[again], max_steps=3))
+    assert sum(isinstance(e, UsageEvent) for e in events) == 3
+    assert isinstance(events[-1], StopEvent) and events[-1].reason == "max_steps"
+
+
+async def test_model_failure_is_an_error_event_then_stop() -> None:
+    events = await run(Agent(ScriptedLLM([RuntimeError("boom")])))
+    assert isinstance(events[0], ErrorEvent) and "boom" in events[0].error
+    assert events[-1] == StopEvent("error", "")
+
+
+async def test_cancellation_propagates() -> None:
+    agent = Agent(ScriptedLLM(["a b c d e f"], chunk_delay=0.2))
+
+    async def consume() -> None:
+        async for _ in agent.run([Message(role="user", content="x")]):
+            pass
+
+    task = asyncio.create_task(consume())
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_scripted_is_deterministic_and_counts_words() -> None:
+    async def once() -> list[object]:
+        return await run(
+            Agent(ScriptedLLM(rules=[("weather", "Sunny and warm.")])), "weather today?"
+        )
+
+    first, second = await once(), await once()
+    assert first == second
+    deltas = [e.content for e in first if isinstance(e, TextEvent)]
+    assert deltas == ["Sunny ", "and ", "warm."]
+    usage = next(e.usage for e in first if isinstance(e, UsageEvent))
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.cost) == (6, 3, 0.0)
+    assert (await run(Agent(ScriptedLLM()), "echo this"))[-1] == StopEvent(
+        "end_turn", "You said: echo this"
+    )
+
+
+async def test_function_llm_plays_the_model() -> None:
+    def model(messages: list[Message], tools: list[dict]) -> str:  # type: ignore[type-arg]
+        return f"{len(messages)} messages, last: {messages[-1].text}"
+
+    events = await run(Agent(FunctionLLM(model), system_prompt="sys"), "hello")
+    assert events[-1] == StopEvent("end_turn", "2 messages, last: hello")
+    assert isinstance(events[-3], AssistantMessageEvent)
+
+
+def test_resolve_llm() -> None:
+    assert resolve_llm("scripted").provider == "scripted"
+    assert resolve_llm("scripted:demo").model == "demo"
+    llm = ScriptedLLM()
+    assert resolve_llm(llm) is llm
+    with pytest.raises(UsageError, match="'scripted', 'openai:MODEL' or 'local'"):
+        resolve_llm("gpt-4o")
+    with pytest.raises(UsageError, match="model name"):
+        resolve_llm("openai:")
+    with pytest.raises(UsageError):
+        resolve_llm(42)  # type: ignore[arg-type]
+
+
+def test_no_model_configured_says_how(monkeypatch: pytest.MonkeyPatch) -> None:
+    import chatsession.agent.llm.local as local
+
+    monkeypatch.setattr(local, "available", lambda: False)
+    with pytest.raises(UsageError) as info:
+        resolve_llm(None)
+    message = str(info.value)
+    assert "chatsession[local]" in message and "openai:gpt-4o-mini" in message
+    monkeypatch.setenv("CHATSESSION_MODEL", "scripted")
+    assert resolve_llm(None).provider == "scripted"
+
+
+def test_fingerprint_uses_full_hashes_and_sees_changes() -> None:
+    base = Agent(ScriptedLLM(), tools=[everything], system_prompt="p").fingerprint()
+    assert len(base["system_prompt_sha256"]) == 64 and len(base["tool_schema_sha256"]) == 64
+    assert base == Agent(ScriptedLLM(), tools=[everything], system_prompt="p").fingerprint()
+    assert base != Agent(ScriptedLLM(), tools=[everything], system_prompt="q").fingerprint()
+    assert (
+        base["tool_schema_sha256"]
+        != Agent(ScriptedLLM(), system_prompt="p").fingerprint()["tool_schema_sha256"]
+    )
+    assert schema_hash([everything]) == base["tool_schema_sha256"]
+
+
+def test_pricing() -> None:
+    usage = Usage(model="gpt-4o-mini", prompt_tokens=1_000_000, completion_tokens=1_000_000)
+    assert cost_of(usage) == pytest.approx(0.75)
+    assert cost_of(usage.model_copy(update={"model": "gpt-4o-mini-2024-07-18"})) == pytest.approx(
+        0.75
+    )
+    assert cost_of(usage.model_copy(update={"model": "mystery"})) is None
+    register_price("mystery", 1.0, 2.0)
+    assert cost_of(usage.model_copy(update={"model": "mystery"})) == pytest.approx(3.0)
+    with pytest.raises(ValueError):
+        register_price("x", -1, 0)
