@@ -1,0 +1,5 @@
+"""``python -m chatsession``: the command line."""
+
+from chatsession.cli import main
+
+main()

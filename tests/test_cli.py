@@ -1,0 +1,140 @@
+"""The chat REPL, driven as a person would: in a pseudo-terminal with pexpect."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pexpect
+import pytest
+from click.testing import CliRunner
+
+from chatsession.cli import main
+
+
+def spawn(home: Path, *args: str, timeout: float = 30) -> pexpect.spawn:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHATSESSION_")}
+    env.update(CHATSESSION_DATA_DIR=str(home), TERM="dumb", COLUMNS="200")
+    return pexpect.spawn(
+        sys.executable,
+        ["-m", "chatsession", "chat", *args],
+        env=env,
+        encoding="utf-8",
+        timeout=timeout,
+    )
+
+
+def quit_(child: pexpect.spawn) -> None:
+    child.sendline("/quit")
+    child.expect("saved: session")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_a_conversation_with_every_command(env_setup: Path) -> None:
+    child = spawn(env_setup, "--model", "scripted", "--model-option", "chunk_delay=0.01")
+    child.expect("you>")
+    child.sendline("/help")
+    child.expect("/checkpoint NAME")
+    child.sendline("hello there")
+    child.expect("You said: hello there")
+    child.sendline("/checkpoint start")
+    child.expect("checkpoint 'start' at seq 6")
+    child.sendline("second message")
+    child.expect("You said: second message")
+    child.sendline("/stats")
+    child.expect(r"turns: 2 \(completed 2\)")
+    child.expect(r"messages: 4 recorded, 4 in context")
+    child.expect(r"context: \d+ of 8192 tokens")
+    child.sendline("/rewind start")
+    child.expect("rewound to seq 6: 2 messages in context")
+    child.sendline("/history")
+    child.expect(r"assistant \(not in context\): You said: second message")
+    child.sendline("/clear")
+    child.expect("history cleared")
+    child.sendline("/stats")
+    child.expect("0 in context")
+    child.sendline("/fork")
+    child.expect(r"now in fork (\w+)")
+    fork_id = child.match.group(1)
+    child.sendline("/sessions")
+    child.expect(fork_id[:20])
+    child.sendline("/nonsense")
+    child.expect("unknown command /nonsense")
+    quit_(child)
+
+
+def test_ctrl_c_stops_the_answer_keeps_history_and_twice_leaves(env_setup: Path) -> None:
+    child = spawn(env_setup, "--model", "scripted", "--model-option", "chunk_delay=0.05")
+    child.expect("you>")
+    child.sendline(" ".join(f"w{i}" for i in range(300)))
+    child.expect("You said: w0 w1 w2")
+    child.sendintr()
+    child.expect("stopped; the history is kept")
+    child.expect("you>")
+    child.sendline("/stats")
+    child.expect(r"interrupted 1")
+    child.expect("you>")
+    child.sendline("/history")
+    child.expect("assistant: You said: w0 w1 w2")
+    child.expect("you>")
+    child.sendintr()
+    child.expect("Ctrl\\+C again")
+    child.sendintr()
+    child.expect("saved: session")
+    child.expect(pexpect.EOF)
+
+
+def test_resume_and_fork_from_the_command_line(env_setup: Path) -> None:
+    child = spawn(env_setup, "--model", "scripted", "--session", "mine")
+    child.expect("you>")
+    child.sendline("remember the number 42")
+    child.expect("You said: remember the number 42")
+    quit_(child)
+
+    child = spawn(env_setup, "--model", "scripted", "--resume")
+    child.expect("session mine")
+    child.expect("resumed: 2 messages")
+    child.sendline("/history")
+    child.expect("user: remember the number 42")
+    quit_(child)
+
+    child = spawn(env_setup, "--model", "scripted", "--fork", "mine")
+    child.expect(r"session (\w+)")
+    assert child.match.group(1) != "mine"
+    child.expect("resumed: 2 messages")
+    child.sendline("/sessions")
+    child.expect("mine")
+    quit_(child)
+
+
+def test_the_default_model_works_offline(env_setup: Path) -> None:
+    child = spawn(env_setup, "--model-option", "max_tokens=12", timeout=120)
+    child.expect(r"model\s+SmolLM2-135M-Instruct")
+    child.expect("you>")
+    child.sendline("What is the capital of France?")
+    child.expect("ai>")
+    child.expect("you>")
+    child.sendline("/stats")
+    child.expect(r"turns: 1 \(completed 1\)")
+    child.expect("tokenizer|context: ")
+    quit_(child)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "gpt-9"], "unknown model spec 'gpt-9'"),
+        (["--model", "scripted", "--session", "a", "--resume"], "choose one of"),
+        (["--model", "scripted", "--resume"], "no earlier session"),
+        (["--model", "scripted", "--session", "../etc"], "session id '../etc' is not allowed"),
+        (["--model", "scripted", "--store", "mongo://x"], "unknown store URL scheme"),
+        (["--model", "scripted", "--model-option", "novalue"], "KEY=VALUE"),
+    ],
+)
+def test_bad_input_is_a_clear_error(env_setup: Path, args: list[str], message: str) -> None:
+    result = CliRunner().invoke(main, ["chat", *args], input="")
+    assert result.exit_code in (1, 2)
+    assert message in result.output
