@@ -75,6 +75,7 @@ __all__ = [
     "UsageEntry",
     "UsageTotals",
     "decode",
+    "decode_payloads",
     "encode",
     "fold",
     "upgrade_payload",
@@ -482,6 +483,77 @@ def decode(rows: Sequence[StoredEvent], session_id: str = "?") -> list[LogEvent]
         ) from exc
 
 
+_PAYLOADS: dict[str, TypeAdapter[list[Any]]] = {
+    "message": TypeAdapter(list[Message]),
+    "usage": TypeAdapter(list[Usage]),
+    "turn_start": TypeAdapter(list[TurnStart]),
+    "turn_end": TypeAdapter(list[TurnEnd]),
+    "reset": TypeAdapter(list[Reset]),
+    "rewind": TypeAdapter(list[Rewind]),
+    "checkpoint": TypeAdapter(list[Checkpoint]),
+    "metadata": TypeAdapter(list[Metadata]),
+    "state": TypeAdapter(list[StateChange]),
+    "offload": TypeAdapter(list[Offload]),
+    "compaction": TypeAdapter(list[Compaction]),
+}
+# payloads that are often all defaults ("{}"): one shared frozen instance each
+_EMPTY: dict[str, Any] = {"turn_start": TurnStart(), "turn_end": TurnEnd(), "reset": Reset()}
+
+
+def decode_payloads(rows: Sequence[StoredEvent], session_id: str = "?") -> list[Any]:
+    """The typed payloads of stored rows, in order, without building event envelopes.
+
+    The fast path of :func:`decode` for folding a long log: payloads of each
+    type are validated in one call. Older schema versions are upgraded.
+
+    Raises:
+        CorruptDataError: A row's type is unknown or its payload is invalid.
+    """
+    out: list[Any] = [None] * len(rows)
+    groups: dict[str, tuple[list[int], list[str]]] = {}
+    current = EVENT_SCHEMA_VERSION
+    for i, row in enumerate(rows):
+        kind, data = row[1], row[4]
+        if row[5] != current:
+            if kind not in _KNOWN_TYPES:
+                raise CorruptDataError(
+                    f"session {session_id!r}, seq {row[0]}: unknown event type {kind!r}"
+                )
+            try:
+                raw = json.loads(data)
+            except ValueError as exc:
+                raise CorruptDataError(
+                    f"session {session_id!r}, seq {row[0]}: payload is not JSON ({exc})"
+                ) from exc
+            data = json.dumps(upgrade_payload(kind, raw, row[5]))
+        elif data == "{}" and kind in _EMPTY:
+            out[i] = _EMPTY[kind]
+            continue
+        group = groups.get(kind)
+        if group is None:
+            if kind not in _KNOWN_TYPES:
+                raise CorruptDataError(
+                    f"session {session_id!r}, seq {row[0]}: unknown event type {kind!r}"
+                )
+            group = groups[kind] = ([], [])
+        group[0].append(i)
+        group[1].append(data)
+    for kind, (indexes, texts) in groups.items():
+        try:
+            values = _PAYLOADS[kind].validate_json("[" + ",".join(texts) + "]")
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = first["loc"][0] if first["loc"] else 0
+            seq = rows[indexes[where]].seq if isinstance(where, int) else "?"
+            raise CorruptDataError(
+                f"session {session_id!r}, seq {seq}: stored event is invalid: "
+                f"{first['msg']} at {'.'.join(map(str, first['loc'][1:])) or 'data'}"
+            ) from exc
+        for i, value in zip(indexes, values, strict=True):
+            out[i] = value
+    return out
+
+
 # --------------------------------------------------------------------------
 # fold
 
@@ -544,13 +616,30 @@ class ConversationState:
     resets: int = 0
     rewinds: int = 0
     compactions: int = 0
-    # (seq, type, data) of every event that shapes context or state, for rewind
+    # (seq, type, data) of every event besides messages that shapes context or
+    # state, for rewind (messages are replayed from ``history``)
     _timeline: list[tuple[int, str, Any]] = field(default_factory=list, repr=False)
+    _messages: tuple[list[tuple[int, Message]], int, list[Message]] | None = field(
+        default=None, repr=False, compare=False
+    )
 
     @property
     def messages(self) -> list[Message]:
-        """The messages the model sees now (``context`` without seqs)."""
-        return [m for _, m in self.context]
+        """The messages the model sees now (``context`` without seqs).
+
+        Kept up to date incrementally while the context only grows, so reading
+        it each turn costs nothing that grows with the history. Do not modify
+        the returned list.
+        """
+        cached = self._messages
+        context = self.context
+        if cached is None or cached[0] is not context or cached[1] > len(context):
+            cached = (context, 0, [])
+        _, done, out = cached
+        if done < len(context):
+            out.extend(m for _, m in context[done:])
+        self._messages = (context, len(context), out)
+        return out
 
     def copy(self) -> ConversationState:
         """An independent copy: containers and JSON values copied, frozen events shared."""
@@ -590,13 +679,33 @@ class ConversationState:
             self.head = event.seq
         _APPLY[event.type](self, event.seq, event.turn_id, event.data)
 
+    def apply_stored(self, rows: Sequence[StoredEvent], payloads: Sequence[Any]) -> None:
+        """Fold in stored rows whose payloads :func:`decode_payloads` decoded."""
+        handlers = _APPLY
+        for row, payload in zip(rows, payloads, strict=True):
+            handlers[row[1]](self, row[0], row[3], payload)
+        if rows:
+            self.head = rows[-1][0]
+
     def _replay(self, upto: int) -> tuple[list[tuple[int, Message]], dict[str, Any]]:
-        """Context and agent state as they were right after seq ``upto``."""
+        """Context and agent state as they were right after seq ``upto``.
+
+        Replays messages (from ``history``) and the other context-shaping
+        events (from ``_timeline``) merged in seq order.
+        """
         past = ConversationState()
-        for seq, event_type, data in self._timeline:
+        controls = iter(self._timeline)
+        control = next(controls, None)
+        for seq, message in self.history:
             if seq > upto:
                 break
-            _APPLY[event_type](past, seq, None, data)
+            while control is not None and control[0] < seq:
+                _APPLY[control[1]](past, control[0], None, control[2])
+                control = next(controls, None)
+            _apply_message(past, seq, None, message)
+        while control is not None and control[0] <= upto:
+            _APPLY[control[1]](past, control[0], None, control[2])
+            control = next(controls, None)
         return past.context, past.state
 
 
@@ -604,7 +713,6 @@ def _apply_message(state: ConversationState, seq: int, turn_id: str | None, data
     item = (seq, data)
     state.history.append(item)
     state.context.append(item)
-    state._timeline.append((seq, "message", data))
 
 
 def _apply_usage(state: ConversationState, seq: int, turn_id: str | None, data: Any) -> None:

@@ -29,7 +29,7 @@ import warnings
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Literal, Self, TypeAlias
+from typing import IO, Any, Literal, Self, TypeAlias, TypeVar
 
 from chatsession.agent import Agent
 from chatsession.agent.events import (
@@ -80,6 +80,7 @@ from chatsession.log import (
     UsageEntry,
     UsageTotals,
     decode,
+    decode_payloads,
     encode,
 )
 from chatsession.store import Store, open_store
@@ -107,6 +108,7 @@ iterator or generator, or an ``asyncio.Queue`` (``None`` in the queue ends it)."
 Consistency = Literal["warn", "strict", "ignore"]
 
 _END = object()  # ends the internal message queue
+T = TypeVar("T")
 
 #: Cancel a turn's task with this message (``task.cancel(INTERRUPTED)``) to have
 #: the turn recorded as ``interrupted`` rather than ``cancelled``: what Ctrl+C does.
@@ -205,10 +207,30 @@ class _Turn:
 
     turn_id: str
     started: float
+    start_seq: int = 0
     pending: list[LogEvent] = field(default_factory=list)
     partial_text: list[str] = field(default_factory=list)
     steps: int = 0
     final_text: str = ""
+
+
+async def _read_ahead(batches: AsyncIterator[T]) -> AsyncIterator[T]:
+    """Yield batches while the next one is already being read (decode overlaps I/O)."""
+    iterator = aiter(batches)
+    pending: asyncio.Future[T] | None = asyncio.ensure_future(anext(iterator))
+    try:
+        while pending is not None:
+            try:
+                batch = await pending
+            except StopAsyncIteration:
+                return
+            pending = asyncio.ensure_future(anext(iterator))
+            yield batch
+    finally:
+        if pending is not None and not pending.done():
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                await pending
 
 
 def _user_message(message: ChatMessage) -> Message:
@@ -314,6 +336,7 @@ class ChatSession:
         self._last_usage_seq = 0
         self._last_usage: Usage | None = None
         self._inflight: asyncio.Future[None] | None = None
+        self._fingerprint_synced = False
 
     # ------------------------------------------------------------------
     # opening
@@ -367,11 +390,15 @@ class ChatSession:
         was_enabled = gc.isenabled()
         gc.disable()  # folding creates many small objects at once
         try:
-            async for batch in self.store.read(self.session_id):
-                for event in decode(batch, self.session_id):
-                    self.conversation.apply(event)
-                    if event.seq == fork_seq:
-                        self._snapshot_inherited()
+            async for batch in _read_ahead(self.store.read(self.session_id, batch_size=5000)):
+                payloads = decode_payloads(batch, self.session_id)
+                if batch[0].seq <= fork_seq <= batch[-1].seq:
+                    cut = fork_seq - batch[0].seq + 1
+                    self.conversation.apply_stored(batch[:cut], payloads[:cut])
+                    self._snapshot_inherited()
+                    self.conversation.apply_stored(batch[cut:], payloads[cut:])
+                else:
+                    self.conversation.apply_stored(batch, payloads)
         finally:
             if was_enabled:
                 gc.enable()
@@ -511,6 +538,7 @@ class ChatSession:
     async def _run_turn(self, user: Message, timeout: float | None) -> AsyncIterator[AgentEvent]:
         turn = _Turn(turn_id=uuid.uuid4().hex, started=time.monotonic())
         await self._repair_interrupted()
+        turn.start_seq = self.conversation.head
         await self._append(
             [TurnStartEntry(turn_id=turn.turn_id), MessageEntry(turn_id=turn.turn_id, data=user)]
         )
@@ -644,7 +672,7 @@ class ChatSession:
                     turn_id=tid, data=Message(role="assistant", content=partial, partial=True)
                 )
             )
-        events.extend(self._answers_for_dangling(tid, events, status))
+        events.extend(self._answers_for_dangling(tid, events, status, turn.start_seq))
         state = self._state_changes()
         if state is not None:
             events.append(state.model_copy(update={"turn_id": tid}))
@@ -656,16 +684,28 @@ class ChatSession:
             )
         )
         await self._append(events)
-        if self.record is not None and self.record.fingerprint != self.agent.fingerprint():
-            await self._update_record(fingerprint=self.agent.fingerprint())
+        if not self._fingerprint_synced:
+            fingerprint = self.agent.fingerprint()
+            if self.record is not None and self.record.fingerprint != fingerprint:
+                await self._update_record(fingerprint=fingerprint)
+            self._fingerprint_synced = True
 
     def _answers_for_dangling(
-        self, turn_id: str | None, pending: Sequence[LogEvent], status: str
+        self,
+        turn_id: str | None,
+        pending: Sequence[LogEvent],
+        status: str,
+        since_seq: int = 0,
     ) -> list[LogEvent]:
-        context = [m for _, m in self.conversation.context] + [
-            e.data for e in pending if isinstance(e, MessageEntry)
-        ]
-        answered = {m.tool_call_id for m in context if m.role == "tool"}
+        """Error results for tool calls without one, among messages after ``since_seq``."""
+        recent: list[Message] = []
+        for seq, message in reversed(self.conversation.context):
+            if seq <= since_seq:
+                break
+            recent.append(message)
+        recent.reverse()
+        recent.extend(e.data for e in pending if isinstance(e, MessageEntry))
+        answered = {m.tool_call_id for m in recent if m.role == "tool"}
         return [
             MessageEntry(
                 turn_id=turn_id,
@@ -677,7 +717,7 @@ class ChatSession:
                     content=f"tool call not completed: the turn ended ({status}) before it returned",
                 ),
             )
-            for m in context
+            for m in recent
             if m.role == "assistant"
             for call in m.tool_calls
             if call.id not in answered
@@ -966,8 +1006,8 @@ class ChatSession:
 
     @property
     def messages(self) -> list[Message]:
-        """The messages the model sees now."""
-        return self.conversation.messages
+        """The messages the model sees now (a copy)."""
+        return list(self.conversation.messages)
 
     @property
     def history(self) -> list[Message]:
@@ -1005,7 +1045,7 @@ class ChatSession:
         """How many tokens the model's context holds, against the budget."""
         await self._open_for_reading()
         context = self.conversation.context
-        messages = [m for _, m in context]
+        messages = self.conversation.messages
         budget = self._budget_tokens or self.agent.context_window
         exact = self.agent.count_tokens(messages)
         method: Literal["provider", "tokenizer", "estimate"]

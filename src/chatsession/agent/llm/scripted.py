@@ -73,13 +73,31 @@ class _StreamingModel:
         self.chunk_delay = chunk_delay
         self.requests: list[ScriptedRequest] = []
         self._calls = 0
+        # (first message, last message, how many, total) of the last context counted:
+        # a context that extends it is counted from where it left off
+        self._counted: tuple[Message, Message, int, int] | None = None
+
+    @staticmethod
+    def _count(message: Message) -> int:
+        return 4 + _words(message.text) + sum(_words(c.arguments) + 1 for c in message.tool_calls)
 
     def count_tokens(self, messages: Sequence[Message]) -> int | None:
-        """Words plus four per message: this model's own deterministic "tokenizer"."""
-        return sum(
-            4 + _words(m.text) + sum(_words(c.arguments) + 1 for c in m.tool_calls)
-            for m in messages
-        )
+        """Words plus four per message: this model's own deterministic "tokenizer".
+
+        Counting is incremental: a context that extends the previous one costs
+        only its new messages.
+        """
+        if not messages:
+            return 0
+        start, total = 0, 0
+        counted = self._counted
+        if counted is not None:
+            first, last, size, prefix = counted
+            if len(messages) >= size and messages[size - 1] is last and messages[0] == first:
+                start, total = size, prefix
+        total += sum(self._count(m) for m in messages[start:])
+        self._counted = (messages[0], messages[-1], len(messages), total)
+        return total
 
     async def _emit(self, reply: Reply, messages: Sequence[Message]) -> AsyncIterator[LLMChunk]:
         for piece in re.findall(r"\S+\s*|\s+", reply.text):
