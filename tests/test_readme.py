@@ -13,7 +13,9 @@ README = (ROOT / "README.md").read_text()
 
 
 def test_readme_names_the_two_setup_commands_and_ci_uses_them() -> None:
-    assert """CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install -e '.[local]' && chatsession chat""" in README
+    assert (
+        """CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install -e '.[local]' && chatsession chat""" in README
+    )
     test_command = """CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install -e '.[dev]' && python -m pytest"""
     assert test_command in README
     ci = (ROOT / ".ci" / "run").read_text()
