@@ -109,3 +109,32 @@ async def test_event_loop_keeps_running_during_a_large_read(tmp_path: Path) -> N
         await task
     assert n == 20_000
     assert ticks > 20  # the loop ran between batches while the worker thread read
+
+
+async def test_a_missing_event_inside_a_batch_is_reported(tmp_path: Path) -> None:
+    from chatsession import CorruptDataError
+
+    url = f"sqlite:///{tmp_path}/gap.db"
+    async with open_store(url) as store:
+        await store.create(SessionRecord(id="s"))
+        await store.append("s", [NewEvent("message", f'{{"n": {i}}}', 1.0) for i in range(10)], 0)
+    db = sqlite3.connect(tmp_path / "gap.db")
+    db.execute("DELETE FROM events WHERE seq = 5")
+    db.commit()
+    db.close()
+    async with open_store(url) as store:
+        for batch_size in (3, 4, 100):  # the gap falls inside a batch, at its start, anywhere
+            with pytest.raises(CorruptDataError, match="incomplete"):
+                [r async for b in store.read("s", batch_size=batch_size) for r in b]
+
+
+async def test_listing_by_state_uses_its_index(tmp_path: Path) -> None:
+    async with open_store(f"sqlite:///{tmp_path}/s.db") as store:
+        await store.create(SessionRecord(id="a", state="archived"))
+        plan = await store._run(  # type: ignore[attr-defined]
+            lambda db: db.execute(
+                "EXPLAIN QUERY PLAN SELECT id FROM sessions WHERE state = 'archived' "
+                "ORDER BY created_at DESC, id DESC"
+            ).fetchall()
+        )
+    assert "sessions_by_state" in " ".join(str(row) for row in plan)

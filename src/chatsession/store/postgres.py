@@ -612,7 +612,9 @@ class PostgresStore:
                 if index or start != lo:
                     rows = await self._with(partial(_fetch, sql, (pk, start, hi, chunk)))
                 expected = min(chunk, hi - start)
-                if len(rows) != expected or (rows and rows[0][0] != start + 1):
+                if len(rows) != expected or (
+                    rows and (rows[0][0] != start + 1 or rows[-1][0] != start + expected)
+                ):
                     raise CorruptDataError(
                         f"session {session_id!r}: events {start + 1}..{start + expected} are "
                         f"incomplete in PostgreSQL (found {len(rows)}); restore from a backup"

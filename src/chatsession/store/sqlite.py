@@ -138,9 +138,14 @@ def _migration_1(db: sqlite3.Connection) -> None:
     )
 
 
+def _migration_2(db: sqlite3.Connection) -> None:
+    db.execute("CREATE INDEX sessions_by_state ON sessions (state, created_at DESC, id DESC)")
+
+
 #: Applied in order, each once, recorded by name. Never edit or reorder: append.
 MIGRATIONS: list[tuple[str, Callable[[sqlite3.Connection], None]]] = [
     ("001_sessions_events_blobs", _migration_1),
+    ("002_sessions_by_state", _migration_2),
 ]
 
 _RECORD_COLUMNS = (
@@ -591,7 +596,9 @@ class SQLiteStore:
                 params = (pk, start, hi, batch_size)
                 rows = await self._run(partial(_fetch, sql, params))
                 expected = min(batch_size, hi - start)
-                if len(rows) != expected or (rows and rows[0][0] != start + 1):
+                if len(rows) != expected or (
+                    rows and (rows[0][0] != start + 1 or rows[-1][0] != start + expected)
+                ):
                     raise CorruptDataError(
                         f"session {session_id!r} in {self.path!r}: events {start + 1}.."
                         f"{start + expected} are incomplete (found {len(rows)}); the file is "
