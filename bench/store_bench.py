@@ -1,35 +1,77 @@
 """Storage benchmark: append, load, fork and size, per history length.
 
-Usage:
+Usage::
+
     python bench/store_bench.py --backend URL_OR_NAME --sizes 100,1000,10000 --json OUT
+        [--appends 200] [--warmup 20] [--samples 15] [--repeat 1]
 
-``--backend`` takes a store URL or a shorthand: ``memory``, ``sqlite`` and
-``file`` (in a temporary directory), ``redis`` (``CHATSESSION_TEST_REDIS_URL``
-or redis://127.0.0.1:6379/15, under a unique key prefix removed afterwards),
-``postgres`` (``CHATSESSION_TEST_POSTGRES_URL`` or
-postgresql://postgres@127.0.0.1:5432/test, in a unique schema dropped
-afterwards). Add ``?synchronous_commit=off`` to a PostgreSQL URL to measure
-that mode (the floor uses the same setting).
+``--backend`` takes a store URL or a shorthand:
 
-For each N (messages already in the session) it measures:
+- ``memory``: ``memory://``;
+- ``sqlite``: a new SQLite file per N in a temporary directory (removed afterwards);
+- ``file``: a new JSONL folder per N in a temporary directory (removed afterwards);
+- ``redis``: ``CHATSESSION_TEST_REDIS_URL`` or redis://127.0.0.1:6379/15;
+- ``postgres``: ``CHATSESSION_TEST_POSTGRES_URL`` or postgresql://postgres@127.0.0.1:5432/test.
 
-- ``append_p50`` / ``append_p99``: one turn (a user and an assistant message,
-  ~200-byte texts in chatsession's real event format) in one ``append`` call,
-  over ``--appends`` sequential appends;
-- ``load``: reading the whole history with a new store object (its
-  connection is opened and warmed on a tiny read first, reported as ``open``);
-- ``fork`` and ``fork_bytes``: forking at the head, and what it adds to the
-  storage;
-- ``bytes_per_message`` and ``size_ratio``: storage used per message, and
-  against the bytes of the events' JSON (``StoredEvent.to_json``).
+On Redis every N gets its own unique key ``prefix`` and on PostgreSQL its own
+unique ``schema`` (also for full URLs: the benchmark never touches existing
+data); all of them are removed at the end. A full ``sqlite:`` or ``file:`` URL
+is used as given. Add ``?synchronous_commit=off`` to a PostgreSQL URL to
+measure that mode (the floor's connection uses the same setting).
 
-On Redis and PostgreSQL it also measures the floor in the same run: a bare
-round trip storing a turn (``RPUSH`` of two items; an ``INSERT`` of two rows in
-one transaction) and a bare read of the whole history (``LRANGE``; ``SELECT``),
-and reports ratios to it.
+For each N (messages already in the measured session), in this order:
 
-It prints a table with the targets and writes JSON lines
-``{"backend", "n", "metric", "value", "unit"}`` to ``--json``.
+1. ``fill``: the session gets N messages (turns of a user and an assistant
+   message, ~200-character texts, built with ``chatsession.log.encode`` so
+   they are the real event format);
+2. ``load``: ``--samples`` times, a new store object (``open_store(url)``)
+   makes its first call (``get``: connection set-up, reported as ``open``),
+   reads every batch of the history (``load``), reads it once more
+   (``load_warm``) and is closed (``close``). ``load_cold`` is
+   open + load + close. Medians; one untimed round first.
+3. ``fork``: ``--samples`` timed forks at the head (N): ``fork`` is the
+   median time; then ``--samples`` more with the storage measured around each:
+   ``fork_bytes`` is the mean storage a fork adds, ``fork_bytes_max`` the
+   largest single one.
+4. ``append``: ``--warmup`` untimed then ``--appends`` timed appends of one
+   turn (two events in one ``append`` call, ``expected_seq`` = the head):
+   ``append_p50``, ``append_p99`` (nearest rank).
+5. ``size``: storage in use for the whole store (the session, its forks and
+   fixed overhead) as ``footprint``; ``bytes_per_message`` divides it by the
+   session's messages (``messages``: N + 2 x (warmup + appends) by then) and ``size_ratio`` by the bytes of their JSON (the sum
+   of ``len(StoredEvent.to_json())``).
+
+How storage is measured:
+
+- SQLite: ``footprint`` is the database file's size after
+  ``PRAGMA wal_checkpoint(TRUNCATE)`` (so the WAL is empty and every page is
+  in the file); ``footprint_raw`` is the database file plus its ``-wal`` file
+  just before that checkpoint (the ``-shm`` index is not counted). Fork
+  deltas are taken the same two ways (``fork_bytes`` / ``fork_bytes_raw``).
+- file://: ``footprint`` is the allocated size of the folder (``du``:
+  ``st_blocks * 512``), ``footprint_raw`` the sum of the files' sizes.
+- Redis: the sum of ``MEMORY USAGE key SAMPLES 0`` over the prefix's keys.
+- PostgreSQL: the sum of ``pg_total_relation_size`` (heap, indexes, TOAST)
+  over the tables of the schema.
+- memory://: not measured.
+
+On Redis and PostgreSQL the floor is measured in the same run, interleaved
+with the store's own operations so that both see the same background load:
+one bare round trip that stores a turn (``RPUSH`` of the two events' JSON to a
+scratch list; one ``INSERT`` statement of two rows into a scratch table
+``(id, seq, data)``, i.e. one implicit transaction) and one bare read of the
+N items (``LRANGE``; ``SELECT``). Every timing is also reported as its ratio
+to the floor (``*_vs_floor``: appends and forks against the floor append,
+loads against the floor read).
+
+``--repeat R`` runs all of this R times (every size in turn, then again, so a
+burst of load from other processes hits one run rather than one size), each
+run on fresh storage, and reports for every figure the median over the runs
+(ratios are taken within a run, where store and floor ran side by side).
+
+Output: a plain-text (Markdown) table on stdout with PASS/FAIL per target,
+progress on stderr, and JSON lines (one object
+``{"backend", "n", "metric", "value", "unit"}`` per line) in ``--json``.
 """
 
 from __future__ import annotations
@@ -39,417 +81,760 @@ import asyncio
 import gc
 import json
 import os
+import shutil
+import sqlite3
 import statistics
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
+from typing import Any, Protocol
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from chatsession import NewEvent, SessionRecord, Store, open_store
+from chatsession import NewEvent, SessionRecord, Store, StoredEvent, open_store
 from chatsession.log import Message, MessageEntry, encode
 
 REDIS_URL = os.environ.get("CHATSESSION_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 POSTGRES_URL = os.environ.get(
     "CHATSESSION_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
 )
+#: PostgreSQL URL options that the driver understands (kept for the floor).
+PG_DRIVER_OPTIONS = {"sslmode", "application_name"}
 TEXT = (
     "The quick brown fox jumps over the lazy dog while the session keeps every turn; "
     "nothing acknowledged is lost, and a fork costs the same at any length of history. "
+    "Padding to two hundred characters."
 )[:200]
 
 Row = dict[str, Any]
 
 
 def log(message: str) -> None:
-    """Progress goes to stderr so stdout stays the table."""
+    """Print progress on stderr (stdout is the table)."""
     print(message, file=sys.stderr, flush=True)
 
 
-def turn_events(i: int) -> list[NewEvent]:
-    """One turn: a user and an assistant message in the real event format."""
-    turn = uuid.uuid4().hex
-    return [
-        encode(MessageEntry(turn_id=turn, data=Message(role="user", content=f"{i}: {TEXT}"))),
-        encode(MessageEntry(turn_id=turn, data=Message(role="assistant", content=f"{i}: {TEXT}"))),
-    ]
-
-
-def with_query(url: str, **query: str) -> str:
-    parts = urlsplit(url)
-    merged = dict(parse_qsl(parts.query))
-    merged.update(query)
-    return urlunsplit(parts._replace(query="&".join(f"{k}={v}" for k, v in merged.items())))
-
-
-class Target:
-    """Where the data lives, how big it is, and how to clean it up."""
-
-    def __init__(self, spec: str) -> None:
-        self.tmp = Path(tempfile.mkdtemp(prefix="chatsession-bench-"))
-        self.namespace = ""
-        shorthand = {
-            "memory": "memory://",
-            "sqlite": f"sqlite:///{self.tmp}/bench.db",
-            "file": f"file://{self.tmp}/sessions",
-        }
-        if spec in shorthand:
-            self.url = shorthand[spec]
-        elif spec == "redis" or spec.startswith(("redis://", "rediss://")):
-            self.namespace = f"csbench-{uuid.uuid4().hex[:8]}:"
-            self.url = with_query(REDIS_URL if spec == "redis" else spec, prefix=self.namespace)
-        elif spec == "postgres" or spec.startswith(("postgresql://", "postgres://")):
-            self.namespace = f"csbench_{uuid.uuid4().hex[:8]}"
-            self.url = with_query(
-                POSTGRES_URL if spec == "postgres" else spec, schema=self.namespace
-            )
-        else:
-            self.url = spec
-        self.scheme = urlsplit(self.url).scheme
-        self.name = {"postgresql": "postgres", "rediss": "redis"}.get(self.scheme, self.scheme)
-        if self.scheme == "sqlite":
-            self.name = "sqlite"
-
-    def fresh(self, n: int) -> None:
-        """Measure each size in its own file or folder (sizes stay comparable)."""
-        if self.scheme == "sqlite" and str(self.tmp) in self.url:
-            self.url = f"sqlite:///{self.tmp}/bench-{n}.db"
-        elif self.scheme == "file" and str(self.tmp) in self.url:
-            self.url = f"file://{self.tmp}/sessions-{n}"
-
-    def options(self) -> dict[str, str]:
-        return dict(parse_qsl(urlsplit(self.url).query))
-
-    async def size(self) -> int:
-        """Bytes of storage in use (files, Redis memory, PostgreSQL relations)."""
-        if self.scheme == "sqlite":
-            # the WAL is a transient journal (checkpointed back into the file
-            # every ~4 MB): measure the database after a checkpoint, and report
-            # the WAL's size separately (wal_bytes)
-            import sqlite3
-
-            db = sqlite3.connect(urlsplit(self.url).path[1:])
-            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            pages = db.execute("PRAGMA page_count").fetchone()[0]
-            free = db.execute("PRAGMA freelist_count").fetchone()[0]
-            size = db.execute("PRAGMA page_size").fetchone()[0]
-            db.close()
-            return int((pages - free) * size)
-        if self.scheme == "file":
-            root = Path(urlsplit(self.url).path)
-            return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
-        if self.name == "redis":
-            import redis.asyncio as aioredis
-
-            client = aioredis.Redis.from_url(REDIS_URL)
-            total = 0
-            async for key in client.scan_iter(match=f"*{self.namespace}*", count=1000):
-                total += int(await client.memory_usage(key) or 0)
-            await client.aclose()
-            return total
-        if self.name == "postgres":
-            import asyncpg
-
-            conn = await asyncpg.connect(POSTGRES_URL)
-            total = await conn.fetchval(
-                "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) FROM pg_class c "
-                "JOIN pg_namespace n ON n.oid = c.relnamespace "
-                "WHERE n.nspname = $1 AND c.relkind = 'r'",
-                self.namespace,
-            )
-            await conn.close()
-            return int(total)
-        return 0
-
-    async def cleanup(self) -> None:
-        if self.name == "redis":
-            import redis.asyncio as aioredis
-
-            client = aioredis.Redis.from_url(REDIS_URL)
-            keys = [k async for k in client.scan_iter(match=f"*{self.namespace}*", count=1000)]
-            if keys:
-                await client.delete(*keys)
-            await client.aclose()
-        elif self.name == "postgres":
-            import asyncpg
-
-            conn = await asyncpg.connect(POSTGRES_URL)
-            await conn.execute(f'DROP SCHEMA IF EXISTS "{self.namespace}" CASCADE')
-            await conn.close()
-
-
-async def timed(fn: Callable[[], Awaitable[Any]]) -> float:
-    start = time.perf_counter_ns()
-    await fn()
+def ms_since(start: int) -> float:
+    """Milliseconds since ``start`` (a ``perf_counter_ns`` reading)."""
     return (time.perf_counter_ns() - start) / 1e6
 
 
+async def timed(fn: Callable[[], Awaitable[Any]]) -> float:
+    """Run ``fn`` once and return how long it took, in milliseconds."""
+    start = time.perf_counter_ns()
+    await fn()
+    return ms_since(start)
+
+
 def percentile(values: list[float], p: float) -> float:
+    """The nearest-rank percentile ``p`` (0-100) of ``values``."""
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+    rank = max(1, -(-len(ordered) * p // 100))  # ceil(len * p / 100)
+    return ordered[int(rank) - 1]
 
 
-async def fill(store: Store, session_id: str, n_messages: int) -> int:
-    await store.create(SessionRecord(id=session_id))
-    head = 0
-    batch: list[NewEvent] = []
-    for i in range(n_messages // 2):
-        batch.extend(turn_events(i))
-        if len(batch) >= 1000:
-            head = await store.append(session_id, batch, head)
-            batch = []
-    if batch:
-        head = await store.append(session_id, batch, head)
-    return head
+def turn_events(i: int) -> list[NewEvent]:
+    """One turn: a user and an assistant message of ~200 characters, real format."""
+    turn = uuid.uuid4().hex
+    return [
+        encode(MessageEntry(turn_id=turn, data=Message(role="user", content=f"{i:06d} {TEXT}"))),
+        encode(
+            MessageEntry(turn_id=turn, data=Message(role="assistant", content=f"{i:06d} {TEXT}"))
+        ),
+    ]
 
 
-class Floor:
-    """Bare driver round trips: the least a backend could cost."""
+def history(n: int) -> list[NewEvent]:
+    """``n`` messages: ``n // 2`` turns (and a lone user message when ``n`` is odd)."""
+    events = [e for i in range(n // 2) for e in turn_events(i)]
+    if n % 2:
+        events.append(turn_events(n)[0])
+    return events
 
-    def __init__(self, target: Target) -> None:
-        self.target = target
 
-    async def measure(self, n: int, appends: int) -> dict[str, float]:
-        if self.target.name == "redis":
-            return await self._redis(n, appends)
-        if self.target.name == "postgres":
-            return await self._postgres(n, appends)
-        return {}
+def as_json(seq: int, event: NewEvent) -> str:
+    """The JSON a store hands back for ``event`` at ``seq`` (the floor stores this)."""
+    return StoredEvent(
+        seq, event.type, event.ts, event.turn_id, event.data, event.schema_version
+    ).to_json()
 
-    async def _redis(self, n: int, appends: int) -> dict[str, float]:
+
+def replace_query(url: str, drop: Callable[[str], bool], **extra: str) -> str:
+    """``url`` without the query options ``drop`` selects, plus ``extra``."""
+    parts = urlsplit(url)
+    query = {k: v for k, v in parse_qsl(parts.query) if not drop(k)}
+    query.update(extra)
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def disk_usage(paths: Iterable[Path]) -> tuple[int, int]:
+    """(apparent bytes, allocated bytes) of the files under ``paths`` (like ``du``)."""
+    apparent = allocated = 0
+    for path in paths:
+        if not path.exists():
+            continue
+        files = [path] if path.is_file() else [p for p in path.rglob("*")]
+        dirs = [] if path.is_file() else [path]
+        for p in files + dirs:
+            st = p.lstat()
+            if p.is_file():
+                apparent += st.st_size
+            allocated += st.st_blocks * 512
+    return apparent, allocated
+
+
+# -- where the data lives ---------------------------------------------------------
+
+
+class Footprint(Protocol):
+    """Measures the storage a store object uses."""
+
+    async def measure(self) -> tuple[int, int] | None:
+        """(footprint, raw footprint) in bytes, or None when not measurable."""
+        ...
+
+
+@dataclass
+class Backend:
+    """A resolved ``--backend``: URLs per N, storage measurement and clean-up.
+
+    Attributes:
+        kind: memory, sqlite, file, redis, postgres (or another scheme).
+        label: The ``backend`` field of the JSON rows.
+        url: The URL as resolved (for one N, see ``url_for``).
+    """
+
+    spec: str
+    kind: str = ""
+    label: str = ""
+    url: str = ""
+    tmp: Path | None = None
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    namespaces: list[str] = field(default_factory=list)
+    temporary: bool = False
+
+    def __post_init__(self) -> None:
+        spec = self.spec
+        if spec in ("sqlite", "file"):
+            self.tmp = Path(tempfile.mkdtemp(prefix="chatsession-bench-"))
+            self.temporary = True
+            spec = f"sqlite:///{self.tmp}/bench.db" if spec == "sqlite" else f"file://{self.tmp}"
+        elif spec == "memory":
+            spec = "memory://"
+        elif spec == "redis":
+            spec = REDIS_URL
+        elif spec == "postgres":
+            spec = POSTGRES_URL
+        self.url = spec
+        scheme = urlsplit(spec).scheme.lower()
+        self.kind = {"postgresql": "postgres", "rediss": "redis"}.get(scheme, scheme)
+        self.label = self.kind
+        if self.kind == "postgres":
+            sync = dict(parse_qsl(urlsplit(spec).query)).get("synchronous_commit", "on")
+            if sync != "on":
+                self.label = f"postgres-sync-{sync}"
+
+    def url_for(self, n: int, run: int) -> str:
+        """The URL to measure N with in run ``run`` (a fresh file, folder, prefix or schema)."""
+        if self.kind == "sqlite" and self.temporary:
+            return f"sqlite:///{self.tmp}/bench-{n}-{run}.db"
+        if self.kind == "file" and self.temporary:
+            return f"file://{self.tmp}/sessions-{n}-{run}"
+        if self.kind == "redis":
+            prefix = f"csbench-{self.run_id}-{n}-{run}:"
+            self.namespaces.append(prefix)
+            return replace_query(self.url, lambda k: k == "prefix", prefix=prefix)
+        if self.kind == "postgres":
+            schema = f"csbench_{self.run_id}_{n}_{run}"
+            self.namespaces.append(schema)
+            return replace_query(self.url, lambda k: k == "schema", schema=schema)
+        return self.url
+
+    def driver_url(self) -> str:
+        """The server URL without chatsession's options (for floors and sizes)."""
+        if self.kind == "redis":
+            return replace_query(self.url, lambda k: True)
+        return replace_query(self.url, lambda k: k not in PG_DRIVER_OPTIONS)
+
+    def footprint(self, store: Store) -> Footprint:
+        """A measurer of the storage ``store`` uses."""
+        if self.kind == "sqlite":
+            return SQLiteFootprint(Path(store.path))  # type: ignore[attr-defined]
+        if self.kind == "file":
+            return FolderFootprint(Path(store.root))  # type: ignore[attr-defined]
+        if self.kind == "redis":
+            return RedisFootprint(self.driver_url(), store.prefix)  # type: ignore[attr-defined]
+        if self.kind == "postgres":
+            return PostgresFootprint(self.driver_url(), store.schema)  # type: ignore[attr-defined]
+        return NoFootprint()
+
+    async def cleanup(self) -> None:
+        """Remove every temporary file, Redis key and PostgreSQL schema made."""
+        if self.kind == "redis" and self.namespaces:
+            import redis.asyncio as aioredis
+
+            client = aioredis.Redis.from_url(self.driver_url())
+            for prefix in self.namespaces:
+                keys = [k async for k in client.scan_iter(match=f"{prefix}*", count=1000)]
+                for start in range(0, len(keys), 1000):
+                    await client.delete(*keys[start : start + 1000])
+            await client.aclose()
+        elif self.kind == "postgres" and self.namespaces:
+            import asyncpg
+
+            conn = await asyncpg.connect(self.driver_url())
+            for schema in self.namespaces:
+                await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+            await conn.close()
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class NoFootprint:
+    """memory:// and unknown schemes: storage is not measured."""
+
+    async def measure(self) -> tuple[int, int] | None:
+        """Nothing to measure."""
+        return None
+
+
+@dataclass
+class SQLiteFootprint:
+    """The database file after a TRUNCATE checkpoint; raw: file + ``-wal`` before it."""
+
+    path: Path
+
+    async def measure(self) -> tuple[int, int]:
+        """(checkpointed file size, file + WAL size before the checkpoint)."""
+        wal = Path(f"{self.path}-wal")
+        raw = sum(p.stat().st_size for p in (self.path, wal) if p.exists())
+        db = sqlite3.connect(self.path, timeout=30)
+        try:
+            busy, _, _ = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            if busy:
+                log(f"warning: the checkpoint of {self.path} was blocked; sizes include the WAL")
+        finally:
+            db.close()
+        settled = sum(p.stat().st_size for p in (self.path, wal) if p.exists())
+        return settled, raw
+
+
+@dataclass
+class FolderFootprint:
+    """The folder's allocated size (``du``); raw: the sum of its files' sizes."""
+
+    root: Path
+
+    async def measure(self) -> tuple[int, int]:
+        """(allocated bytes, apparent bytes)."""
+        apparent, allocated = disk_usage([self.root])
+        return allocated, apparent
+
+
+@dataclass
+class RedisFootprint:
+    """``MEMORY USAGE key SAMPLES 0`` summed over the prefix's keys."""
+
+    url: str
+    prefix: str
+
+    async def measure(self) -> tuple[int, int]:
+        """(bytes, the same bytes)."""
         import redis.asyncio as aioredis
 
-        client = aioredis.Redis.from_url(REDIS_URL)
-        key = f"{self.target.namespace}floor:{n}"
-        items = [e.data for i in range(n // 2) for e in turn_events(i)]
-        for start in range(0, len(items), 1000):
-            await client.rpush(key, *items[start : start + 1000])
-        turn = [e.data for e in turn_events(0)]
-        times = [await timed(lambda: client.rpush(key, *turn)) for _ in range(appends)]
-        await client.ltrim(key, 0, n - 1)
-        reads = [await timed(lambda: client.lrange(key, 0, -1)) for _ in range(5)]
-        await client.delete(key)
-        await client.aclose()
-        return {"append_p50": statistics.median(times), "load": statistics.median(reads)}
+        client = aioredis.Redis.from_url(self.url)
+        total = 0
+        try:
+            async for key in client.scan_iter(match=f"{self.prefix}*", count=1000):
+                if b"floor" in key:
+                    continue
+                total += int(await client.memory_usage(key, samples=0) or 0)
+        finally:
+            await client.aclose()
+        return total, total
 
-    async def _postgres(self, n: int, appends: int) -> dict[str, float]:
+
+@dataclass
+class PostgresFootprint:
+    """``pg_total_relation_size`` summed over the schema's tables (not the floor's)."""
+
+    url: str
+    schema: str
+
+    async def measure(self) -> tuple[int, int]:
+        """(bytes, the same bytes)."""
         import asyncpg
 
-        sync = self.target.options().get("synchronous_commit")
-        conn = await asyncpg.connect(POSTGRES_URL)
-        if sync:
-            await conn.execute(f"SET synchronous_commit = {sync}")
-        table = f"floor_{uuid.uuid4().hex[:8]}"
-        # the same row shape as chatsession's events table, without its logic
-        await conn.execute(
-            f"CREATE TABLE {table} (id bigint NOT NULL, seq bigint NOT NULL, type text NOT NULL, "
-            "ts double precision NOT NULL, turn_id text, v smallint NOT NULL, data text NOT NULL, "
-            "PRIMARY KEY (id, seq))"
-        )
-        rows = [
-            (1, i + 1, e.type, e.ts, e.turn_id, e.schema_version, e.data)
-            for i, e in enumerate(e for t in range(n // 2) for e in turn_events(t))
-        ]
-        await conn.copy_records_to_table(table, records=rows)
-        seq = len(rows)
-        turn = turn_events(0)
-        times = []
-        for _ in range(appends):
-
-            async def insert() -> None:
-                nonlocal seq
-                async with conn.transaction():
-                    await conn.executemany(
-                        f"INSERT INTO {table} (id, seq, type, ts, turn_id, v, data) "
-                        "VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                        [
-                            (1, seq + k + 1, e.type, e.ts, e.turn_id, e.schema_version, e.data)
-                            for k, e in enumerate(turn)
-                        ],
-                    )
-                seq += 2
-
-            times.append(await timed(insert))
-        await conn.execute(f"DELETE FROM {table} WHERE seq > $1", n)
-        reads = [
-            await timed(
-                lambda: conn.fetch(
-                    f"SELECT seq, type, ts, turn_id, data, v FROM {table} WHERE id = 1 ORDER BY seq"
-                )
+        conn = await asyncpg.connect(self.url)
+        try:
+            total = await conn.fetchval(
+                "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) FROM pg_class c "
+                "JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE n.nspname = $1 AND c.relkind = 'r' AND c.relname <> 'bench_floor'",
+                self.schema,
             )
-            for _ in range(5)
-        ]
-        await conn.execute(f"DROP TABLE {table}")
-        await conn.close()
-        return {"append_p50": statistics.median(times), "load": statistics.median(reads)}
+        finally:
+            await conn.close()
+        return int(total), int(total)
 
 
-async def bench_size(target: Target, n: int, appends: int) -> list[Row]:
+# -- the floor: bare driver round trips ---------------------------------------------
+
+
+class Floor(Protocol):
+    """The least a backend could cost: one bare write of a turn, one bare read."""
+
+    async def setup(self, events: list[NewEvent]) -> None:
+        """Store ``events`` as the scratch history."""
+        ...
+
+    async def append(self, turn: list[NewEvent]) -> None:
+        """Store one turn in one round trip."""
+        ...
+
+    async def read(self) -> int:
+        """Read the whole scratch history; returns the number of items."""
+        ...
+
+    async def close(self) -> None:
+        """Remove the scratch data and disconnect."""
+        ...
+
+
+class RedisFloor:
+    """``RPUSH`` of a turn's two items; ``LRANGE`` of the history."""
+
+    def __init__(self, url: str, prefix: str) -> None:
+        import redis.asyncio as aioredis
+
+        self.client = aioredis.Redis.from_url(url)
+        self.key = f"{prefix}floor"
+        self.seq = 0
+
+    async def setup(self, events: list[NewEvent]) -> None:
+        """RPUSH the history in slices of 1,000."""
+        await self.client.delete(self.key)
+        items = [as_json(i + 1, e) for i, e in enumerate(events)]
+        for start in range(0, len(items), 1000):
+            await self.client.rpush(self.key, *items[start : start + 1000])
+        self.seq = len(items)
+
+    async def append(self, turn: list[NewEvent]) -> None:
+        """One RPUSH of the two events' JSON."""
+        items = [as_json(self.seq + k + 1, e) for k, e in enumerate(turn)]
+        self.seq += len(items)
+        await self.client.rpush(self.key, *items)
+
+    async def read(self) -> int:
+        """One LRANGE of the whole list."""
+        return len(await self.client.lrange(self.key, 0, -1))
+
+    async def close(self) -> None:
+        """Delete the scratch key."""
+        await self.client.delete(self.key)
+        await self.client.aclose()
+
+
+class PostgresFloor:
+    """One two-row ``INSERT`` into ``(id, seq, data)``; one ``SELECT`` of the rows."""
+
+    def __init__(self, url: str, schema: str, synchronous_commit: str) -> None:
+        self.url = url
+        self.table = f'"{schema}".bench_floor'
+        self.synchronous_commit = synchronous_commit
+        self.conn: Any = None
+        self.seq = 0
+
+    async def setup(self, events: list[NewEvent]) -> None:
+        """Create the scratch table (same data column type as the store) and COPY the history."""
+        import asyncpg
+
+        self.conn = await asyncpg.connect(
+            self.url, server_settings={"synchronous_commit": self.synchronous_commit}
+        )
+        await self.conn.execute(
+            f"CREATE TABLE {self.table} (id bigint NOT NULL, seq bigint NOT NULL, "
+            "data text NOT NULL, PRIMARY KEY (id, seq))"
+        )
+        rows = [(1, i + 1, as_json(i + 1, e)) for i, e in enumerate(events)]
+        schema, table = self.table.split(".")
+        await self.conn.copy_records_to_table(
+            table, records=rows, schema_name=schema.strip('"'), columns=["id", "seq", "data"]
+        )
+        await self.conn.execute(f"ANALYZE {self.table}")
+        self.seq = len(rows)
+
+    async def append(self, turn: list[NewEvent]) -> None:
+        """One INSERT statement of two rows (its own transaction): one round trip."""
+        a, b = self.seq + 1, self.seq + 2
+        self.seq += 2
+        await self.conn.execute(
+            f"INSERT INTO {self.table} (id, seq, data) VALUES (1, $1, $2), (1, $3, $4)",
+            a,
+            as_json(a, turn[0]),
+            b,
+            as_json(b, turn[1]),
+        )
+
+    async def read(self) -> int:
+        """One SELECT of every row of the history, in seq order."""
+        rows = await self.conn.fetch(
+            f"SELECT seq, data FROM {self.table} WHERE id = 1 ORDER BY seq"
+        )
+        return len(rows)
+
+    async def close(self) -> None:
+        """Drop the scratch table."""
+        if self.conn is not None:
+            await self.conn.execute(f"DROP TABLE IF EXISTS {self.table}")
+            await self.conn.close()
+
+
+def floor_for(backend: Backend, store: Store) -> Floor | None:
+    """The floor for ``backend`` (Redis and PostgreSQL only)."""
+    if backend.kind == "redis":
+        return RedisFloor(backend.driver_url(), store.prefix)  # type: ignore[attr-defined]
+    if backend.kind == "postgres":
+        return PostgresFloor(
+            backend.driver_url(),
+            store.schema,  # type: ignore[attr-defined]
+            store.synchronous_commit,  # type: ignore[attr-defined]
+        )
+    return None
+
+
+# -- one size -------------------------------------------------------------------------
+
+
+@dataclass
+class Settings:
+    """Command-line settings."""
+
+    sizes: list[int]
+    appends: int = 200
+    warmup: int = 20
+    samples: int = 15
+    repeat: int = 1
+
+
+async def read_all(store: Store, session_id: str) -> int:
+    """Read every batch of the session; returns the number of events."""
+    count = 0
+    async for batch in store.read(session_id):
+        count += len(batch)
+    return count
+
+
+async def bench_size(backend: Backend, n: int, settings: Settings, run: int = 0) -> list[Row]:
+    """Measure one N: fill, load, fork, append, size (see the module docstring)."""
     rows: list[Row] = []
 
     def add(metric: str, value: float, unit: str) -> None:
         rows.append(
-            {"backend": target.name, "n": n, "metric": metric, "value": value, "unit": unit}
+            {"backend": backend.label, "n": n, "metric": metric, "value": value, "unit": unit}
         )
 
+    tag = f"[{backend.label} n={n}" + (
+        f" run {run + 1}/{settings.repeat}]" if settings.repeat > 1 else "]"
+    )
+    url = backend.url_for(n, run)
     session_id = f"bench-{n}-{uuid.uuid4().hex[:6]}"
-    target.fresh(n)
-    store = open_store(target.url)
-    log(f"[{target.name} n={n}] filling {n} messages")
-    head = await fill(store, session_id, n)
+    store = open_store(url)
+    floor: Floor | None = None
+    try:
+        log(f"{tag} filling {n} messages")
+        await store.create(SessionRecord(id=session_id))
+        events = history(n)
+        head = 0
+        for start in range(0, len(events), 1000):
+            head = await store.append(session_id, events[start : start + 1000], head)
+        floor = floor_for(backend, store)
+        if floor is not None:
+            await floor.setup(events)
 
-    log(f"[{target.name} n={n}] {appends} appends of one turn")
-    turns = [turn_events(i) for i in range(appends + 20)]
-    for events in turns[:20]:  # warm-up
-        head = await store.append(session_id, events, head)
-    times = []
-    for events in turns[20:]:
-        start = time.perf_counter_ns()
-        head = await store.append(session_id, events, head)
-        times.append((time.perf_counter_ns() - start) / 1e6)
-    add("append_p50", statistics.median(times), "ms")
-    add("append_p99", percentile(times, 99), "ms")
+        # load: new store objects, interleaved with the floor's read
+        log(f"{tag} loading {n} messages with a new store object, {settings.samples} times")
+        gc.collect()
+        opens, loads, warm, closes, colds, floor_loads = [], [], [], [], [], []
+        for i in range(settings.samples + 1):
+            fresh = store if backend.kind == "memory" else open_store(url)
+            start = time.perf_counter_ns()
+            await fresh.get(session_id)
+            t_open = ms_since(start)
+            start = time.perf_counter_ns()
+            count = await read_all(fresh, session_id)
+            t_load = ms_since(start)
+            if count != n:
+                raise RuntimeError(f"read {count} events, expected {n}")
+            start = time.perf_counter_ns()
+            await read_all(fresh, session_id)
+            t_warm = ms_since(start)
+            t_close = 0.0 if fresh is store else await timed(fresh.aclose)
+            t_floor = 0.0
+            if floor is not None:
+                start = time.perf_counter_ns()
+                got = await floor.read()
+                t_floor = ms_since(start)
+                if got != n:
+                    raise RuntimeError(f"the floor read {got} items, expected {n}")
+            if i == 0:
+                continue  # warm-up round
+            opens.append(t_open)
+            loads.append(t_load)
+            warm.append(t_warm)
+            closes.append(t_close)
+            colds.append(t_open + t_load + t_close)
+            floor_loads.append(t_floor)
+        add("open", statistics.median(opens), "ms")
+        add("load", statistics.median(loads), "ms")
+        add("load_warm", statistics.median(warm), "ms")
+        add("close", statistics.median(closes), "ms")
+        add("load_cold", statistics.median(colds), "ms")
+        if floor is not None:
+            add("floor_load", statistics.median(floor_loads), "ms")
 
-    # the measured session now holds n + 2 * (appends + 20) messages: trim the
-    # load measurement to exactly n messages with upto_seq
-    gc.collect()
-    log(f"[{target.name} n={n}] loading {n} messages with a new store object")
-    loads, opens = [], []
-    for _ in range(5):
-        # memory:// lives in one object only: it is reloaded from itself
-        fresh = store if target.scheme == "memory" else open_store(target.url)
-        opens.append(await timed(lambda fresh=fresh: fresh.get(session_id)))
+        # fork at the head: timed forks first, then as many with the storage
+        # measured around each (the measurement would disturb the timing)
+        log(f"{tag} {settings.samples} + {settings.samples} forks at the head")
+        gc.collect()
+        forks = [f"{session_id}-f{i}" for i in range(2 * settings.samples)]
+        fork_times: list[float] = []
+        for fork_id in forks[: settings.samples]:
+            record = SessionRecord(id=fork_id)
+            start = time.perf_counter_ns()
+            await store.fork(session_id, head, record)
+            fork_times.append(ms_since(start))
+        add("fork", statistics.median(fork_times), "ms")
+        footprint = backend.footprint(store)
+        deltas: list[int] = []
+        raw_deltas: list[int] = []
+        for fork_id in forks[settings.samples :]:
+            before = await footprint.measure()
+            if before is None:
+                forks = forks[: settings.samples]
+                break
+            await store.fork(session_id, head, SessionRecord(id=fork_id))
+            after = await footprint.measure()
+            assert after is not None
+            deltas.append(after[0] - before[0])
+            # SQLite: the raw size (file + WAL) is read before the checkpoint that
+            # settles it, so it is compared with the settled size before the fork
+            raw_before = before[0] if backend.kind == "sqlite" else before[1]
+            raw_deltas.append(after[1] - raw_before)
+        if deltas:
+            add("fork_bytes", statistics.fmean(deltas), "bytes")
+            add("fork_bytes_max", max(deltas), "bytes")
+            if backend.kind in ("sqlite", "file"):
+                add("fork_bytes_raw", statistics.fmean(raw_deltas), "bytes")
 
-        async def load(fresh: Store = fresh) -> int:
-            count = 0
-            async for batch in fresh.read(session_id, upto_seq=n):
-                count += len(batch)
-            assert count == n, count
-            return count
+        # appends of one turn, interleaved with the floor's
+        log(f"{tag} {settings.warmup} + {settings.appends} appends of one turn")
+        turns = [turn_events(i) for i in range(settings.warmup + settings.appends)]
+        gc.collect()
+        times: list[float] = []
+        floor_times: list[float] = []
+        for turn in turns:
+            start = time.perf_counter_ns()
+            head = await store.append(session_id, turn, head)
+            t_store = ms_since(start)
+            if floor is not None:
+                start = time.perf_counter_ns()
+                await floor.append(turn)
+                floor_times.append(ms_since(start))
+            times.append(t_store)
+        times = times[settings.warmup :]
+        floor_times = floor_times[settings.warmup :]
+        add("append_p50", statistics.median(times), "ms")
+        add("append_p99", percentile(times, 99), "ms")
+        if floor_times:
+            add("floor_append_p50", statistics.median(floor_times), "ms")
+            add("floor_append_p99", percentile(floor_times, 99), "ms")
 
-        loads.append(await timed(load))
-        if fresh is not store:
-            await fresh.aclose()
-    add("open", statistics.median(opens), "ms")
-    add("load", statistics.median(loads), "ms")
+        # size
+        log(f"{tag} measuring the storage")
+        gc.collect()
+        measured = await footprint.measure()
+        stored = [e async for batch in store.read(session_id) for e in batch]
+        json_bytes = sum(len(e.to_json().encode()) for e in stored)
+        add("messages", len(stored), "count")
+        add("json_bytes", json_bytes, "bytes")
+        if measured is not None:
+            size, raw = measured
+            add("footprint", size, "bytes")
+            if backend.kind in ("sqlite", "file"):
+                add("footprint_raw", raw, "bytes")
+            add("bytes_per_message", size / len(stored), "bytes")
+            add("size_ratio", size / json_bytes, "x")
 
-    log(f"[{target.name} n={n}] fork")
-    await asyncio.sleep(0.05)
-    before = await target.size()
-    fork_times = []
-    for i in range(5):
-        fork_id = f"{session_id}-f{i}"
-        fork_times.append(
-            await timed(lambda fid=fork_id: store.fork(session_id, head, SessionRecord(id=fid)))
-        )
-    after = await target.size()
-    add("fork", statistics.median(fork_times), "ms")
-    add("fork_bytes", max(0, after - before) / 5, "bytes")
+        # every timing against the floor
+        by = {r["metric"]: r["value"] for r in rows}
+        if floor is not None:
+            for metric, base in (
+                ("append_p50", "floor_append_p50"),
+                ("append_p99", "floor_append_p99"),
+                ("fork", "floor_append_p50"),
+                ("open", "floor_load"),
+                ("load", "floor_load"),
+                ("load_warm", "floor_load"),
+                ("load_cold", "floor_load"),
+            ):
+                if by.get(base):
+                    add(f"{metric}_vs_floor", by[metric] / by[base], "x")
 
-    events = [r async for batch in store.read(session_id) for r in batch]
-    json_bytes = sum(len(r.to_json().encode()) for r in events)
-    size = await target.size()
-    if size:
-        add("bytes_per_message", size / len(events), "bytes")
-        add("size_ratio", size / json_bytes, "x")
-    await store.delete(session_id)
-    for i in range(5):
-        await store.delete(f"{session_id}-f{i}")
-    await store.aclose()
-
-    floor = await Floor(target).measure(n, appends)
-    for metric, value in floor.items():
-        add(f"floor_{metric}", value, "ms")
-        mine = next(r["value"] for r in rows if r["metric"] == metric)
-        add(f"{metric}_vs_floor", mine / value if value else 0.0, "x")
+        for fork_id in forks:
+            await store.delete(fork_id)
+        await store.delete(session_id)
+    finally:
+        if floor is not None:
+            await floor.close()
+        await store.aclose()
     return rows
 
 
-TARGETS: dict[str, list[tuple[str, str, float, str]]] = {
-    # backend -> (metric, comparison, limit, description)
+# -- targets and the report ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """A target: ``check(rows)`` gives the measured figure, PASS when ``<= limit``."""
+
+    text: str
+    limit: float
+    check: Callable[[dict[tuple[str, int], float], list[int]], float | None]
+
+
+def at(metric: str, n: int) -> Callable[[dict[tuple[str, int], float], list[int]], float | None]:
+    """The figure ``metric`` at N = ``n`` (None when ``n`` was not measured)."""
+    return lambda by, sizes: by.get((metric, n))
+
+
+def worst(metric: str) -> Callable[[dict[tuple[str, int], float], list[int]], float | None]:
+    """The largest ``metric`` over every N."""
+
+    def check(by: dict[tuple[str, int], float], sizes: list[int]) -> float | None:
+        values = [by[(metric, n)] for n in sizes if (metric, n) in by]
+        return max(values) if values else None
+
+    return check
+
+
+def growth(
+    metric: str, lo: int = 100, hi: int = 10_000
+) -> Callable[[dict[tuple[str, int], float], list[int]], float | None]:
+    """``metric`` at N = ``hi`` over ``metric`` at N = ``lo``."""
+
+    def check(by: dict[tuple[str, int], float], sizes: list[int]) -> float | None:
+        if (metric, lo) in by and (metric, hi) in by and by[(metric, lo)]:
+            return by[(metric, hi)] / by[(metric, lo)]
+        return None
+
+    return check
+
+
+TARGETS: dict[str, list[Target]] = {
     "sqlite": [
-        ("append_p50@10000", "<=", 0.3, "append p50 <= 0.3 ms at N=10,000"),
-        ("append_flat", "<=", 1.5, "append p50(10,000) <= 1.5 x p50(100)"),
-        ("load@10000", "<=", 20.0, "load of 10,000 messages <= 20 ms"),
-        ("fork_max", "<=", 1.0, "fork <= 1 ms at every N"),
-        ("fork_bytes_max", "<=", 4096, "fork <= 4 KB extra at every N"),
-        ("size_ratio@10000", "<=", 1.5, "bytes on disk <= 1.5 x the events' JSON"),
+        Target("append p50 <= 0.3 ms at N=10,000", 0.3, at("append_p50", 10_000)),
+        Target("append p50(10,000) <= 1.5 x p50(100)", 1.5, growth("append_p50")),
+        Target("load of 10,000 messages <= 20 ms", 20.0, at("load", 10_000)),
+        Target("fork <= 1 ms at every N", 1.0, worst("fork")),
+        Target(
+            "fork <= 4 KB extra on disk at every N (largest single fork)",
+            4096,
+            worst("fork_bytes_max"),
+        ),
+        Target("bytes on disk <= 1.5 x the messages' JSON at every N", 1.5, worst("size_ratio")),
     ],
     "redis": [
-        ("append_vs_floor_max", "<=", 5.0, "append p50 <= 5 x floor (RPUSH of 2)"),
-        ("append_flat", "<=", 1.5, "append p50 flat in N"),
-        ("load_vs_floor@10000", "<=", 2.0, "load of 10,000 <= 2 x floor (LRANGE)"),
-        ("fork_max", "<=", 2.0, "fork <= 2 ms, constant in N"),
+        Target("append p50 <= 5 x floor (RPUSH) at every N", 5.0, worst("append_p50_vs_floor")),
+        Target("append p50 flat: p50(10,000) <= 1.5 x p50(100)", 1.5, growth("append_p50")),
+        Target("load of 10,000 <= 2 x floor read (LRANGE)", 2.0, at("load_vs_floor", 10_000)),
+        Target("fork <= 2 ms at every N", 2.0, worst("fork")),
+        Target("fork constant: fork(10,000) <= 1.5 x fork(100)", 1.5, growth("fork")),
     ],
     "postgres": [
-        ("append_vs_floor_max", "<=", 1.3, "append p50 <= 1.3 x floor (INSERT of 2 rows)"),
-        ("append_flat", "<=", 1.5, "append p50 flat in N"),
-        ("load_vs_floor@10000", "<=", 2.0, "load of 10,000 <= 2 x floor (SELECT)"),
-        ("fork_max", "<=", 2.0, "fork <= 2 ms, constant in N"),
+        Target("append p50 <= 1.3 x floor (INSERT) at every N", 1.3, worst("append_p50_vs_floor")),
+        Target("append p50 flat: p50(10,000) <= 1.5 x p50(100)", 1.5, growth("append_p50")),
+        Target("load of 10,000 <= 2 x floor read (SELECT)", 2.0, at("load_vs_floor", 10_000)),
+        Target("fork <= 2 ms at every N", 2.0, worst("fork")),
+        Target("fork constant: fork(10,000) <= 1.5 x fork(100)", 1.5, growth("fork")),
     ],
 }
 
 
-def derived(rows: list[Row]) -> dict[str, float]:
-    """The figures the targets talk about."""
-    by: dict[tuple[str, int], float] = {(r["metric"], r["n"]): r["value"] for r in rows}
-    sizes = sorted({r["n"] for r in rows})
-    out: dict[str, float] = {}
-    for (metric, n), value in by.items():
-        out[f"{metric}@{n}"] = value
-    if sizes:
-        lo, hi = sizes[0], sizes[-1]
-        if ("append_p50", lo) in by and ("append_p50", hi) in by:
-            out["append_flat"] = by[("append_p50", hi)] / by[("append_p50", lo)]
-        for metric, name in (
-            ("fork", "fork_max"),
-            ("fork_bytes", "fork_bytes_max"),
-            ("append_p50_vs_floor", "append_vs_floor_max"),
-        ):
-            values = [by[(metric, n)] for n in sizes if (metric, n) in by]
-            if values:
-                out[name] = max(values)
+def verdicts(kind: str, rows: list[Row]) -> list[tuple[str, str, float | None, float]]:
+    """(PASS/FAIL/n/a, target, measured, limit) for each target of ``kind``."""
+    by = {(r["metric"], r["n"]): float(r["value"]) for r in rows}
+    sizes = sorted({int(r["n"]) for r in rows})
+    out = []
+    for target in TARGETS.get(kind, []):
+        value = target.check(by, sizes)
+        verdict = "n/a" if value is None else ("PASS" if value <= target.limit else "FAIL")
+        out.append((verdict, target.text, value, target.limit))
     return out
 
 
-def report(target: Target, rows: list[Row]) -> str:
+def fmt(value: float, unit: str) -> str:
+    """A figure for the table."""
+    if unit in ("bytes", "count"):
+        return f"{value:,.0f}"
+    return f"{value:.3f}"
+
+
+def report(backend: Backend, rows: list[Row]) -> str:
+    """The Markdown table of ``rows`` and the targets' verdicts."""
     sizes = sorted({r["n"] for r in rows})
     metrics = list(dict.fromkeys(r["metric"] for r in rows))
     units = {r["metric"]: r["unit"] for r in rows}
     by = {(r["metric"], r["n"]): r["value"] for r in rows}
-    lines = [f"backend: {target.name} ({target.url})", ""]
+    lines = [f"backend: {backend.label} ({backend.url})", ""]
     lines.append("| metric | unit | " + " | ".join(f"N={n:,}" for n in sizes) + " |")
     lines.append("| --- | --- | " + " | ".join("---:" for _ in sizes) + " |")
     for metric in metrics:
-        cells = [f"{by[(metric, n)]:.3f}" if (metric, n) in by else "" for n in sizes]
-        lines.append(f"| {metric} | {units[metric]} | " + " | ".join(cells) + " |")
-    checks = TARGETS.get(target.name, [])
-    if checks:
-        values = derived(rows)
+        unit = units[metric]
+        cells = [fmt(by[(metric, n)], unit) if (metric, n) in by else "" for n in sizes]
+        lines.append(f"| {metric} | {unit} | " + " | ".join(cells) + " |")
+    results = verdicts(backend.kind, rows)
+    if results:
         lines.append("")
-        for key, _, limit, text in checks:
-            value = values.get(key)
-            verdict = "n/a" if value is None else ("PASS" if value <= limit else "FAIL")
-            shown = "-" if value is None else f"{value:.3f}"
-            lines.append(f"- {verdict}: {text} (measured {shown})")
+        for verdict, text, value, limit in results:
+            shown = "not measured" if value is None else f"measured {value:.3f}, limit {limit:g}"
+            lines.append(f"- {verdict}: {text} ({shown})")
     return "\n".join(lines)
 
 
-async def run(spec: str, sizes: list[int], appends: int) -> tuple[Target, list[Row]]:
-    target = Target(spec)
-    rows: list[Row] = []
+async def run(spec: str, settings: Settings) -> tuple[Backend, list[Row]]:
+    """Measure every size on ``spec``; always cleans up."""
+    backend = Backend(spec)
+    runs: list[Row] = []
     try:
-        for n in sizes:
-            rows.extend(await bench_size(target, n, appends))
+        for run in range(settings.repeat):
+            for n in settings.sizes:
+                runs.extend(await bench_size(backend, n, settings, run))
+                gc.collect()
     finally:
-        await target.cleanup()
-    return target, rows
+        await backend.cleanup()
+    return backend, median_rows(runs)
+
+
+def median_rows(runs: list[Row]) -> list[Row]:
+    """One row per (N, metric): the median of its values over the runs."""
+    values: dict[tuple[int, str], list[float]] = {}
+    first: dict[tuple[int, str], Row] = {}
+    for row in runs:
+        key = (row["n"], row["metric"])
+        values.setdefault(key, []).append(row["value"])
+        first.setdefault(key, row)
+    return [
+        {**row, "value": statistics.median(values[key])}
+        for key, row in sorted(first.items(), key=lambda item: item[0][0])
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse the command line, run, print the table and write the JSON lines."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -457,7 +842,14 @@ def main(argv: list[str] | None = None) -> int:
         "--backend", default="sqlite", help="store URL or memory/sqlite/file/redis/postgres"
     )
     parser.add_argument("--sizes", default="100,1000,10000", help="comma-separated message counts")
-    parser.add_argument("--appends", type=int, default=200, help="timed appends per size (>= 200)")
+    parser.add_argument("--appends", type=int, default=200, help="timed appends per size")
+    parser.add_argument("--warmup", type=int, default=20, help="untimed appends first")
+    parser.add_argument(
+        "--samples", type=int, default=15, help="loads and forks per size and run (medians)"
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="whole runs over every size (medians of the runs)"
+    )
     parser.add_argument("--json", type=Path, help="write JSON lines here")
     args = parser.parse_args(argv)
     try:
@@ -466,14 +858,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--sizes must be integers, got {args.sizes!r}")
     if not sizes or any(n < 2 for n in sizes):
         parser.error("--sizes needs message counts of at least 2")
-    if args.appends < 1:
-        parser.error("--appends must be positive")
-    target, rows = asyncio.run(run(args.backend, sizes, args.appends))
-    print(report(target, rows))
+    if min(args.appends, args.samples, args.repeat) < 1 or args.warmup < 0:
+        parser.error("--appends, --samples and --repeat must be positive, --warmup not negative")
+    if args.appends < 200:
+        log(f"note: {args.appends} appends; the targets assume at least 200")
+    settings = Settings(sizes, args.appends, args.warmup, args.samples, args.repeat)
+    started = time.perf_counter_ns()
+    backend, rows = asyncio.run(run(args.backend, settings))
+    print(report(backend, rows))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text("".join(json.dumps(r) + "\n" for r in rows))
         log(f"wrote {len(rows)} rows to {args.json}")
+    log(f"done in {ms_since(started) / 1000:.1f} s")
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench" / "store_bench.py"
 @pytest.mark.parametrize("backend", ["memory", "sqlite"])
 def test_store_bench_writes_rows(backend: str, tmp_path: Path) -> None:
     out = tmp_path / "rows.jsonl"
+    temporary_before = set(Path(tempfile.gettempdir()).glob("chatsession-bench-*"))
     result = subprocess.run(
         [
             sys.executable,
@@ -22,9 +24,15 @@ def test_store_bench_writes_rows(backend: str, tmp_path: Path) -> None:
             "--backend",
             backend,
             "--sizes",
-            "10,40",
+            "10,41",
             "--appends",
             "5",
+            "--warmup",
+            "2",
+            "--samples",
+            "2",
+            "--repeat",
+            "2",
             "--json",
             str(out),
         ],
@@ -34,12 +42,34 @@ def test_store_bench_writes_rows(backend: str, tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert {r["n"] for r in rows} == {10, 40}
+    assert rows
     assert all(set(r) == {"backend", "n", "metric", "value", "unit"} for r in rows)
-    metrics = {r["metric"] for r in rows}
-    assert {"append_p50", "append_p99", "load", "fork"} <= metrics
-    assert all(r["value"] >= 0 for r in rows)
+    assert {r["backend"] for r in rows} == {backend}
+    assert {r["n"] for r in rows} == {10, 41}
+    assert all(isinstance(r["value"], int | float) and r["value"] >= 0 for r in rows)
+    by = {(r["metric"], r["n"]): r["value"] for r in rows}
+    for n in (10, 41):
+        for metric in ("append_p50", "append_p99", "open", "load", "load_cold", "fork"):
+            assert by[(metric, n)] > 0, (metric, n)
+        assert by[("append_p99", n)] >= by[("append_p50", n)]
+        # N messages filled (an odd N too), then 2 warm-up and 5 timed turns
+        assert by[("messages", n)] == n + 2 * (2 + 5)
+        assert by[("json_bytes", n)] > 200 * by[("messages", n)]
     assert "| append_p50 | ms |" in result.stdout
+    # two whole runs, one row per (N, metric): the median of the runs
+    assert f"[{backend} n=41 run 2/2] 2 + 5 appends of one turn" in result.stderr
+    assert len(by) == len(rows)
     if backend == "sqlite":
-        assert {"size_ratio", "fork_bytes"} <= metrics
-        assert "PASS" in result.stdout or "FAIL" in result.stdout
+        for n in (10, 41):
+            assert by[("footprint", n)] >= 4096
+            assert by[("size_ratio", n)] == pytest.approx(
+                by[("footprint", n)] / by[("json_bytes", n)]
+            )
+            assert 0 <= by[("fork_bytes", n)] <= by[("fork_bytes_max", n)]
+        # the targets at N=10,000 are not measured; those at every N are
+        assert "- n/a: append p50 <= 0.3 ms at N=10,000" in result.stdout
+        assert "- PASS: fork <= 1 ms at every N" in result.stdout or "- FAIL: fork <= 1 ms" in (
+            result.stdout
+        )
+        # the temporary SQLite files are removed
+        assert set(Path(tempfile.gettempdir()).glob("chatsession-bench-*")) <= temporary_before
