@@ -33,7 +33,7 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
@@ -578,6 +578,15 @@ class UsageTotals:
         self.calls += 1
         self.estimated = self.estimated or usage.estimated
 
+    def merge(self, other: UsageTotals) -> None:
+        """Add another set of totals."""
+        self.prompt_tokens += other.prompt_tokens
+        self.completion_tokens += other.completion_tokens
+        self.total_tokens += other.total_tokens
+        self.cost += other.cost
+        self.calls += other.calls
+        self.estimated = self.estimated or other.estimated
+
 
 @dataclass
 class ConversationState:
@@ -589,7 +598,9 @@ class ConversationState:
             compaction summary has the compaction's seq.
         history: Every message ever recorded, as ``(seq, message)``: clear,
             rewind and compaction do not remove anything from it.
-        usage: Usage totals; ``usage_by_model`` and ``usage_by_level`` split them.
+        usages: Every model call's usage, in order. ``usage`` sums them;
+            ``usage_by_model`` and ``usage_by_level`` split the sums (all three
+            kept up to date incrementally, when read).
         checkpoints: Name → ``(seq, Checkpoint)``; a later checkpoint of the
             same name replaces the earlier one.
         state: The agent's key-values as of the current context.
@@ -604,9 +615,7 @@ class ConversationState:
     head: int = 0
     context: list[tuple[int, Message]] = field(default_factory=list)
     history: list[tuple[int, Message]] = field(default_factory=list)
-    usage: UsageTotals = field(default_factory=UsageTotals)
-    usage_by_model: dict[str, UsageTotals] = field(default_factory=dict)
-    usage_by_level: dict[str, UsageTotals] = field(default_factory=dict)
+    usages: list[Usage] = field(default_factory=list)
     checkpoints: dict[str, tuple[int, Checkpoint]] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -622,6 +631,9 @@ class ConversationState:
     _messages: tuple[list[tuple[int, Message]], int, list[Message]] | None = field(
         default=None, repr=False, compare=False
     )
+    _usage_cache: (
+        tuple[list[Usage], int, UsageTotals, dict[str, UsageTotals], dict[str, UsageTotals]] | None
+    ) = field(default=None, repr=False, compare=False)
 
     @property
     def messages(self) -> list[Message]:
@@ -641,15 +653,62 @@ class ConversationState:
         self._messages = (context, len(context), out)
         return out
 
+    @property
+    def usage(self) -> UsageTotals:
+        """Usage totals over every model call (do not modify)."""
+        return self._usage_totals()[1]
+
+    @property
+    def usage_by_model(self) -> dict[str, UsageTotals]:
+        """Usage totals per model (do not modify)."""
+        return self._usage_totals()[2]
+
+    @property
+    def usage_by_level(self) -> dict[str, UsageTotals]:
+        """Usage totals per agent level (do not modify)."""
+        return self._usage_totals()[3]
+
+    def _usage_totals(
+        self,
+    ) -> tuple[int, UsageTotals, dict[str, UsageTotals], dict[str, UsageTotals]]:
+        usages = self.usages
+        cache = self._usage_cache
+        if cache is None or cache[0] is not usages or cache[1] > len(usages):
+            cache = (usages, 0, UsageTotals(), {}, {})
+        _, done, total, by_model, by_level = cache
+        if done < len(usages):
+            # group first, then sum attribute by attribute: a resume sums thousands
+            groups: dict[tuple[str, str], list[Usage]] = {}
+            for usage in usages[done:] if done else usages:
+                key = (usage.model, usage.level)
+                group = groups.get(key)
+                if group is None:
+                    groups[key] = [usage]
+                else:
+                    group.append(usage)
+            for (model, level), items in groups.items():
+                part = UsageTotals(
+                    prompt_tokens=sum([u.prompt_tokens for u in items]),
+                    completion_tokens=sum([u.completion_tokens for u in items]),
+                    total_tokens=sum([u.total_tokens for u in items]),
+                    cost=sum([u.cost for u in items if u.cost]),
+                    calls=len(items),
+                    estimated=any([u.estimated for u in items]),
+                )
+                total.merge(part)
+                by_model.setdefault(model, UsageTotals()).merge(part)
+                by_level.setdefault(level, UsageTotals()).merge(part)
+            cache = (usages, len(usages), total, by_model, by_level)
+            self._usage_cache = cache
+        return len(usages), total, by_model, by_level
+
     def copy(self) -> ConversationState:
         """An independent copy: containers and JSON values copied, frozen events shared."""
         return ConversationState(
             head=self.head,
             context=list(self.context),
             history=list(self.history),
-            usage=replace(self.usage),
-            usage_by_model={k: replace(v) for k, v in self.usage_by_model.items()},
-            usage_by_level={k: replace(v) for k, v in self.usage_by_level.items()},
+            usages=list(self.usages),
             checkpoints=dict(self.checkpoints),
             state=copy.deepcopy(self.state),
             metadata=copy.deepcopy(self.metadata),
@@ -680,10 +739,31 @@ class ConversationState:
         _APPLY[event.type](self, event.seq, event.turn_id, event.data)
 
     def apply_stored(self, rows: Sequence[StoredEvent], payloads: Sequence[Any]) -> None:
-        """Fold in stored rows whose payloads :func:`decode_payloads` decoded."""
+        """Fold in stored rows whose payloads :func:`decode_payloads` decoded.
+
+        The same as :meth:`apply` for each row; the commonest kinds are inlined,
+        since a resume folds every event of the log.
+        """
         handlers = _APPLY
+        history = self.history
+        turns = self.turns
+        usages = self.usages
         for row, payload in zip(rows, payloads, strict=True):
-            handlers[row[1]](self, row[0], row[3], payload)
+            kind = row[1]
+            if kind == "message":
+                item = (row[0], payload)
+                history.append(item)
+                self.context.append(item)
+            elif kind == "turn_start":
+                self.open_turn = row[3] or f"seq-{row[0]}"
+            elif kind == "turn_end":
+                status = payload.status
+                turns[status] = turns.get(status, 0) + 1
+                self.open_turn = None
+            elif kind == "usage":
+                usages.append(payload)
+            else:
+                handlers[kind](self, row[0], row[3], payload)
         if rows:
             self.head = rows[-1][0]
 
@@ -716,15 +796,7 @@ def _apply_message(state: ConversationState, seq: int, turn_id: str | None, data
 
 
 def _apply_usage(state: ConversationState, seq: int, turn_id: str | None, data: Any) -> None:
-    state.usage.add(data)
-    by_model = state.usage_by_model.get(data.model)
-    if by_model is None:
-        by_model = state.usage_by_model[data.model] = UsageTotals()
-    by_model.add(data)
-    by_level = state.usage_by_level.get(data.level)
-    if by_level is None:
-        by_level = state.usage_by_level[data.level] = UsageTotals()
-    by_level.add(data)
+    state.usages.append(data)
 
 
 def _apply_turn_start(state: ConversationState, seq: int, turn_id: str | None, data: Any) -> None:
