@@ -23,6 +23,7 @@ from chatsession import (
     FunctionLLM,
     Reply,
     ScriptedLLM,
+    SessionBusyError,
     SessionNotFoundError,
     SessionTimeoutError,
     StopEvent,
@@ -525,3 +526,137 @@ def test_sync_facade(url: str) -> None:
         blocked.close()
 
     asyncio.run(inside_a_loop())
+
+
+# --------------------------------------------------------------------------
+# leaving early, closing mid-turn, timeouts outside the model call
+
+
+async def test_a_slow_consumer_still_gets_a_timeout_not_an_error(url: str) -> None:
+    # the deadline passes while the caller handles an event, not while waiting for one
+    llm = ScriptedLLM(["one two three four five six"])
+    async with ChatSession(Agent(llm), "s", store=url, timeout=0.3) as session:
+        with pytest.raises(SessionTimeoutError, match=r"0\.3 s"):
+            async for _ in session.query_stream("hi"):
+                await asyncio.sleep(0.1)
+        assert statuses(await stored_log(url, "s")) == ["timeout"]
+
+
+async def test_breaking_out_of_a_stream_closes_the_turn_and_the_next_query_runs(
+    url: str,
+) -> None:
+    llm = ScriptedLLM(["w " * 200], chunk_delay=0.001)
+    async with ChatSession(Agent(llm), "s", store=url) as session:
+        async for event in session.query_stream("long answer"):
+            if isinstance(event, TextEvent):
+                break
+        assert await session.query("next") == "You said: next"  # not SessionBusyError
+        log = await stored_log(url, "s")
+        assert statuses(log) == ["interrupted", "completed"]
+        first = [e for e in log if isinstance(e, MessageEntry)][1].data
+        assert first.role == "assistant" and first.partial and first.text.startswith("w")
+
+
+async def test_a_turn_that_is_held_but_not_read_still_reports_busy(url: str) -> None:
+    llm = ScriptedLLM(["w " * 200], chunk_delay=0.001)
+    async with ChatSession(Agent(llm), "s", store=url) as session:
+        stream = session.query_stream("long answer")
+        await anext(stream)  # holds the turn
+        with pytest.raises(SessionBusyError):
+            await session.query("second")
+        await stream.aclose()
+        assert statuses(await stored_log(url, "s")) == ["interrupted"]
+
+
+async def test_close_ends_events_waiting_on_a_queue_source(url: str) -> None:
+    queue: asyncio.Queue[str | None] = asyncio.Queue()
+    session = ChatSession(Agent(ScriptedLLM()), "s", store=url, message_source=queue)
+    answers: list[str] = []
+
+    async def listen() -> None:
+        async for event in session.events():
+            if isinstance(event, StopEvent):
+                answers.append(event.text)
+
+    listener = asyncio.create_task(listen())
+    await queue.put("hello")
+    while not answers:
+        await asyncio.sleep(0.01)
+    await session.close()  # no None in the queue: close() alone must end events()
+    await asyncio.wait_for(listener, 2)
+    assert answers == ["You said: hello"]
+
+
+async def test_close_during_a_turn_records_it_and_then_releases_the_store(url: str) -> None:
+    llm = ScriptedLLM(["w " * 500], chunk_delay=0.01)
+    session = ChatSession(Agent(llm), "s", store=url)
+    started = asyncio.Event()
+    outcome: list[BaseException] = []
+
+    async def run() -> None:
+        try:
+            async for event in session.query_stream("long answer"):
+                if isinstance(event, TextEvent):
+                    started.set()
+        except BaseException as exc:
+            outcome.append(exc)
+
+    runner = asyncio.create_task(run())
+    await started.wait()
+    await asyncio.wait_for(session.close(), 5)
+    await asyncio.wait_for(runner, 5)
+    assert len(outcome) == 1 and isinstance(outcome[0], ChatSessionClosedError)
+    log = await stored_log(url, "s")  # a new store object: the turn's end was written
+    assert statuses(log) == ["cancelled"]
+    assert [e for e in log if isinstance(e, MessageEntry)][-1].data.partial
+
+
+async def test_close_from_inside_the_loop_ends_the_turn(url: str) -> None:
+    llm = ScriptedLLM(["w " * 500], chunk_delay=0.001)
+    session = ChatSession(Agent(llm), "s", store=url)
+    with pytest.raises(ChatSessionClosedError):
+        async for event in session.query_stream("long answer"):
+            if isinstance(event, TextEvent):
+                await session.close()
+    assert statuses(await stored_log(url, "s")) == ["cancelled"]
+    with pytest.raises(ChatSessionClosedError):
+        await session.query("after")
+
+
+async def test_a_failing_compaction_is_recorded_as_the_turns_error(url: str) -> None:
+    def answer(messages: list[Message], tools: object) -> str:
+        if messages and messages[0].role == "system" and "summar" in messages[0].text.lower():
+            raise RuntimeError("summariser down")
+        return "ok " * 20
+
+    agent = Agent(FunctionLLM(answer))
+    async with ChatSession(
+        agent, "s", store=url, budget_tokens=100, compaction_threshold=0.3
+    ) as session:
+        for n in range(2):  # compaction keeps the newest 4 messages: two turns first
+            await session.query(f"message {n} with a number of words in it")
+        with pytest.raises(RuntimeError, match="summariser down"):
+            await session.query("third message with a number of words in it")
+        log = await stored_log(url, "s")
+        ends = [e.data for e in log if isinstance(e, TurnEndEntry)]
+        assert [e.status for e in ends] == ["completed", "completed", "error"]
+        assert "summariser down" in (ends[-1].error or "")
+
+
+async def test_a_hanging_compaction_respects_the_turn_timeout(url: str) -> None:
+    async def answer(messages: list[Message], tools: object) -> str:
+        if messages and messages[0].role == "system" and "summar" in messages[0].text.lower():
+            await asyncio.sleep(30)
+        return "ok " * 20
+
+    agent = Agent(FunctionLLM(answer))
+    async with ChatSession(
+        agent, "s", store=url, budget_tokens=100, compaction_threshold=0.3
+    ) as session:
+        for n in range(2):
+            await session.query(f"message {n} with a number of words in it")
+        started = time.monotonic()
+        with pytest.raises(SessionTimeoutError):
+            await session.query("third message with a number of words in it", timeout=0.3)
+        assert time.monotonic() - started < 5
+        assert statuses(await stored_log(url, "s")) == ["completed", "completed", "timeout"]

@@ -26,7 +26,7 @@ import math
 import time
 import uuid
 import warnings
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal, Self, TypeAlias, TypeVar
@@ -108,6 +108,7 @@ iterator or generator, or an ``asyncio.Queue`` (``None`` in the queue ends it)."
 Consistency = Literal["warn", "strict", "ignore"]
 
 _END = object()  # ends the internal message queue
+_CLOSING = object()  # wakes a running turn when the session is closed
 T = TypeVar("T")
 
 #: Cancel a turn's task with this message (``task.cancel(INTERRUPTED)``) to have
@@ -233,6 +234,18 @@ async def _read_ahead(batches: AsyncIterator[T]) -> AsyncIterator[T]:
                 await pending
 
 
+class _SessionClosing(Exception):
+    """Raised inside a running turn when :meth:`ChatSession.close` is called."""
+
+
+#: Seconds ``close()`` waits for a running turn to record itself.
+_CLOSE_WAIT = 10.0
+
+
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else deadline - time.monotonic()
+
+
 def _user_message(message: ChatMessage) -> Message:
     if isinstance(message, Message):
         if message.role != "user":
@@ -324,6 +337,11 @@ class ChatSession:
         self._opened = False
         self._open_lock: asyncio.Lock | None = None
         self._turn_lock: asyncio.Lock | None = None
+        self._turn_task: asyncio.Task[Any] | None = None
+        self._turn_queue: asyncio.Queue[Any] | None = None
+        self._turn_abandoned = False
+        self._close_store_after_turn = False
+        self._closing: asyncio.Event | None = None
         self._closed = False
         self.record: SessionRecord | None = None
         self.conversation = ConversationState()
@@ -499,7 +517,7 @@ class ChatSession:
 
     async def query_stream(
         self, message: ChatMessage, *, timeout: float | None = None
-    ) -> AsyncIterator[AgentEvent]:
+    ) -> AsyncGenerator[AgentEvent, None]:
         """Run one turn and yield its events as they happen.
 
         Yields :class:`TextEvent` deltas, :class:`AssistantMessageEvent`,
@@ -521,11 +539,37 @@ class ChatSession:
         await self.open()
         if self._turn_lock is None:
             self._turn_lock = asyncio.Lock()
-        if self._turn_lock.locked():
+        lock = self._turn_lock
+        if lock.locked() and not await self._previous_turn_closing():
             raise SessionBusyError(self.session_id, "another turn of this ChatSession")
-        async with self._turn_lock:
-            async for event in self._run_turn(user, self.timeout if timeout is None else timeout):
-                yield event
+        async with lock:
+            self._check_open()
+            self._turn_abandoned = False
+            self._turn_task = asyncio.current_task()
+            try:
+                turn = self._run_turn(user, self.timeout if timeout is None else timeout)
+                async with contextlib.aclosing(turn):
+                    async for event in turn:
+                        yield event
+            finally:
+                self._turn_task = None
+                if self._closed and self._close_store_after_turn:
+                    self._close_store_after_turn = False
+                    await self.store.aclose()
+
+    async def _previous_turn_closing(self) -> bool:
+        """True when the running turn's consumer abandoned it and it is being closed.
+
+        A ``query_stream`` left early (``break``) is closed when Python
+        finalizes it, a few loop iterations later; a new turn waits for that
+        rather than reporting the session busy.
+        """
+        lock = self._turn_lock
+        for _ in range(5):
+            if lock is None or not lock.locked() or self._turn_abandoned:
+                return True
+            await asyncio.sleep(0)
+        return lock is None or not lock.locked() or self._turn_abandoned
 
     async def query(self, message: ChatMessage, *, timeout: float | None = None) -> str:
         """Run one turn and return the final text (see :meth:`query_stream`)."""
@@ -535,36 +579,50 @@ class ChatSession:
                 text = event.text
         return text
 
-    async def _run_turn(self, user: Message, timeout: float | None) -> AsyncIterator[AgentEvent]:
+    async def _run_turn(
+        self, user: Message, timeout: float | None
+    ) -> AsyncGenerator[AgentEvent, None]:
         turn = _Turn(turn_id=uuid.uuid4().hex, started=time.monotonic())
         await self._repair_interrupted()
         turn.start_seq = self.conversation.head
         await self._append(
             [TurnStartEntry(turn_id=turn.turn_id), MessageEntry(turn_id=turn.turn_id, data=user)]
         )
-        await self._maybe_compact(turn)
-        context = self.conversation.messages
-        queue: asyncio.Queue[AgentEvent | BaseException | object] = asyncio.Queue()
-        producer = asyncio.create_task(self._produce(turn, context, queue))
         deadline = None if timeout is None else time.monotonic() + timeout
+        queue: asyncio.Queue[AgentEvent | BaseException | object] = asyncio.Queue()
+        self._turn_queue = queue
+        producer: asyncio.Task[None] | None = None
         status: TurnStatus = "completed"
         error: str | None = None
+
+        def timed_out() -> SessionTimeoutError:
+            return SessionTimeoutError(
+                f"session {self.session_id!r}: the turn took longer than {timeout} s; "
+                "the partial answer is kept (status 'timeout') and the session can continue"
+            )
+
         try:
+            if self.compaction_threshold:
+                try:
+                    await asyncio.wait_for(self._maybe_compact(turn), _remaining(deadline))
+                except TimeoutError:
+                    raise timed_out() from None
+            context = self.conversation.messages
+            producer = asyncio.create_task(self._produce(turn, context, queue))
             while True:
-                remaining = None if deadline is None else deadline - time.monotonic()
+                if self._closed:
+                    raise _SessionClosing
+                remaining = _remaining(deadline)
                 if remaining is not None and remaining <= 0:
-                    raise TimeoutError
+                    raise timed_out()
                 try:
                     item = await asyncio.wait_for(queue.get(), remaining)
                 except TimeoutError:
-                    status, error = "timeout", f"the turn ran past its timeout of {timeout} s"
-                    raise SessionTimeoutError(
-                        f"session {self.session_id!r}: the turn took longer than {timeout} s; "
-                        "the partial answer is kept (status 'timeout') and the session can "
-                        "continue"
-                    ) from None
+                    raise timed_out() from None
                 if item is _END:
                     break
+                if item is _CLOSING:
+                    raise _SessionClosing
                 if isinstance(item, BaseException):
                     raise item
                 assert not isinstance(item, BaseException) and item is not _END
@@ -583,8 +641,15 @@ class ChatSession:
                     yield flushed
         except SessionTimeoutError:
             await self._stop_producer(producer)
-            await self._finish(turn, "timeout", error)
+            await self._finish(turn, "timeout", f"the turn ran past its timeout of {timeout} s")
             raise
+        except _SessionClosing:
+            await self._stop_producer(producer)
+            await self._finish(turn, "cancelled", "the session was closed during the turn")
+            raise ChatSessionClosedError(
+                f"session {self.session_id!r} was closed during the turn; what the turn "
+                "produced is kept (status 'cancelled')"
+            ) from None
         except asyncio.CancelledError as exc:
             await self._stop_producer(producer)
             if INTERRUPTED in exc.args:
@@ -592,7 +657,12 @@ class ChatSession:
             else:
                 await self._finish(turn, "cancelled", "the task running the turn was cancelled")
             raise
-        except (KeyboardInterrupt, GeneratorExit):
+        except GeneratorExit:
+            self._turn_abandoned = True
+            await self._stop_producer(producer)
+            await self._finish(turn, "interrupted", "the caller stopped reading the turn's events")
+            raise
+        except KeyboardInterrupt:
             await self._stop_producer(producer)
             await self._finish(turn, "interrupted", "the turn was interrupted")
             raise
@@ -601,7 +671,8 @@ class ChatSession:
             await self._finish(turn, "error", f"{type(exc).__name__}: {exc}")
             raise
         finally:
-            if not producer.done():
+            self._turn_queue = None
+            if producer is not None and not producer.done():
                 producer.cancel()
 
     async def _produce(
@@ -621,7 +692,9 @@ class ChatSession:
         await queue.put(_END)
 
     @staticmethod
-    async def _stop_producer(producer: asyncio.Task[None]) -> None:
+    async def _stop_producer(producer: asyncio.Task[None] | None) -> None:
+        if producer is None:
+            return
         producer.cancel()
         with contextlib.suppress(BaseException):
             await producer
@@ -836,7 +909,7 @@ class ChatSession:
             self._inbox = asyncio.Queue()
         return self._inbox
 
-    async def _incoming(self) -> AsyncIterator[ChatMessage]:
+    async def _incoming(self) -> AsyncGenerator[ChatMessage, None]:
         source = self._message_source
         if source is None:
             inbox = self._queue()
@@ -847,33 +920,71 @@ class ChatSession:
                 yield item
         elif isinstance(source, asyncio.Queue):
             while True:
-                item = await source.get()
+                item = await self._unless_closed(source.get())
                 if item is None or item is _END:
                     return
                 yield item
         elif hasattr(source, "__anext__"):
-            async for item in source:  # type: ignore[union-attr]
+            iterator: Any = source
+            while True:
+                try:
+                    item = await self._unless_closed(anext(iterator))
+                except StopAsyncIteration:
+                    return
+                if item is _END:
+                    return
                 yield item
         else:
-            iterator = iter(source)
+            blocking = iter(source)
             done = object()
             while True:
                 # a blocking iterator must not block the event loop
-                item = await asyncio.to_thread(next, iterator, done)
-                if item is done:
+                item = await self._unless_closed(asyncio.to_thread(next, blocking, done))
+                if item is done or item is _END:
                     return
                 yield item
 
-    async def events(self) -> AsyncIterator[AgentEvent]:
+    async def _unless_closed(self, step: Awaitable[Any]) -> Any:
+        """Await ``step``, or return ``_END`` as soon as :meth:`close` is called."""
+        if self._closed:
+            if asyncio.iscoroutine(step):
+                step.close()
+            return _END
+        if self._closing is None:
+            self._closing = asyncio.Event()
+        task = asyncio.ensure_future(step)
+        closing = asyncio.ensure_future(self._closing.wait())
+        try:
+            await asyncio.wait({task, closing}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closing.cancel()
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+        if task.done() and not task.cancelled():
+            return task.result()  # a message that arrived with close() is still read
+        return _END
+
+    async def events(self) -> AsyncGenerator[AgentEvent, None]:
         """Run one turn per incoming message and yield all their events.
 
         Messages come from ``message_source`` or from :meth:`send`; the
         iteration ends when the source is exhausted or :meth:`close` is called.
         """
         self._check_open()
-        async for message in self._incoming():
-            async for event in self.query_stream(message):
-                yield event
+        async with contextlib.aclosing(self._incoming()) as incoming:
+            async for message in incoming:
+                if self._closed:
+                    return
+                try:
+                    async with contextlib.aclosing(self.query_stream(message)) as turn:
+                        async for event in turn:
+                            yield event
+                except ChatSessionClosedError:
+                    if self._closed:  # close() during the turn ends the iteration
+                        return
+                    raise
 
     # ------------------------------------------------------------------
     # fork, checkpoints, rewind, clear
@@ -1160,9 +1271,26 @@ class ChatSession:
         """
         if self._closed:
             return
+        self._closed = True
         if self._inbox is not None:
             self._inbox.put_nowait(_END)
-        self._closed = True
+        if self._closing is not None:
+            self._closing.set()
+        lock = self._turn_lock
+        if lock is not None and lock.locked():
+            # a turn is running: it records itself as cancelled, then releases the lock
+            if self._turn_queue is not None:
+                self._turn_queue.put_nowait(_CLOSING)
+            if self._turn_task is asyncio.current_task() or self._turn_abandoned:
+                self._close_store_after_turn = self._owns_store
+                return
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_CLOSE_WAIT):
+                    await lock.acquire()
+                    lock.release()
+            if lock.locked():  # its consumer holds it but does not iterate it
+                self._close_store_after_turn = self._owns_store
+                return
         if self._owns_store:
             await self.store.aclose()
 
