@@ -3,7 +3,9 @@
 A store keeps, per session, one *record* (who owns it, its state, its parent)
 and an append-only log of *events* numbered ``1..head``. A store knows nothing
 of LLMs or of what an event means: event payloads are JSON text that the store
-keeps byte for byte. ``chatsession.log`` gives them meaning.
+gives back as equal JSON (byte for byte, except PostgreSQL, whose ``jsonb``
+column normalises whitespace and key order). ``chatsession.log`` gives them
+meaning.
 
 Third parties implement :class:`Store` without inheriting from anything here;
 ``isinstance(obj, Store)`` checks the shape at run time.
@@ -37,6 +39,7 @@ __all__ = [
     "check_append",
     "check_fork_point",
     "check_limit",
+    "check_read",
     "decode_cursor",
     "encode_cursor",
     "fork_segments",
@@ -109,7 +112,7 @@ class NewEvent(NamedTuple):
 
     Attributes:
         type: The event type (``message``, ``usage``, ...); opaque to the store.
-        data: The payload as JSON text; stored and returned byte for byte.
+        data: The payload as JSON text; returned as equal JSON (see the module docstring).
         ts: When it happened (Unix seconds).
         turn_id: The turn it belongs to, if any.
         schema_version: The payload format version (see ``chatsession.log``).
@@ -130,7 +133,7 @@ class StoredEvent(NamedTuple):
         type: The event type.
         ts: When it happened (Unix seconds).
         turn_id: The turn it belongs to, if any.
-        data: The payload JSON text exactly as appended.
+        data: The payload JSON text as appended (equal JSON; see the module docstring).
         schema_version: The payload format version it was written with.
     """
 
@@ -320,6 +323,18 @@ def check_limit(limit: int) -> None:
         raise ValueError(f"limit must be an int from 1 to 1000, got {limit!r}")
 
 
+def check_read(after_seq: int, upto_seq: int | None, batch_size: int) -> None:
+    """Reject a bad read range or batch size before any I/O."""
+    if isinstance(after_seq, bool) or not isinstance(after_seq, int) or after_seq < 0:
+        raise ValueError(f"after_seq must be an int >= 0, got {after_seq!r}")
+    if upto_seq is not None and (
+        isinstance(upto_seq, bool) or not isinstance(upto_seq, int) or upto_seq < 0
+    ):
+        raise ValueError(f"upto_seq must be None or an int >= 0, got {upto_seq!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+
+
 @runtime_checkable
 class Store(Protocol):
     """The storage contract every backend meets (memory, SQLite, JSONL folder,
@@ -448,6 +463,9 @@ class Store(Protocol):
         the fork points), then its own; seqs are contiguous from 1.
 
         Raises:
+            ValueError: ``after_seq`` or ``upto_seq`` is negative or
+                ``batch_size`` is below 1 (raised on first iteration, before
+                any I/O).
             SessionNotFoundError: No visible session with that id (raised on
                 first iteration).
             CorruptDataError: A stored event cannot be read back.

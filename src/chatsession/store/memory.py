@@ -31,6 +31,7 @@ from chatsession.store.base import (
     check_append,
     check_fork_point,
     check_limit,
+    check_read,
     decode_cursor,
     encode_cursor,
     fork_segments,
@@ -201,6 +202,7 @@ class MemoryStore:
         batch_size: int = DEFAULT_READ_BATCH,
     ) -> AsyncIterator[list[StoredEvent]]:
         """See :meth:`Store.read`."""
+        check_read(after_seq, upto_seq, batch_size)
         entry = self._visible(session_id)
         segments = fork_segments(self._lineage(entry), entry.record.head, after_seq, upto_seq)
         for seg_id, lo, hi in segments:

@@ -66,6 +66,7 @@ from chatsession.store.base import (
     check_append,
     check_fork_point,
     check_limit,
+    check_read,
     decode_cursor,
     encode_cursor,
     fork_segments,
@@ -579,6 +580,7 @@ class SQLiteStore:
     ) -> AsyncIterator[list[StoredEvent]]:
         """See :meth:`Store.read`."""
         validate_id(session_id)
+        check_read(after_seq, upto_seq, batch_size)
 
         def plan(db: sqlite3.Connection) -> list[tuple[int, int, int]]:
             row = self._visible_row(db, session_id)
