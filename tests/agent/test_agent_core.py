@@ -21,10 +21,10 @@ from chatsession import (
     ToolResultEvent,
     UsageError,
     UsageEvent,
-    register_price,
     resolve_llm,
     tool,
 )
+from chatsession.agent import DEFAULT_PRICES, PriceTable, ToolContext
 from chatsession.agent.pricing import cost_of
 from chatsession.agent.tools import schema_hash
 from chatsession.errors import ToolError
@@ -284,8 +284,55 @@ def test_pricing() -> None:
     assert cost_of(usage.model_copy(update={"model": "gpt-4o-mini-2024-07-18"})) == pytest.approx(
         0.75
     )
-    assert cost_of(usage.model_copy(update={"model": "mystery"})) is None
-    register_price("mystery", 1.0, 2.0)
-    assert cost_of(usage.model_copy(update={"model": "mystery"})) == pytest.approx(3.0)
-    with pytest.raises(ValueError):
-        register_price("x", -1, 0)
+    mystery = usage.model_copy(update={"model": "mystery"})
+    assert cost_of(mystery) is None
+    table = PriceTable({"mystery": (1.0, 2.0)})
+    assert table.cost(mystery) == pytest.approx(3.0)
+    assert table.cost(usage) == pytest.approx(0.75)  # the defaults are kept
+    assert cost_of(mystery) is None  # no global table changed
+    assert PriceTable(defaults=False).cost(usage) is None
+    with pytest.raises(UsageError, match="negative"):
+        table.set("x", -1, 0)
+    with pytest.raises(TypeError):
+        DEFAULT_PRICES["x"] = (1.0, 1.0)  # type: ignore[index]
+
+
+async def test_an_agents_prices_give_its_usage_a_cost() -> None:
+    llm = ScriptedLLM(model="house-model")
+    priced = Agent(llm, prices={"house-model": (1_000_000.0, 0.0)})
+    events = [e async for e in priced.run([Message(role="user", content="hi")])]
+    (usage,) = [e.usage for e in events if isinstance(e, UsageEvent)]
+    assert usage.cost == pytest.approx(usage.prompt_tokens)
+    unpriced = Agent(ScriptedLLM(model="house-model"))
+    events = [e async for e in unpriced.run([Message(role="user", content="hi")])]
+    assert [e.usage.cost for e in events if isinstance(e, UsageEvent)] == [None]
+
+
+async def test_a_tool_can_read_and_change_the_session_state_through_its_context() -> None:
+    seen: list[ToolContext] = []
+
+    @tool
+    def remember(fact: str, ctx: ToolContext) -> str:
+        """Remember a fact.
+
+        Args:
+            fact: What to remember.
+        """
+        seen.append(ctx)
+        ctx.state.setdefault("facts", []).append(fact)
+        return "noted"
+
+    assert "ctx" not in remember.parameters["properties"]  # the model never sees it
+    assert remember.parameters["required"] == ["fact"]
+    state: dict[str, object] = {}
+    llm = ScriptedLLM([Reply.call("remember", fact="sky is blue"), "done"])
+    agent = Agent(llm, tools=[remember])
+    context = ToolContext(state=state, session_id="s1", turn_id="t1")
+    _ = [e async for e in agent.run([Message(role="user", content="hi")], tool_context=context)]
+    assert state == {"facts": ["sky is blue"]} and seen[0].session_id == "s1"
+    with pytest.raises(UsageError, match="more than one"):
+
+        @tool
+        def twice(a: ToolContext, b: ToolContext) -> str:
+            """Twice."""
+            return ""

@@ -14,27 +14,28 @@ from chatsession.agent.events import (
     UsageEvent,
 )
 from chatsession.agent.llm import LLM, FunctionLLM, Reply, ScriptedLLM, resolve_llm
-from chatsession.agent.pricing import PRICES, cost_of, register_price
-from chatsession.agent.tools import Tool, schema_hash, tool
+from chatsession.agent.pricing import DEFAULT_PRICES, PriceTable, cost_of
+from chatsession.agent.tools import Tool, ToolContext, schema_hash, tool
 
 __all__ = [
+    "DEFAULT_PRICES",
     "LLM",
-    "PRICES",
     "Agent",
     "AgentEvent",
     "AssistantMessageEvent",
     "ErrorEvent",
     "FunctionLLM",
+    "PriceTable",
     "Reply",
     "ScriptedLLM",
     "StopEvent",
     "TextEvent",
     "Tool",
     "ToolCallEvent",
+    "ToolContext",
     "ToolResultEvent",
     "UsageEvent",
     "cost_of",
-    "register_price",
     "resolve_llm",
     "schema_hash",
     "tool",

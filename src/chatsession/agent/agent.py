@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from chatsession.agent.events import (
@@ -20,8 +20,8 @@ from chatsession.agent.events import (
 )
 from chatsession.agent.llm import LLM, Completion, TextDelta, resolve_llm
 from chatsession.agent.llm.base import estimate_tokens
-from chatsession.agent.pricing import cost_of
-from chatsession.agent.tools import Tool, as_tools, schema_hash
+from chatsession.agent.pricing import PriceTable
+from chatsession.agent.tools import Tool, ToolContext, as_tools, schema_hash
 from chatsession.errors import ModelError, ToolError, UsageError
 from chatsession.log import Message, ToolCall, Usage
 
@@ -48,6 +48,9 @@ class Agent:
         level: A tag for usage statistics (``main``, ``subagent``, ...).
         name: A name for the agent (recorded in the fingerprint).
         settings: Settings that matter for consistency checks on resume.
+        prices: This agent's price table (a :class:`PriceTable`, or a mapping
+            ``model -> (prompt, completion)`` US dollars per million tokens
+            added to the defaults).
     """
 
     def __init__(
@@ -60,6 +63,7 @@ class Agent:
         level: str = "main",
         name: str | None = None,
         settings: dict[str, Any] | None = None,
+        prices: PriceTable | Mapping[str, tuple[float, float]] | None = None,
     ) -> None:
         if max_steps < 1:
             raise UsageError(f"max_steps must be at least 1, not {max_steps}")
@@ -71,6 +75,7 @@ class Agent:
         self.level = level
         self.name = name
         self.settings = dict(settings or {})
+        self.prices = prices if isinstance(prices, PriceTable) else PriceTable(prices)
 
     # -- what the session asks --------------------------------------------------
 
@@ -117,7 +122,7 @@ class Agent:
                 total_tokens=prompt + out,
                 estimated=True,
             )
-        return usage.model_copy(update={"level": self.level, "cost": cost_of(usage)})
+        return usage.model_copy(update={"level": self.level, "cost": self.prices.cost(usage)})
 
     # -- the loop --------------------------------------------------------------
 
@@ -135,7 +140,7 @@ class Agent:
             completion = Completion(Message(role="assistant", content="".join(text)))
         yield completion
 
-    async def _run_tool(self, call: ToolCall) -> Message:
+    async def _run_tool(self, call: ToolCall, context: ToolContext | None) -> Message:
         tool = self._by_name.get(call.name)
         try:
             if tool is None:
@@ -148,7 +153,7 @@ class Agent:
                 raise ToolError(
                     f"arguments for {call.name!r} are not a JSON object: {exc}"
                 ) from exc
-            content = await tool.call(arguments)
+            content = await tool.call(arguments, context)
             is_error = False
         except (asyncio.CancelledError, KeyboardInterrupt):
             raise
@@ -160,7 +165,11 @@ class Agent:
         )
 
     async def run(
-        self, messages: Sequence[Message], *, on_tool_result: ToolResultHook | None = None
+        self,
+        messages: Sequence[Message],
+        *,
+        on_tool_result: ToolResultHook | None = None,
+        tool_context: ToolContext | None = None,
     ) -> AsyncIterator[AgentEvent]:
         """Run one turn on the given context and yield its events.
 
@@ -169,6 +178,8 @@ class Agent:
             on_tool_result: Called with each tool result before the model sees
                 it; returns the message to use instead (the session offloads
                 large outputs this way).
+            tool_context: Handed to tools that take a :class:`ToolContext`
+                (the session passes its ``state`` this way).
 
         Yields:
             ``TextEvent`` deltas; per model call an ``AssistantMessageEvent``
@@ -213,7 +224,7 @@ class Agent:
                 return
             for call in message.tool_calls:
                 yield ToolCallEvent(call)
-                result = await self._run_tool(call)
+                result = await self._run_tool(call, tool_context)
                 if on_tool_result is not None:
                     result = await on_tool_result(result)
                 context.append(result)

@@ -16,6 +16,20 @@ decorator's argument)::
         '''
 
 Sync tools run in a worker thread so they never block the event loop.
+
+A tool that declares a parameter typed :class:`ToolContext` gets the running
+session's context there (its persisted ``state`` key-values, its id and the
+turn's id); that parameter is not part of the schema the model sees::
+
+    @tool
+    def remember(fact: str, ctx: ToolContext) -> str:
+        '''Remember a fact for later turns.
+
+        Args:
+            fact: What to remember.
+        '''
+        ctx.state.setdefault("facts", []).append(fact)
+        return "noted"
 """
 
 from __future__ import annotations
@@ -26,13 +40,32 @@ import inspect
 import json
 import re
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any, get_type_hints, overload
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from chatsession.errors import ToolError, UsageError
 
-__all__ = ["Tool", "schema_hash", "tool"]
+__all__ = ["Tool", "ToolContext", "schema_hash", "tool"]
+
+
+@dataclass
+class ToolContext:
+    """What a tool receives when it declares a parameter of this type.
+
+    Attributes:
+        state: The session's key-value state (JSON values). Changes are saved
+            with the turn that makes them and restored on resume; without a
+            session (an agent run on its own) it is a fresh dict.
+        session_id: The running session's id, if any.
+        turn_id: The running turn's id, if any.
+    """
+
+    state: dict[str, Any] = field(default_factory=dict)
+    session_id: str | None = None
+    turn_id: str | None = None
+
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
@@ -98,10 +131,16 @@ class Tool:
         except Exception as exc:  # unresolvable annotations
             raise UsageError(f"cannot read the type hints of tool {self.name!r}: {exc}") from exc
         fields: dict[str, Any] = {}
+        self._context_param: str | None = None
         for param in signature.parameters.values():
             if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
                 raise UsageError(f"tool {self.name!r} cannot take *args or **kwargs")
             annotation = hints.get(param.name, Any)
+            if annotation is ToolContext:
+                if self._context_param is not None:
+                    raise UsageError(f"tool {self.name!r} takes more than one ToolContext")
+                self._context_param = param.name
+                continue
             default = ... if param.default is param.empty else param.default
             fields[param.name] = (
                 annotation,
@@ -134,8 +173,13 @@ class Tool:
             },
         }
 
-    async def call(self, arguments: dict[str, Any]) -> str:
+    async def call(self, arguments: dict[str, Any], context: ToolContext | None = None) -> str:
         """Validate the arguments, run the function and return its result as text.
+
+        Args:
+            arguments: The model's arguments (a JSON object).
+            context: Given to a parameter typed :class:`ToolContext`, if the
+                tool has one (a fresh, empty context when None).
 
         Raises:
             ToolError: The arguments do not fit the schema.
@@ -149,6 +193,8 @@ class Tool:
             )
             raise ToolError(f"bad arguments for tool {self.name!r}: {problems}") from exc
         kwargs = {name: getattr(validated, name) for name in type(validated).model_fields}
+        if self._context_param is not None:
+            kwargs[self._context_param] = context if context is not None else ToolContext()
         if self.is_async:
             result = await self.fn(**kwargs)
         else:
