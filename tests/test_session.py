@@ -29,6 +29,7 @@ from chatsession import (
     StopEvent,
     SyncChatSession,
     TextEvent,
+    ToolContext,
     ToolResultEvent,
     UsageError,
     open_store,
@@ -275,16 +276,51 @@ async def test_fork_is_independent_and_usage_is_not_counted_twice(url: str) -> N
         assert [m.text for m in parent.messages][-1] == "You said: two"
         parent_usage = await parent.get_usage()
         fork_usage = await fork.get_usage()
-        assert fork_usage.calls == 1
-        assert fork_usage.inherited.calls == 1
-        assert fork_usage.including_inherited.total_tokens == (
-            fork_usage.total_tokens + fork_usage.inherited.total_tokens
+        log = await stored_log(url, "child")
+        calls = [e.data for e in log if e.type == "usage"]
+        inherited, own = calls[0], calls[1]  # one call before the fork point, one after
+        assert (fork_usage.calls, fork_usage.total_tokens) == (1, own.total_tokens)
+        assert fork_usage.total_prompt_tokens == own.prompt_tokens
+        assert fork_usage.by_model["scripted"].total_tokens == own.total_tokens
+        assert fork_usage.by_level["main"].calls == 1
+        assert (fork_usage.inherited.calls, fork_usage.inherited.total_tokens) == (
+            1,
+            inherited.total_tokens,
         )
+        assert fork_usage.including_inherited.calls == 2
         assert parent_usage.calls == 2
-        await fork.close()
+    # the parent opened the store and is closed: the fork still works, then releases it
+    assert await fork.query("four") == "You said: four"
+    await fork.close()
     reopened = ChatSession.resume(Agent(ScriptedLLM()), "child", store=url)
-    assert (await reopened.get_usage()).calls == 1
+    assert (await reopened.get_usage()).calls == 2
     await reopened.close()
+
+
+async def test_fork_and_rewind_by_turn_id_need_no_scan_of_the_log(url: str) -> None:
+    async with ChatSession(Agent(ScriptedLLM()), "s", store=url) as session:
+        await session.query("one")
+        await session.query("two")
+        log = await stored_log(url, "s")
+        first_turn = next(e.turn_id for e in log if e.type == "turn_end")
+        reads = 0
+        real_read = session.store.read
+
+        def counting_read(*args: object, **kwargs: object) -> object:
+            nonlocal reads
+            reads += 1
+            return real_read(*args, **kwargs)  # type: ignore[arg-type]
+
+        session.store.read = counting_read  # type: ignore[method-assign]
+        fork = await session.fork_session(first_turn)
+        assert [m.text for m in fork.messages] == ["one", "You said: one"]
+        reads_for_fork = reads  # opening the fork reads its own log once
+        await session.rewind(first_turn)
+        assert reads == reads_for_fork  # the rewind found the turn without reading
+        assert [m.text for m in session.messages] == ["one", "You said: one"]
+        with pytest.raises(UsageError, match="no checkpoint or turn"):
+            await session.rewind("no-such-turn")
+        await fork.close()
 
 
 async def test_rewind_and_clear_change_the_context_not_the_record(url: str) -> None:
@@ -305,6 +341,10 @@ async def test_rewind_and_clear_change_the_context_not_the_record(url: str) -> N
         await session.query("third")
         assert [m.text for m in llm.requests[-1].messages] == ["third"]
         assert len(session.history) == 6
+        usage = await session.get_usage()  # money spent is not rewound or cleared
+        assert usage.calls == 3
+        stored = [e.data for e in await stored_log(url, "s") if e.type == "usage"]
+        assert len(stored) == 3 and usage.total_tokens == sum(u.total_tokens for u in stored) > 0
         buffer = io.StringIO()
         await session.export(buffer, "json")
     exported = json.loads(buffer.getvalue())
@@ -492,12 +532,17 @@ async def test_export_and_import_into_another_backend(url: str, tmp_path: Path, 
         await s.query("remember me")
         s.state["k"] = "v"
         await s.save_state()
+        s.state["unsaved"] = True  # not saved: not in the export, as an import would not see it
         await s.export(path, fmt)  # type: ignore[arg-type]
         await s.export(tmp_path / "t.md", "markdown")
     header = json.loads(path.read_text().splitlines()[0] if fmt == "jsonl" else path.read_text())
     assert header["format"] == "chatsession/1"
     assert header["tool_schema_hash"] and header["state"] == {"k": "v"}
-    assert header["metadata"]["tokens"]["total"] > 0 and header["metadata"]["steps"] == 1
+    meta = header["metadata"]
+    assert meta["tokens"]["total"] > 0 and meta["steps"] == 1 and meta["messages"] == 2
+    assert 0 < meta["duration"] < 60 and meta["turns"] == {"completed": 1}
+    assert 0 < meta["created_at"] <= meta["updated_at"] <= meta["exported_at"]
+    assert header["agent"]["model"] == "scripted" and header["agent"]["tools"] == ["add"]
     assert "**User**: remember me" in (tmp_path / "t.md").read_text()
     imported = await ChatSession.import_session(
         path, Agent(ScriptedLLM(), tools=[add]), store=f"file://{tmp_path}/other"
@@ -660,3 +705,27 @@ async def test_a_hanging_compaction_respects_the_turn_timeout(url: str) -> None:
             await session.query("third message with a number of words in it", timeout=0.3)
         assert time.monotonic() - started < 5
         assert statuses(await stored_log(url, "s")) == ["completed", "completed", "timeout"]
+
+
+async def test_a_tools_state_change_is_saved_with_its_turn_and_resumed(url: str) -> None:
+    @tool
+    def todo(item: str, ctx: ToolContext) -> str:
+        """Add a todo item.
+
+        Args:
+            item: The item.
+        """
+        ctx.state.setdefault("todo", []).append(item)
+        return f"{len(ctx.state['todo'])} items"
+
+    llm = ScriptedLLM([Reply.call("todo", item="buy milk"), "added"])
+    async with ChatSession(Agent(llm, tools=[todo]), "s", store=url) as session:
+        await session.query("remember to buy milk")
+        assert session.state == {"todo": ["buy milk"]}
+    log = await stored_log(url, "s")
+    (change,) = [e for e in log if e.type == "state"]
+    (end,) = [e for e in log if isinstance(e, TurnEndEntry)]
+    assert change.turn_id == end.turn_id and change.seq < end.seq  # saved with its turn
+    resumed = await ChatSession.resume(Agent(ScriptedLLM(), tools=[todo]), "s", store=url).open()
+    assert resumed.state == {"todo": ["buy milk"]}
+    await resumed.close()

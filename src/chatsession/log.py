@@ -606,6 +606,8 @@ class ConversationState:
         state: The agent's key-values as of the current context.
         metadata: Session key-values.
         turns: How many turns ended, by status.
+        turn_ends: Turn id → the seq of its ``turn_end`` (for forks and
+            rewinds to a turn).
         open_turn: The id of a turn that started and has not ended (after a
             crash it reads as interrupted), else None.
         offloads: Blob id → :class:`Offload`.
@@ -620,6 +622,7 @@ class ConversationState:
     state: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
     turns: dict[str, int] = field(default_factory=dict)
+    turn_ends: dict[str, int] = field(default_factory=dict)
     open_turn: str | None = None
     offloads: dict[str, Offload] = field(default_factory=dict)
     resets: int = 0
@@ -713,6 +716,7 @@ class ConversationState:
             state=copy.deepcopy(self.state),
             metadata=copy.deepcopy(self.metadata),
             turns=dict(self.turns),
+            turn_ends=dict(self.turn_ends),
             open_turn=self.open_turn,
             offloads=dict(self.offloads),
             resets=self.resets,
@@ -747,6 +751,7 @@ class ConversationState:
         handlers = _APPLY
         history = self.history
         turns = self.turns
+        turn_ends = self.turn_ends
         usages = self.usages
         for row, payload in zip(rows, payloads, strict=True):
             kind = row[1]
@@ -759,6 +764,8 @@ class ConversationState:
             elif kind == "turn_end":
                 status = payload.status
                 turns[status] = turns.get(status, 0) + 1
+                if row[3] is not None:
+                    turn_ends[row[3]] = row[0]
                 self.open_turn = None
             elif kind == "usage":
                 usages.append(payload)
@@ -805,6 +812,8 @@ def _apply_turn_start(state: ConversationState, seq: int, turn_id: str | None, d
 
 def _apply_turn_end(state: ConversationState, seq: int, turn_id: str | None, data: Any) -> None:
     state.turns[data.status] = state.turns.get(data.status, 0) + 1
+    if turn_id is not None:
+        state.turn_ends[turn_id] = seq
     state.open_turn = None
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal, Self, TypeAlias, TypeVar
 
-from chatsession.agent import Agent
+from chatsession.agent import Agent, ToolContext
 from chatsession.agent.events import (
     AgentEvent,
     AssistantMessageEvent,
@@ -322,6 +322,8 @@ class ChatSession:
         self.agent = agent
         self.session_id = validate_id(session_id) if session_id is not None else uuid.uuid4().hex
         self._owns_store = not (store is not None and not isinstance(store, str))
+        # sessions sharing a store this session opened (its forks): the last to close it
+        self._store_users = [1]
         self.store: Store = open_store(store) if isinstance(store, str) or store is None else store
         self._new_record = SessionRecord(
             id=self.session_id, user_id=user_id, agent_id=agent_id, window_id=window_id, title=title
@@ -555,7 +557,7 @@ class ChatSession:
                 self._turn_task = None
                 if self._closed and self._close_store_after_turn:
                     self._close_store_after_turn = False
-                    await self.store.aclose()
+                    await self._release_store()
 
     async def _previous_turn_closing(self) -> bool:
         """True when the running turn's consumer abandoned it and it is being closed.
@@ -682,7 +684,12 @@ class ChatSession:
             return await self._maybe_offload(turn, message)
 
         try:
-            async for event in self.agent.run(context, on_tool_result=offload):
+            tool_context = ToolContext(
+                state=self.state, session_id=self.session_id, turn_id=turn.turn_id
+            )
+            async for event in self.agent.run(
+                context, on_tool_result=offload, tool_context=tool_context
+            ):
                 await queue.put(event)
         except asyncio.CancelledError:
             raise
@@ -1011,8 +1018,13 @@ class ChatSession:
         return seq
 
     async def _turn_end_seq(self, turn_id: str) -> int | None:
-        last = None
-        async for batch in self.store.read(self.session_id):
+        ended = self.conversation.turn_ends.get(turn_id)
+        if ended is not None:
+            return ended
+        if turn_id != self.conversation.open_turn:
+            return None
+        last = None  # the open turn: its last event so far
+        async for batch in self.store.read(self.session_id):  # rare: a turn still open
             for row in batch:
                 if row.turn_id == turn_id:
                     last = row.seq
@@ -1051,6 +1063,10 @@ class ChatSession:
             budget_tokens=self._budget_tokens,
             must_exist=True,
         )
+        if self._owns_store:  # the fork shares the store: whichever closes last releases it
+            fork._owns_store = True
+            fork._store_users = self._store_users
+            self._store_users[0] += 1
         await fork.open()
         return fork
 
@@ -1208,12 +1224,18 @@ class ChatSession:
             dest: A path or a writable text file.
             format: ``json`` (a snapshot: history, agent config, tool schema
                 hash, state, metadata), ``jsonl`` or ``markdown``.
+
+        The snapshot holds the state as saved (changes since the last turn or
+        :meth:`save_state` are not in it) and the fingerprint of the agent
+        recorded on the session.
         """
         events = await self.read_events()
         assert self.record is not None
         record = await self.store.get(self.session_id)
-        agent = dict(self.agent.fingerprint())
-        write_export(dest, record, events, format=format, agent=agent, state=self.state)
+        # the agent that wrote the session (its recorded fingerprint), and the
+        # saved state: what an import rebuilds from the events
+        agent = dict(record.fingerprint or self.agent.fingerprint())
+        write_export(dest, record, events, format=format, agent=agent, state=None)
 
     @classmethod
     async def import_session(
@@ -1292,6 +1314,11 @@ class ChatSession:
                 self._close_store_after_turn = self._owns_store
                 return
         if self._owns_store:
+            await self._release_store()
+
+    async def _release_store(self) -> None:
+        self._store_users[0] -= 1
+        if self._store_users[0] == 0:
             await self.store.aclose()
 
     async def __aenter__(self) -> Self:
