@@ -19,8 +19,9 @@ def test_readme_names_the_two_setup_commands_and_ci_uses_them() -> None:
     test_command = """CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install -e '.[dev]' && python -m pytest"""
     assert test_command in README
     ci = (ROOT / ".ci" / "run").read_text()
-    assert "run pip install -e '.[dev]'" in ci
+    assert """run env CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install -e '.[dev]'""" in ci
     assert "run python -m pytest" in ci
+    assert "unset CHATSESSION_TEST_BACKENDS" in ci  # CI never narrows the backends
 
 
 def test_quickstart_writes_and_reopens_in_a_new_process(env_setup: Path) -> None:
