@@ -46,3 +46,20 @@ def test_python_blocks_run(tmp_path: Path) -> None:
             [sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True, timeout=120
         )
         assert result.returncode == 0, f"{block}\n{result.stderr}"
+
+
+def test_python_blocks_typecheck_strictly(tmp_path: Path) -> None:
+    blocks = re.findall(r"```python\n(.*?)```", README, re.S)
+    paths = []
+    for n, block in enumerate(blocks):
+        path = tmp_path / f"readme_block_{n}.py"
+        path.write_text(block)
+        paths.append(str(path))
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", *paths],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -18,7 +18,7 @@ import json
 import re
 import time
 from collections.abc import AsyncIterator, Sequence
-from typing import Any, Literal, NamedTuple, Protocol, TypeVar, runtime_checkable
+from typing import Any, Literal, NamedTuple, Protocol, Self, TypeVar, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -516,4 +516,12 @@ class Store(Protocol):
 
     async def aclose(self) -> None:
         """Release connections, threads and file handles. Idempotent."""
+        ...
+
+    async def __aenter__(self) -> Self:
+        """Return the store itself (``async with open_store(url) as store``)."""
+        ...
+
+    async def __aexit__(self, *exc: object) -> None:
+        """Close the store (:meth:`aclose`)."""
         ...
