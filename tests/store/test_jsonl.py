@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 import subprocess
+import tracemalloc
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
 from chatsession import (
+    ConflictError,
     CorruptDataError,
     InvalidURLError,
     NewEvent,
+    SessionNotFoundError,
     SessionRecord,
     StoreRepairWarning,
+    StoreUnavailableError,
     open_store,
 )
-from chatsession.store.jsonl import JSONLStore
+from chatsession.store.jsonl import JSONLStore, _line
 
 
 def ev(n: int) -> NewEvent:
@@ -53,6 +60,7 @@ async def test_layout_is_plain_json(tmp_path: Path) -> None:
     header = json.loads((folder / "session.json").read_text())
     assert header["user_id"] == "alice" and header["title"] == "Hello"
     assert header["children"] == ["f"]
+    assert isinstance(header["create_id"], str) and header["create_id"]
     lines = [json.loads(line) for line in (folder / "context.jsonl").read_text().splitlines()]
     assert [line["seq"] for line in lines] == [1, 2, 3]
     assert lines[0]["data"] == {"role": "user", "content": "m1"}
@@ -76,9 +84,9 @@ async def test_layout_is_plain_json(tmp_path: Path) -> None:
     [
         b'{"seq":4,"type":"message","ts":1.5,"turn_id":"t4","v":1,"data":{"role":"us',
         b'{"seq":4,"type":"message","ts":1.5,"turn_id":"t4","v":1,"batch":2,"data":{}}\n',
-        b'{"seq":4,"ty\n',
+        b'{"seq":4,"type":"message","ts":1.5,"turn_id":"t4","v":1,"batch":3,"data":{}}\n{"seq":5,',
     ],
-    ids=["torn-line", "unfinished-append", "garbled-last-line"],
+    ids=["torn-line", "unfinished-append", "unfinished-append-torn-line"],
 )
 async def test_torn_tail_is_moved_aside_and_reported(tmp_path: Path, tail: bytes) -> None:
     url = f"file://{tmp_path}/root"
@@ -130,3 +138,280 @@ async def test_fsync_mode_writes_the_same_files(tmp_path: Path) -> None:
         await store.create(SessionRecord(id="s"))
         await store.append("s", [ev(1), ev(2)], 0)
     assert await seq_list(url) == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "last",
+    [
+        b'{"seq":4,"ty\n',
+        b'{"seq":9,"type":"message","ts":1.5,"turn_id":"t4","v":1,"data":{}}\n',
+    ],
+    ids=["garbled-last-line", "wrong-seq-last-line"],
+)
+async def test_a_damaged_complete_last_line_is_not_a_torn_write(
+    tmp_path: Path, last: bytes
+) -> None:
+    # a kill -9 during one write() cannot leave a complete line: this is damage
+    url = f"file://{tmp_path}/root"
+    async with open_store(url) as store:
+        await store.create(SessionRecord(id="s"))
+        await store.append("s", [ev(1), ev(2), ev(3)], 0)
+    log = tmp_path / "root" / "s" / "context.jsonl"
+    with log.open("ab") as f:
+        f.write(last)
+    damaged = log.read_bytes()
+    async with open_store(url) as store:
+        with pytest.raises(CorruptDataError, match=r"context.jsonl, line 4: .*backup") as info:
+            await store.get("s")
+        assert "not a write cut off by a crash" in str(info.value)
+        with pytest.raises(CorruptDataError, match=r"line 4"):
+            await store.append("s", [ev(4)], 3)
+        with pytest.raises(CorruptDataError, match=r"line 4"):
+            await seq_list(url)
+    assert log.read_bytes() == damaged  # nothing moved aside, nothing cut off
+    assert not (tmp_path / "root" / "s" / "context.jsonl.corrupt").exists()
+
+
+async def test_a_session_recreated_by_another_store_object_loses_nothing(tmp_path: Path) -> None:
+    url = f"file://{tmp_path}/root"
+    a, b = open_store(url), open_store(url)
+    await a.create(SessionRecord(id="s"))
+    assert await a.append("s", [ev(1), ev(2), ev(3)], 0) == 3  # a caches the file's size
+    old_size = (tmp_path / "root" / "s" / "context.jsonl").stat().st_size
+    await b.delete("s")
+    await b.create(SessionRecord(id="s"))
+    # one long event: a's old offset falls inside its (complete) line
+    long = NewEvent("message", json.dumps({"content": "x" * (2 * old_size)}), 1.5, "b1")
+    assert await b.append("s", [long], 0) == 1
+    assert [r.seq async for batch in a.read("s") for r in batch] == [1]
+    with pytest.raises(ConflictError) as info:
+        await a.append("s", [ev(2)], 3)
+    assert info.value.actual == 1
+    assert await a.append("s", [ev(2)], 1) == 2
+    rows = [r async for batch in b.read("s") for r in batch]
+    assert [r.seq for r in rows] == [1, 2] and rows[0].data == long.data
+    assert not (tmp_path / "root" / "s" / "context.jsonl.corrupt").exists()
+
+    # a new file of exactly the size a remembers, with another head
+    size = (tmp_path / "root" / "s" / "context.jsonl").stat().st_size
+    await b.delete("s")
+    await b.create(SessionRecord(id="s"))
+    pad = size - len(_line(1, NewEvent("message", '{"c":""}', 1.5, "b1"), 1))
+    same_size = NewEvent("message", json.dumps({"c": "y" * pad}, separators=(",", ":")), 1.5, "b1")
+    assert await b.append("s", [same_size], 0) == 1
+    assert (tmp_path / "root" / "s" / "context.jsonl").stat().st_size == size
+    assert (await a.get("s")).head == 1
+    with pytest.raises(ConflictError):
+        await a.append("s", [ev(3)], 2)
+    assert await seq_list(url) == [1]
+    await a.aclose()
+    await b.aclose()
+
+
+async def test_headers_without_create_id_still_work(tmp_path: Path) -> None:
+    # sessions written before create_id existed
+    url = f"file://{tmp_path}/root"
+    async with open_store(url) as store:
+        await store.create(SessionRecord(id="s"))
+        await store.append("s", [ev(1)], 0)
+    path = tmp_path / "root" / "s" / "session.json"
+    header = json.loads(path.read_text())
+    del header["create_id"]
+    path.write_text(json.dumps(header))
+    async with open_store(url) as store:
+        assert await store.append("s", [ev(2)], 1) == 2
+        assert (await store.get("s")).head == 2
+    assert await seq_list(url) == [1, 2]
+
+
+async def test_a_store_folder_that_is_a_file_is_unavailable(tmp_path: Path) -> None:
+    root = tmp_path / "not-a-folder"
+    root.write_text("a regular file")
+    store = open_store(f"file://{root}")
+    calls: dict[str, Callable[[], Awaitable[object]]] = {
+        "get": lambda: store.get("s"),  # was "not found": a new session would be made
+        "list_sessions": lambda: store.list_sessions(),  # was an empty listing
+        "create": lambda: store.create(SessionRecord(id="s")),
+        "update": lambda: store.update(SessionRecord(id="s"), 1),
+        "delete": lambda: store.delete("s"),
+        "append": lambda: store.append("s", [ev(1)], 0),
+        "read": lambda: seq_list(f"file://{root}"),
+        "fork": lambda: store.fork("s", 0, SessionRecord(id="f")),
+        "put_blob": lambda: store.put_blob("s", b"x"),
+        "get_blob": lambda: store.get_blob("s", "ab" * 32),
+        "purge_expired": lambda: store.purge_expired(),
+    }
+    for name, call in calls.items():
+        with pytest.raises(StoreUnavailableError, match="is a file, not a folder") as info:
+            await call()
+        assert not isinstance(info.value, SessionNotFoundError), name
+    assert root.read_text() == "a regular file"
+    await store.aclose()
+
+
+async def test_an_unreadable_header_is_unavailable_not_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"file://{tmp_path}/root"
+    store = open_store(url)
+    await store.create(SessionRecord(id="s"))
+    real = Path.read_bytes
+
+    def failing(self: Path) -> bytes:
+        if self.name == "session.json":
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", failing)
+    for call in (store.get("s"), store.list_sessions(), seq_list(url)):
+        with pytest.raises(StoreUnavailableError, match="I/O error"):
+            await call
+    monkeypatch.undo()
+    assert (await store.get("s")).head == 0
+    await store.aclose()
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(errno.ENOSPC),  # errno given as the only argument
+        OSError(errno.EROFS, os.strerror(errno.EROFS)),
+        OSError(errno.EIO, os.strerror(errno.EIO)),
+    ],
+    ids=["ENOSPC", "EROFS", "EIO"],
+)
+async def test_a_failed_write_leaves_nothing_half_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: OSError
+) -> None:
+    url = f"file://{tmp_path}/root"
+    store = open_store(url)
+    await store.create(SessionRecord(id="s"))
+    await store.append("s", [ev(1), ev(2)], 0)
+    log = tmp_path / "root" / "s" / "context.jsonl"
+    intact = log.read_bytes()
+    real = os.write
+
+    def failing(fd: int, data: bytes) -> int:
+        if data.startswith(b'{"seq"'):  # the log: write part of it, then fail
+            real(fd, data[: len(data) // 2])
+            raise error
+        return real(fd, data)
+
+    monkeypatch.setattr(os, "write", failing)
+    advice = {errno.ENOSPC: "disk is full", errno.EROFS: "read-only", errno.EIO: "I/O error"}
+    code = error.errno or error.args[0]
+    with pytest.raises(StoreUnavailableError, match=advice[code]) as info:
+        await store.append("s", [ev(3), ev(4)], 2)
+    assert "Nothing was appended" in str(info.value)
+    monkeypatch.undo()
+    assert log.read_bytes() == intact
+    assert (await store.get("s")).head == 2
+    assert await store.append("s", [ev(3)], 2) == 3
+    assert await seq_list(url) == [1, 2, 3]
+    assert not (tmp_path / "root" / "s" / "context.jsonl.corrupt").exists()
+    await store.aclose()
+
+
+async def test_a_failed_fsync_leaves_nothing_half_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"file://{tmp_path}/root?fsync=1"
+    store = open_store(url)
+    await store.create(SessionRecord(id="s"))
+    await store.append("s", [ev(1)], 0)
+    log = tmp_path / "root" / "s" / "context.jsonl"
+    intact = log.read_bytes()
+
+    def failing(fd: int) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "fsync", failing)
+    with pytest.raises(StoreUnavailableError, match="Nothing was appended"):
+        await store.append("s", [ev(2)], 1)
+    monkeypatch.undo()
+    assert log.read_bytes() == intact
+    assert await store.append("s", [ev(2)], 1) == 2
+    await store.aclose()
+
+
+@pytest.mark.parametrize(
+    "bad", [{"after_seq": -1}, {"upto_seq": -1}, {"batch_size": 0}], ids=lambda kw: str(kw)
+)
+async def test_bad_read_arguments_are_refused_before_any_io(
+    tmp_path: Path, bad: dict[str, int]
+) -> None:
+    root = tmp_path / "not-a-folder"
+    root.write_text("a regular file")  # any I/O would raise StoreUnavailableError
+    async with open_store(f"file://{root}") as store:
+        for session_id in ("s", "nobody"):
+            with pytest.raises(ValueError, match=next(iter(bad))):
+                [r async for batch in store.read(session_id, **bad) for r in batch]
+
+
+async def test_read_streams_batch_by_batch(tmp_path: Path) -> None:
+    url = f"file://{tmp_path}/root"
+    store = open_store(url)
+    await store.create(SessionRecord(id="s"))
+    await store.append("s", [ev(n) for n in range(1, 51)], 0)
+    log = tmp_path / "root" / "s" / "context.jsonl"
+    lines = log.read_bytes().splitlines(keepends=True)
+    lines[39] = b"x" * (len(lines[39]) - 1) + b"\n"  # same size: the store's cache stays valid
+    log.write_bytes(b"".join(lines))
+    seen: list[int] = []
+    with pytest.raises(CorruptDataError, match="line 40"):
+        async for batch in store.read("s", batch_size=10):
+            seen.extend(r.seq for r in batch)
+    assert seen == list(range(1, 31))  # the batches before the damage were yielded
+    await store.aclose()
+
+
+async def test_read_memory_is_bounded_by_the_batch_not_the_history(tmp_path: Path) -> None:
+    url = f"file://{tmp_path}/root"
+    async with open_store(url) as store:
+        await store.create(SessionRecord(id="s"))
+        for start in range(0, 4000, 500):
+            big = [
+                NewEvent("message", json.dumps({"n": n, "pad": "x" * 1000}), 1.5)
+                for n in range(start, start + 500)
+            ]
+            await store.append("s", big, start)
+    size = (tmp_path / "root" / "s" / "context.jsonl").stat().st_size
+    async with open_store(url) as store:  # a fresh object: it walks the whole file once
+        tracemalloc.start()
+        try:
+            count = 0
+            async for batch in store.read("s", batch_size=20):
+                count += len(batch)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert count == 4000
+    assert peak < size // 8, (peak, size)
+
+
+async def test_a_session_deleted_during_a_read_is_not_found(tmp_path: Path) -> None:
+    url = f"file://{tmp_path}/root"
+    reader, other = open_store(url), open_store(url)
+    await reader.create(SessionRecord(id="s"))
+    await reader.append("s", [ev(n) for n in range(1, 7)], 0)
+    batches = reader.read("s", batch_size=2)
+    assert [r.seq for r in await anext(batches)] == [1, 2]
+    await other.delete("s")
+    with pytest.raises(SessionNotFoundError):
+        await anext(batches)
+
+    # a fork whose deleted parent goes with it: not reported as a missing ancestor
+    await other.create(SessionRecord(id="p"))
+    await other.append("p", [ev(n) for n in range(1, 5)], 0)
+    await other.fork("p", 4, SessionRecord(id="f"))
+    await other.append("f", [ev(5), ev(6)], 4)
+    await other.delete("p")  # kept, invisibly, for its fork
+    batches = reader.read("f", batch_size=2)
+    assert [r.seq for r in await anext(batches)] == [1, 2]
+    await other.delete("f")  # removes p as well
+    assert not (tmp_path / "root" / "p").exists()
+    with pytest.raises(SessionNotFoundError):
+        async for _ in batches:
+            pass
+    await reader.aclose()
+    await other.aclose()

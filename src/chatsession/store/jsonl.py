@@ -12,8 +12,13 @@ URL forms: ``file:///absolute/dir`` and ``file:relative/dir``. Layout::
         .lock                    serialises appends to this session
 
 Each line of ``context.jsonl`` is ``{"seq", "type", "ts", "turn_id", "v",
-"data"}``; ``data`` is the payload exactly as appended. A fork's file holds only
+"data"}``; ``data`` is the payload exactly as appended. The first line of an
+append of several events also carries ``"batch": N``. A fork's file holds only
 its own events; its ``session.json`` names the parent and the fork point.
+Besides the record's fields, ``session.json`` keeps ``deleted`` (a deleted
+session kept for its forks), ``children`` (its forks) and ``create_id`` (a
+random id given by ``create``/``fork``, so a deleted and re-created session is
+never mistaken for the old one).
 
 Guarantees:
 
@@ -21,23 +26,43 @@ Guarantees:
   (``filelock``), after checking the head: atomic and conditional like every
   backend. When it returns, the lines are in the operating system, so killing
   the writer loses nothing acknowledged. ``?fsync=1`` also ``fsync``s every
-  append and header for power-loss safety.
-- A write cut off by a crash leaves a torn last line (or an incomplete last
-  append). It is found when the session is next read or written, moved aside
-  to ``context.jsonl.corrupt`` (never silently dropped) and reported with a
-  :class:`~chatsession.errors.StoreRepairWarning`. Damage anywhere else (a bad
-  line in the middle, an unreadable ``session.json``) raises
-  :class:`~chatsession.errors.CorruptDataError` naming the file and line.
+  append and header for power-loss safety. An append that fails (a full or
+  read-only disk, an I/O error) is cut back off the file and raises
+  :class:`~chatsession.errors.StoreUnavailableError`: nothing half-written
+  stays behind.
+- ``get``, ``append``, ``update``, ``fork``, ``list_sessions`` and the start
+  of ``read`` walk, under the session's lock, whatever its log gained since
+  this store object last looked (the whole file the first time). Only a write
+  cut off by a crash is repaired: a last line without its newline, or an
+  append of ``N`` events whose last lines never arrived. It is moved aside to
+  ``context.jsonl.corrupt`` (never silently dropped) and reported with a
+  :class:`~chatsession.errors.StoreRepairWarning`. A complete line that does
+  not parse or breaks the seq order, anywhere in the file including the last
+  line, is damage, not a crash: it raises
+  :class:`~chatsession.errors.CorruptDataError` naming the file and line, and
+  nothing is moved. So does an unreadable ``session.json``, a missing
+  ``context.jsonl`` or a damaged line met by ``read``.
+- Every other operating-system failure (permissions, a full or read-only
+  disk, an I/O error, a store folder that is a file) raises
+  :class:`~chatsession.errors.StoreUnavailableError`, never
+  :class:`~chatsession.errors.SessionNotFoundError`.
+- ``read`` streams: memory is bounded by ``batch_size``, not by the history. A
+  session deleted (or deleted and re-created) while it is being read raises
+  ``SessionNotFoundError`` at the next batch.
 - ``list_sessions`` and ``purge_expired`` read every session's header: O(number
   of sessions). Appends cost O(1) in history length: each store object keeps
-  every session's head and file size, and reads only bytes added since.
+  every session's head and file size, and reads only bytes added since. That
+  knowledge is reused only while the file is the same one (device, inode and
+  ``create_id``); otherwise the file is walked again from the start.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
+import io
 import json
 import logging
 import os
@@ -45,8 +70,10 @@ import shutil
 import tempfile
 import threading
 import time
+import uuid
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, Self, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -56,6 +83,7 @@ from filelock import FileLock, Timeout
 from chatsession.errors import (
     BlobNotFoundError,
     ChatSessionClosedError,
+    ChatSessionError,
     ConflictError,
     CorruptDataError,
     InvalidURLError,
@@ -75,6 +103,7 @@ from chatsession.store.base import (
     check_append,
     check_fork_point,
     check_limit,
+    check_read,
     decode_cursor,
     encode_cursor,
     fork_segments,
@@ -95,6 +124,25 @@ CORRUPT = "context.jsonl.corrupt"
 OFFLOAD = "offload"
 _LOCK_TIMEOUT = 60.0
 _DATA_KEY = ',"data":'
+_CHUNK = 1 << 16  # bytes read at a time when walking a log
+_RELOCKS = 10  # attempts when a session is re-created while we wait for its lock
+_TRASH = ".deleted-"  # a deleted session's folder is renamed to this prefix, then removed
+_BOOKKEEPING = ("deleted", "children", "create_id")  # header keys that are not record fields
+
+#: What to tell the user for an operating-system error, by errno.
+_ADVICE = {
+    errno.ENOSPC: "the disk is full: free some space, then retry",
+    errno.EDQUOT: "the disk quota is used up: free some space or raise the quota, then retry",
+    errno.EROFS: "the file system is read-only: remount it read-write, or open the store on "
+    "a writable folder",
+    errno.EACCES: "permission denied: make the store folder readable and writable by this user",
+    errno.EPERM: "permission denied: make the store folder readable and writable by this user",
+    errno.EIO: "the disk or network file system reported an I/O error: check it (dmesg, fsck), "
+    "then retry",
+    errno.EMFILE: "too many open files: raise the limit (ulimit -n) or close other stores",
+    errno.ENFILE: "too many open files on this machine: close some, then retry",
+    errno.ENAMETOOLONG: "the path is too long: open the store on a shorter path",
+}
 
 
 def _line(seq: int, event: NewEvent, batch: int) -> str:
@@ -106,14 +154,125 @@ def _line(seq: int, event: NewEvent, batch: int) -> str:
     )
 
 
+def _errno(exc: OSError) -> int | None:
+    """The errno of ``exc``, also for ``OSError(errno.X)`` built with one argument."""
+    if exc.errno is not None:
+        return exc.errno
+    if len(exc.args) == 1 and isinstance(exc.args[0], int):
+        return exc.args[0]
+    return None
+
+
+def _parse_event(path: Path, raw: bytes, line_no: int) -> StoredEvent:
+    """One line of a log (without its newline) as an event."""
+    try:
+        text = raw.decode()
+        obj = json.loads(text)
+        if not isinstance(obj, dict):
+            raise TypeError(f"a JSON {type(obj).__name__}, not an object")
+        cut = text.find(_DATA_KEY)
+        if cut >= 0 and text.endswith("}"):
+            data = text[cut + len(_DATA_KEY) : -1]
+        else:  # edited by hand: keep the meaning, not the bytes
+            data = json.dumps(obj["data"], ensure_ascii=False)
+        return StoredEvent(
+            int(obj["seq"]),
+            str(obj["type"]),
+            float(obj["ts"]),
+            obj.get("turn_id"),
+            data,
+            int(obj.get("v", 1)),
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CorruptDataError(
+            f"{path}, line {line_no}: damaged event ({exc}); restore the file from a backup"
+        ) from exc
+
+
+def _reader(source: int | Path) -> io.BufferedReader:
+    """A buffered binary reader of a file descriptor (which it then owns) or a path."""
+    return io.BufferedReader(io.FileIO(source, "r"), buffer_size=_CHUNK)
+
+
+def _skip_lines(file: io.BufferedReader, count: int) -> int:
+    """Move ``file`` past ``count`` lines; return how many it had (fewer at its end)."""
+    skipped = 0
+    while skipped < count:
+        chunk = file.read1(_CHUNK)
+        if not chunk:
+            break
+        found = chunk.count(b"\n")
+        if skipped + found < count:
+            skipped += found
+            continue
+        cut = -1
+        for _ in range(count - skipped):
+            cut = chunk.index(b"\n", cut + 1)
+        file.seek(cut + 1 - len(chunk), os.SEEK_CUR)
+        return count
+    return skipped
+
+
 class _Tail:
-    """What a store object knows of a session's log: its size and head."""
+    """What a store object knows of a session's log.
 
-    __slots__ = ("head", "size")
+    ``identity`` is the file's device and inode and the header's ``create_id``;
+    ``size`` is where the last complete append ends; ``head`` its last seq.
+    """
 
-    def __init__(self, size: int, head: int) -> None:
+    __slots__ = ("head", "identity", "size")
+
+    def __init__(self, identity: tuple[int, int, str | None], size: int, head: int) -> None:
+        self.identity = identity
         self.size = size
         self.head = head
+
+
+class _Segment:
+    """Streams one session's own events ``lo < seq <= hi`` from its log."""
+
+    def __init__(self, path: Path, file: io.BufferedReader, start: int, lo: int, hi: int) -> None:
+        self.path = path
+        self.file = file
+        self.start = start  # the fork point: line n holds seq start + n
+        self.next_seq = lo + 1
+        self.hi = hi
+        self.skipped = False
+
+    @property
+    def done(self) -> bool:
+        return self.next_seq > self.hi
+
+    def _missing(self, line_no: int, why: str) -> CorruptDataError:
+        return CorruptDataError(
+            f"{self.path}: events {self.next_seq}..{self.hi} expected, but {why} at line "
+            f"{line_no}; restore the file from a backup"
+        )
+
+    def take(self, count: int) -> list[StoredEvent]:
+        if not self.skipped:
+            wanted = self.next_seq - 1 - self.start
+            if _skip_lines(self.file, wanted) != wanted:
+                raise self._missing(wanted, "the file ends")
+            self.skipped = True
+        out: list[StoredEvent] = []
+        while len(out) < count and not self.done:
+            line_no = self.next_seq - self.start
+            raw = self.file.readline()
+            if not raw.endswith(b"\n"):
+                raise self._missing(line_no, "the file ends mid-line" if raw else "the file ends")
+            event = _parse_event(self.path, raw[:-1], line_no)
+            if event.seq != self.next_seq:
+                raise CorruptDataError(
+                    f"{self.path}, line {line_no}: seq {event.seq}, expected {self.next_seq}; "
+                    "restore the file from a backup"
+                )
+            out.append(event)
+            self.next_seq += 1
+        return out
+
+    def close(self) -> None:
+        self.file.close()
 
 
 class JSONLStore:
@@ -160,24 +319,59 @@ class JSONLStore:
 
     # -- plumbing --------------------------------------------------------------
 
-    async def _run(self, fn: Callable[[], T]) -> T:
+    async def _run(self, fn: Callable[[], T], doing: str, session_id: str | None = None) -> T:
         if self._closed:
             raise ChatSessionClosedError(f"store {self.url} is closed")
+        return await asyncio.to_thread(self._guarded, fn, doing, session_id)
+
+    def _guarded(self, fn: Callable[[], T], doing: str, session_id: str | None) -> T:
+        """Run ``fn``; turn operating-system errors into ``StoreUnavailableError``.
+
+        A file that vanished because ``session_id`` was deleted meanwhile is
+        ``SessionNotFoundError``; nothing else is.
+        """
         try:
-            return await asyncio.to_thread(fn)
+            return fn()
+        except ChatSessionError:
+            raise
         except Timeout as exc:
             raise StoreUnavailableError(
                 f"could not lock {exc.lock_file} within {_LOCK_TIMEOUT:.0f} s: another process "
                 "holds it; retry, or remove the lock file if no process uses the store"
             ) from exc
-        except PermissionError as exc:
-            raise StoreUnavailableError(
-                f"permission denied on {exc.filename}: make {self.root} writable"
-            ) from exc
-        except (NotADirectoryError, FileExistsError) as exc:
-            raise StoreUnavailableError(
-                f"cannot use {self.root} as a session folder ({exc}); choose another path"
-            ) from exc
+        except OSError as exc:
+            if isinstance(exc, FileNotFoundError) and session_id is not None:
+                try:
+                    gone = not self._is_visible(self._read_header(session_id))
+                except (OSError, ChatSessionError):
+                    gone = False
+                if gone:
+                    raise SessionNotFoundError(session_id, "it was deleted meanwhile") from None
+            raise self._unavailable(exc, doing) from exc
+
+    def _unavailable(self, exc: OSError, doing: str, outcome: str = "") -> StoreUnavailableError:
+        """A ``StoreUnavailableError`` that says what failed, where, and what to do."""
+        code = _errno(exc)
+        reason = exc.strerror or (os.strerror(code) if code is not None else str(exc))
+        where = f": {exc.filename}" if exc.filename else ""
+        if isinstance(exc, NotADirectoryError | FileExistsError) or code in (
+            errno.ENOTDIR,
+            errno.EEXIST,
+        ):
+            if self.root.exists() and not self.root.is_dir():
+                advice = f"{self.root} is a file, not a folder: open the store on a folder"
+            else:
+                advice = (
+                    f"a file stands where the store expects a folder under {self.root}: "
+                    "move it away, or open the store on another folder"
+                )
+        elif isinstance(exc, FileNotFoundError):
+            advice = f"a file under {self.root} vanished while in use: check what else removes files there, then retry"
+        else:
+            advice = _ADVICE.get(code or 0, f"check the disk holding {self.root}, then retry")
+        return StoreUnavailableError(
+            f"file store {self.root}: could not {doing} ({reason}{where}); {advice}{outcome}"
+        )
 
     def _dir(self, session_id: str) -> Path:
         return self.root / session_id
@@ -207,15 +401,22 @@ class JSONLStore:
                 os.unlink(tmp)
             raise
 
+    def _forget(self, session_id: str) -> None:
+        with self._tails_lock:
+            self._tails.pop(session_id, None)
+
     # -- headers ---------------------------------------------------------------
 
     def _read_header(self, session_id: str) -> dict[str, Any] | None:
+        """The session's header, or None if there is no such session.
+
+        Only a missing ``session.json`` means "no such session"; any other
+        failure to read it raises (``OSError`` becomes ``StoreUnavailableError``).
+        """
         path = self._dir(session_id) / HEADER
         try:
             raw = path.read_bytes()
         except FileNotFoundError:
-            return None
-        except NotADirectoryError:
             return None
         try:
             header = json.loads(raw)
@@ -233,14 +434,21 @@ class JSONLStore:
         self._write_atomic(path, json.dumps(header, indent=1, ensure_ascii=False).encode())
 
     @staticmethod
-    def _header_of(record: SessionRecord) -> dict[str, Any]:
+    def _header_of(record: SessionRecord, kept: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The header for ``record``, keeping the bookkeeping of ``kept`` (or starting it)."""
         header = record.model_dump(mode="json", exclude={"head"})
-        header["deleted"] = False
-        header["children"] = []
+        if kept is None:
+            header.update(deleted=False, children=[], create_id=uuid.uuid4().hex)
+        else:
+            header.update(
+                deleted=bool(kept.get("deleted")),
+                children=list(kept.get("children", [])),
+                create_id=kept.get("create_id"),
+            )
         return header
 
     def _record(self, header: dict[str, Any], head: int) -> SessionRecord:
-        fields = {k: v for k, v in header.items() if k not in ("deleted", "children")}
+        fields = {k: v for k, v in header.items() if k not in _BOOKKEEPING}
         try:
             record = SessionRecord.model_validate({**fields, "head": head})
         except ValueError as exc:
@@ -249,14 +457,30 @@ class JSONLStore:
             ) from exc
         return record
 
+    @staticmethod
+    def _is_visible(header: dict[str, Any] | None) -> bool:
+        if header is None or header.get("deleted"):
+            return False
+        expires = header.get("expires_at")
+        return expires is None or expires > now()
+
     def _visible_header(self, session_id: str) -> dict[str, Any]:
-        header = self._read_header(session_id)
+        return self._check_visible(session_id, self._read_header(session_id))
+
+    @staticmethod
+    def _check_visible(session_id: str, header: dict[str, Any] | None) -> dict[str, Any]:
         if header is None or header.get("deleted"):
             raise SessionNotFoundError(session_id)
         expires = header.get("expires_at")
         if expires is not None and expires <= now():
             raise SessionNotFoundError(session_id, "expired")
         return header
+
+    def _check_still_there(self, session_id: str, create_id: str | None) -> None:
+        """Raise ``SessionNotFoundError`` if the session was deleted (or re-created)."""
+        header = self._read_header(session_id)
+        if header is None or not self._is_visible(header) or header.get("create_id") != create_id:
+            raise SessionNotFoundError(session_id, "it was deleted or expired while being read")
 
     @staticmethod
     def _fork_seq(header: dict[str, Any]) -> int:
@@ -265,103 +489,190 @@ class JSONLStore:
 
     # -- the log ---------------------------------------------------------------
 
-    def _scan(self, session_id: str, header: dict[str, Any]) -> _Tail:
+    @contextlib.contextmanager
+    def _locked(
+        self, session_id: str, *, write: bool = False
+    ) -> Iterator[tuple[dict[str, Any], int, _Tail]]:
+        """Lock a visible session, open its log and bring its tail up to date.
+
+        Yields the header read under the lock, the log's file descriptor
+        (opened for appending if ``write``) and the tail. A torn end is moved
+        aside first.
+
+        Raises:
+            SessionNotFoundError: The session is not visible.
+        """
+        for _ in range(_RELOCKS):
+            before = self._visible_header(session_id)
+            lock = FileLock(str(self._dir(session_id) / ".lock"), timeout=_LOCK_TIMEOUT)
+            try:
+                lock.acquire()
+            except FileNotFoundError:  # the folder went away while we came to lock it
+                self._check_visible(session_id, self._read_header(session_id))
+                continue  # and came back: re-created meanwhile
+            try:
+                found = self._read_header(session_id)
+                if found is None:  # deleted while we came to lock it
+                    self._drop_lock_folder(session_id)
+                header = self._check_visible(session_id, found)
+                if header.get("create_id") != before.get("create_id"):
+                    continue  # deleted and re-created meanwhile: we hold the old folder's lock
+                path = self._dir(session_id) / LOG
+                try:
+                    fd = os.open(path, os.O_RDWR | os.O_APPEND if write else os.O_RDONLY)
+                except FileNotFoundError:
+                    raise CorruptDataError(
+                        f"{path} is missing, though {HEADER} is there: restore it from a "
+                        "backup (an empty file if the session had no events of its own)"
+                    ) from None
+                try:
+                    yield header, fd, self._scan(session_id, header, fd)
+                    return
+                finally:
+                    os.close(fd)
+            finally:
+                lock.release()
+        raise StoreUnavailableError(
+            f"session {session_id!r} in {self.root} was deleted and re-created {_RELOCKS} times "
+            "while this store waited for its lock; retry"
+        )
+
+    def _drop_lock_folder(self, session_id: str) -> None:
+        """Remove the folder that locking a just-deleted session made again (lock held)."""
+        folder = self._dir(session_id)
+        with contextlib.suppress(OSError):
+            os.unlink(folder / ".lock")
+            os.rmdir(folder)  # only if empty: a create under way keeps it
+
+    def _scan(self, session_id: str, header: dict[str, Any], fd: int) -> _Tail:
         """Bring our knowledge of the log's end up to date; repair a torn tail.
 
-        Call with the session's lock held.
+        Call with the session's lock held; ``fd`` is its log, ``header`` was read
+        under the lock. The cached tail is reused only for the same file.
         """
-        path = self._dir(session_id) / LOG
+        st = os.fstat(fd)
+        identity = (st.st_dev, st.st_ino, header.get("create_id"))
         with self._tails_lock:
             tail = self._tails.get(session_id)
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            size = 0
-        if tail is not None and tail.size == size:
-            return tail
-        if tail is None or size < tail.size:
-            tail = _Tail(0, self._fork_seq(header))
-        if size == 0:
-            tail = _Tail(0, self._fork_seq(header))
-        else:
-            with path.open("rb") as f:
-                f.seek(tail.size)
-                added = f.read()
-            tail = self._consume(session_id, path, tail, added)
+        if tail is None or tail.identity != identity or st.st_size < tail.size:
+            tail = _Tail(identity, 0, self._fork_seq(header))
+        if st.st_size != tail.size:
+            tail = self._walk(session_id, header, fd, tail)
         with self._tails_lock:
             self._tails[session_id] = tail
         return tail
 
-    def _consume(self, session_id: str, path: Path, tail: _Tail, added: bytes) -> _Tail:
-        """Walk whole appends in ``added``; move a torn or incomplete last append aside."""
-        offset, head = tail.size, tail.head
-        pos = 0
-        lines = added.split(b"\n")
-        complete, rest = lines[:-1], lines[-1]
-        index = 0
-        while index < len(complete):
-            line = complete[index]
-            try:
-                obj = json.loads(line)
-                batch = int(obj.get("batch", 1))
-                seq = int(obj["seq"])
-            except (ValueError, KeyError, TypeError) as exc:
-                if index == len(complete) - 1 and not rest:
-                    break  # a damaged last line: treat like a torn write
-                raise self._corrupt_line(path, offset + pos, exc) from exc
-            if seq != head + 1:
-                raise self._corrupt_line(path, offset + pos, f"seq {seq} after {head}")
-            if index + batch > len(complete):
-                break  # the last append did not finish
-            block = complete[index : index + batch]
-            for k, other in enumerate(block[1:], start=1):
-                try:
-                    other_seq = int(json.loads(other)["seq"])
-                except (ValueError, KeyError, TypeError) as exc:
-                    if index + k == len(complete) - 1 and not rest:
-                        block = []  # only the file's last line can be a torn write
-                        break
-                    at = offset + pos + sum(len(b) + 1 for b in block[:k])
-                    raise self._corrupt_line(path, at, exc) from exc
-                if other_seq != seq + k:
-                    raise self._corrupt_line(path, offset + pos, f"seq {other_seq} in an append")
-            if not block:
-                break
-            pos += sum(len(b) + 1 for b in block)
-            head = seq + batch - 1
-            index += batch
-        torn = added[pos:]
-        if torn:
-            self._move_aside(session_id, path, offset + pos, torn)
-        return _Tail(offset + pos, head)
+    def _walk(self, session_id: str, header: dict[str, Any], fd: int, tail: _Tail) -> _Tail:
+        """Walk the whole appends after ``tail``; move a torn or unfinished last append aside.
 
-    def _corrupt_line(self, path: Path, byte: int, why: object) -> CorruptDataError:
-        with path.open("rb") as f:
-            line_no = f.read(byte).count(b"\n") + 1
+        Only what a crash during one ``write()`` can leave is torn: a last line
+        without its newline, or the first lines of an append of ``batch`` events.
+        Any complete line that does not parse or breaks the seq order raises
+        ``CorruptDataError``.
+        """
+        path = self._dir(session_id) / LOG
+        fork_seq = self._fork_seq(header)
+        pos, head, pending = tail.size, tail.head, 0
+        good_size, good_head = pos, head  # where the last complete append ends
+        end = pos
+        with _reader(os.dup(fd)) as f:
+            f.seek(pos)
+            while True:
+                line = f.readline()
+                end = pos + len(line)
+                if not line.endswith(b"\n"):
+                    break  # the end of the file, maybe a line cut off by a crash
+                line_no = head - fork_seq + 1
+                try:
+                    obj = json.loads(line)
+                    if not isinstance(obj, dict):
+                        raise TypeError(f"a JSON {type(obj).__name__}, not an object")
+                    seq = obj["seq"]
+                    batch = obj.get("batch", 1) if pending == 0 else 1
+                    if type(seq) is not int or type(batch) is not int or batch < 1:
+                        raise TypeError(f"bad seq {seq!r} or batch {batch!r}")
+                except (ValueError, KeyError, TypeError) as exc:
+                    raise self._damaged(path, line_no, exc, last=not f.peek(1)) from exc
+                if seq != head + 1:
+                    why = f"seq {seq} where {head + 1} was expected"
+                    raise self._damaged(path, line_no, why, last=not f.peek(1))
+                pending = pending or batch
+                pending -= 1
+                pos, head = end, seq
+                if pending == 0:
+                    good_size, good_head = pos, head
+        if end > good_size:
+            self._move_aside(session_id, path, fd, good_size, end)
+        return _Tail(tail.identity, good_size, good_head)
+
+    @staticmethod
+    def _damaged(path: Path, line_no: int, why: object, *, last: bool) -> CorruptDataError:
+        fix = (
+            f"if that event is not needed, move the line to {CORRUPT} by hand"
+            if last
+            else "or repair that line by hand (one JSON event a line, seqs without gaps)"
+        )
         return CorruptDataError(
-            f"{path}, line {line_no}: damaged event ({why}); the lines before it are intact. "
-            "Restore the file from a backup, or move the damaged lines to "
-            f"{CORRUPT} by hand"
+            f"{path}, line {line_no}: damaged event ({why}). The line is complete, so it is not "
+            "a write cut off by a crash: the file was damaged or edited. The lines before it "
+            f"are intact; restore the file from a backup, {fix}"
         )
 
-    def _move_aside(self, session_id: str, path: Path, at: int, torn: bytes) -> None:
+    def _move_aside(self, session_id: str, path: Path, fd: int, at: int, end: int) -> None:
+        """Copy bytes ``at..end`` of the log to ``context.jsonl.corrupt``, then cut them off.
+
+        Call with the session's lock held; ``fd`` is the log as checked under it.
+        """
         corrupt = path.with_name(CORRUPT)
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        with corrupt.open("ab") as f:
-            f.write(f"# {stamp}: {len(torn)} bytes from {LOG} at byte {at}\n".encode())
-            f.write(torn if torn.endswith(b"\n") else torn + b"\n")
-            f.flush()
-            os.fsync(f.fileno())
-        with path.open("r+b") as f:
-            f.truncate(at)
-            f.flush()
-            os.fsync(f.fileno())
+        with open(path, "r+b") as log:
+            if not os.path.samestat(os.fstat(log.fileno()), os.fstat(fd)):
+                raise StoreUnavailableError(
+                    f"{path} was replaced while locked: another program edits it; retry"
+                )
+            with corrupt.open("ab") as f:
+                f.write(f"# {stamp}: {end - at} bytes from {LOG} at byte {at}\n".encode())
+                last = b"\n"
+                for start in range(at, end, _CHUNK):
+                    chunk = os.pread(fd, min(_CHUNK, end - start), start)
+                    f.write(chunk)
+                    last = chunk[-1:] or last
+                if last != b"\n":
+                    f.write(b"\n")
+                f.flush()
+                os.fsync(f.fileno())
+            log.truncate(at)
+            log.flush()
+            os.fsync(log.fileno())
         message = (
-            f"session {session_id!r}: an unfinished write at the end of {path} ({len(torn)} "
+            f"session {session_id!r}: an unfinished write at the end of {path} ({end - at} "
             f"bytes, from an append that was never acknowledged) was moved to {corrupt}"
         )
         logger.warning(message)
         warnings.warn(message, StoreRepairWarning, stacklevel=2)
+
+    def _write_events(self, path: Path, fd: int, size: int, text: bytes) -> None:
+        """Append ``text`` in one ``write()``; on any failure cut the file back to ``size``."""
+        try:
+            written = os.write(fd, text)
+            if written != len(text):
+                raise OSError(
+                    errno.ENOSPC, f"short write, {written} of {len(text)} bytes", str(path)
+                )
+            if self.fsync:
+                os.fsync(fd)
+        except BaseException as exc:
+            try:
+                os.ftruncate(fd, size)
+            except OSError as undo:
+                raise StoreUnavailableError(
+                    f"file store {self.root}: appending to {path} failed ({exc}) and could not be "
+                    f"undone ({undo}): the append may be partly stored. Fix the disk, then re-read "
+                    "the session: an unfinished append is moved aside when it is next read"
+                ) from exc
+            if isinstance(exc, OSError):
+                raise self._unavailable(exc, f"append to {path}", ". Nothing was appended") from exc
+            raise
 
     # -- records ---------------------------------------------------------------
 
@@ -371,33 +682,42 @@ class JSONLStore:
 
         def work() -> None:
             with self._root_lock():
-                folder = self._dir(stored.id)
-                if (folder / HEADER).exists():
-                    raise SessionExistsError(stored.id)
-                (folder / OFFLOAD).mkdir(parents=True, exist_ok=True)
-                (folder / LOG).touch()
+                self._make_folder(stored.id)
                 self._write_header(self._header_of(stored))
 
-        await self._run(work)
+        await self._run(work, f"create session {stored.id!r}")
         return stored
+
+    def _make_folder(self, session_id: str) -> None:
+        """Make a new session's folder and empty log (root lock held); write the header after."""
+        folder = self._dir(session_id)
+        if self._read_header(session_id) is not None:
+            raise SessionExistsError(session_id)
+        (folder / OFFLOAD).mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / LOG, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            if os.fstat(fd).st_size:
+                raise CorruptDataError(
+                    f"{folder} holds events but no {HEADER}: restore its {HEADER} from a backup, "
+                    "or move the folder away to reuse the id"
+                )
+        finally:
+            os.close(fd)
+        self._forget(session_id)
 
     async def get(self, session_id: str) -> SessionRecord:
         """See :meth:`Store.get`."""
         validate_id(session_id)
 
         def work() -> SessionRecord:
-            header = self._visible_header(session_id)
-            with self._session_lock(session_id):
-                tail = self._scan(session_id, header)
-            return self._with_mtime(self._record(header, tail.head))
+            with self._locked(session_id) as (header, fd, tail):
+                mtime = os.fstat(fd).st_mtime
+            return self._with_mtime(self._record(header, tail.head), mtime)
 
-        return await self._run(work)
+        return await self._run(work, f"read session {session_id!r}", session_id)
 
-    def _with_mtime(self, record: SessionRecord) -> SessionRecord:
-        try:
-            mtime = (self._dir(record.id) / LOG).stat().st_mtime
-        except FileNotFoundError:
-            return record
+    @staticmethod
+    def _with_mtime(record: SessionRecord, mtime: float) -> SessionRecord:
         if mtime > record.updated_at and record.head > (record.parent.seq if record.parent else 0):
             return record.model_copy(update={"updated_at": mtime})
         return record
@@ -407,37 +727,35 @@ class JSONLStore:
         validate_id(record.id)
 
         def work() -> SessionRecord:
-            with self._root_lock():
-                header = self._visible_header(record.id)
-                with self._session_lock(record.id):
-                    tail = self._scan(record.id, header)
+            with self._root_lock(), self._locked(record.id) as (header, _, tail):
                 current = self._record(header, tail.head)
                 if current.version != expected_version:
                     raise ConflictError(record.id, expected_version, current.version, "version")
                 new = updated_record(current, record)
-                self._write_header(
-                    {
-                        **new.model_dump(mode="json", exclude={"head"}),
-                        "deleted": False,
-                        "children": header.get("children", []),
-                    }
-                )
+                self._write_header(self._header_of(new, header))
                 return new
 
-        return await self._run(work)
+        return await self._run(work, f"update session {record.id!r}", record.id)
 
     def _remove(self, session_id: str) -> None:
-        """Delete (or tombstone, if forks need it) a session; then unneeded ancestors."""
+        """Delete (or tombstone, if forks need it) a session; then unneeded ancestors.
+
+        Call with the root lock held. The folder is renamed away under the
+        session's lock (one atomic step), then removed.
+        """
         header = self._read_header(session_id)
         if header is None:
             return
+        folder = self._dir(session_id)
         if header.get("children"):
             header["deleted"] = True
             self._write_header(header)
             return
-        shutil.rmtree(self._dir(session_id), ignore_errors=True)
-        with self._tails_lock:
-            self._tails.pop(session_id, None)
+        trash = self.root / f"{_TRASH}{session_id}-{uuid.uuid4().hex}"
+        with self._session_lock(session_id):
+            os.rename(folder, trash)
+        self._forget(session_id)
+        shutil.rmtree(trash, ignore_errors=True)
         parent = header.get("parent")
         if parent:
             parent_header = self._read_header(parent["session_id"])
@@ -458,12 +776,14 @@ class JSONLStore:
                 self._visible_header(session_id)
                 self._remove(session_id)
 
-        await self._run(work)
+        await self._run(work, f"delete session {session_id!r}", session_id)
 
     def _headers(self) -> Iterator[dict[str, Any]]:
-        if not self.root.is_dir():
-            return
-        for entry in os.scandir(self.root):
+        try:
+            entries = list(os.scandir(self.root))
+        except FileNotFoundError:
+            return  # nothing was ever created here
+        for entry in entries:
             if entry.is_dir() and not entry.name.startswith("."):
                 header = self._read_header(entry.name)
                 if header is not None:
@@ -503,15 +823,17 @@ class JSONLStore:
                     continue
                 found.append(h)
             found.sort(key=lambda h: (h["created_at"], h["id"]), reverse=True)
-            page = found[: limit + 1]
             records = []
-            for h in page:
-                with self._session_lock(h["id"]):
-                    tail = self._scan(h["id"], h)
-                records.append(self._with_mtime(self._record(h, tail.head)))
+            for h in found[: limit + 1]:
+                try:
+                    with self._locked(h["id"]) as (header, fd, tail):
+                        mtime = os.fstat(fd).st_mtime
+                except SessionNotFoundError:
+                    continue  # deleted since it was listed
+                records.append(self._with_mtime(self._record(header, tail.head), mtime))
             return records
 
-        records = await self._run(work)
+        records = await self._run(work, "list sessions")
         more = len(records) > limit
         records = records[:limit]
         return Page(records, encode_cursor(records[-1]) if more else None)
@@ -524,84 +846,24 @@ class JSONLStore:
         validate_id(session_id)
 
         def work() -> int:
-            header = self._visible_header(session_id)
-            path = self._dir(session_id) / LOG
-            with self._session_lock(session_id):
-                tail = self._scan(session_id, header)
+            with self._locked(session_id, write=True) as (_, fd, tail):
                 if tail.head != expected_seq:
                     raise ConflictError(session_id, expected_seq, tail.head)
                 text = "".join(
                     _line(expected_seq + i, e, len(events) if i == 1 else 1)
                     for i, e in enumerate(events, start=1)
                 ).encode()
-                fd = os.open(path, os.O_WRONLY | os.O_APPEND)
                 try:
-                    written = os.write(fd, text)
-                    if written != len(text):  # the disk is full: undo the partial line
-                        os.ftruncate(fd, tail.size)
-                        raise StoreUnavailableError(
-                            f"short write to {path} ({written} of {len(text)} bytes): is the "
-                            "disk full? nothing was appended"
-                        )
-                    if self.fsync:
-                        os.fsync(fd)
-                finally:
-                    os.close(fd)
-                new = _Tail(tail.size + len(text), expected_seq + len(events))
+                    self._write_events(self._dir(session_id) / LOG, fd, tail.size, text)
+                except BaseException:
+                    self._forget(session_id)
+                    raise
+                new = _Tail(tail.identity, tail.size + len(text), expected_seq + len(events))
                 with self._tails_lock:
                     self._tails[session_id] = new
                 return new.head
 
-        return await self._run(work)
-
-    def _parse(self, path: Path, raw: bytes, line_no: int) -> StoredEvent:
-        try:
-            text = raw.decode()
-            obj = json.loads(text)
-            cut = text.find(_DATA_KEY)
-            if cut >= 0 and text.endswith("}"):
-                data = text[cut + len(_DATA_KEY) : -1]
-            else:  # edited by hand: keep the meaning, not the bytes
-                data = json.dumps(obj["data"], ensure_ascii=False)
-            return StoredEvent(
-                int(obj["seq"]),
-                str(obj["type"]),
-                float(obj["ts"]),
-                obj.get("turn_id"),
-                data,
-                int(obj.get("v", 1)),
-            )
-        except (ValueError, KeyError, TypeError) as exc:
-            raise CorruptDataError(
-                f"{path}, line {line_no}: damaged event ({exc}); restore the file from a backup"
-            ) from exc
-
-    def _read_segment(self, session_id: str, lo: int, hi: int) -> list[StoredEvent]:
-        header = self._read_header(session_id)
-        if header is None:
-            raise CorruptDataError(f"a fork's ancestor {session_id!r} is missing from {self.root}")
-        path = self._dir(session_id) / LOG
-        with self._session_lock(session_id):
-            tail = self._scan(session_id, header)
-            with path.open("rb") as f:
-                raw = f.read(tail.size)
-        start = self._fork_seq(header)
-        out = []
-        for line_no, line in enumerate(raw.split(b"\n")[:-1], start=1):
-            seq = start + line_no
-            if seq <= lo:
-                continue
-            if seq > hi:
-                break
-            event = self._parse(path, line, line_no)
-            if event.seq != seq:
-                raise CorruptDataError(f"{path}, line {line_no}: seq {event.seq}, expected {seq}")
-            out.append(event)
-        if len(out) != hi - lo:
-            raise CorruptDataError(
-                f"{path}: events {lo + 1}..{hi} expected, {len(out)} found; restore from a backup"
-            )
-        return out
+        return await self._run(work, f"append to session {session_id!r}", session_id)
 
     def _lineage(self, header: dict[str, Any]) -> list[tuple[str, int]]:
         chain = []
@@ -614,6 +876,31 @@ class JSONLStore:
                 raise CorruptDataError(f"the parent {parent['session_id']!r} of a fork is missing")
         return chain
 
+    def _open_segment(
+        self, session_id: str, create_id: str | None, seg_id: str, start: int, lo: int, hi: int
+    ) -> _Segment:
+        path = self._dir(seg_id) / LOG
+        try:
+            file = _reader(path)
+        except FileNotFoundError:
+            self._check_still_there(session_id, create_id)
+            raise CorruptDataError(
+                f"{path} is missing, though session {session_id!r} reads its events "
+                f"{lo + 1}..{hi} from it; restore it from a backup"
+            ) from None
+        return _Segment(path, file, start, lo, hi)
+
+    def _next_batch(
+        self, session_id: str, create_id: str | None, segment: _Segment, batch_size: int
+    ) -> list[StoredEvent]:
+        try:
+            events = segment.take(batch_size)
+        except (CorruptDataError, OSError):
+            self._check_still_there(session_id, create_id)  # a deletion is not damage
+            raise
+        self._check_still_there(session_id, create_id)
+        return events
+
     async def read(
         self,
         session_id: str,
@@ -622,19 +909,36 @@ class JSONLStore:
         *,
         batch_size: int = DEFAULT_READ_BATCH,
     ) -> AsyncIterator[list[StoredEvent]]:
-        """See :meth:`Store.read`."""
+        """See :meth:`Store.read`.
+
+        Streams: each batch is read from disk when it is asked for.
+        """
+        check_read(after_seq, upto_seq, batch_size)
         validate_id(session_id)
+        doing = f"read session {session_id!r}"
 
-        def plan() -> list[tuple[str, int, int]]:
-            header = self._visible_header(session_id)
-            with self._session_lock(session_id):
-                tail = self._scan(session_id, header)
-            return fork_segments(self._lineage(header), tail.head, after_seq, upto_seq)
+        def plan() -> tuple[str | None, dict[str, int], list[tuple[str, int, int]]]:
+            with self._locked(session_id) as (header, _, tail):
+                lineage = self._lineage(header)
+            segments = fork_segments(lineage, tail.head, after_seq, upto_seq)
+            return header.get("create_id"), dict(lineage), segments
 
-        for seg_id, lo, hi in await self._run(plan):
-            events = await self._run(lambda s=seg_id, a=lo, b=hi: self._read_segment(s, a, b))  # type: ignore[misc]
-            for i in range(0, len(events), batch_size):
-                yield events[i : i + batch_size]
+        create_id, starts, segments = await self._run(plan, doing, session_id)
+        for seg_id, lo, hi in segments:
+            segment = await self._run(
+                partial(self._open_segment, session_id, create_id, seg_id, starts[seg_id], lo, hi),
+                doing,
+                session_id,
+            )
+            try:
+                while not segment.done:
+                    yield await self._run(
+                        partial(self._next_batch, session_id, create_id, segment, batch_size),
+                        doing,
+                        session_id,
+                    )
+            finally:
+                segment.close()
 
     async def fork(self, session_id: str, at_seq: int, new_record: SessionRecord) -> SessionRecord:
         """See :meth:`Store.fork`."""
@@ -643,22 +947,16 @@ class JSONLStore:
 
         def work() -> SessionRecord:
             with self._root_lock():
-                parent = self._visible_header(session_id)
-                with self._session_lock(session_id):
-                    head = self._scan(session_id, parent).head
-                check_fork_point(session_id, at_seq, head)
-                if (self._dir(new_record.id) / HEADER).exists():
-                    raise SessionExistsError(new_record.id)
+                with self._locked(session_id) as (parent, _, tail):
+                    check_fork_point(session_id, at_seq, tail.head)
                 stored = initial_record(new_record, ParentRef(session_id=session_id, seq=at_seq))
-                folder = self._dir(stored.id)
-                (folder / OFFLOAD).mkdir(parents=True, exist_ok=True)
-                (folder / LOG).touch()
+                self._make_folder(stored.id)
                 self._write_header(self._header_of(stored))
                 parent["children"] = [*parent.get("children", []), stored.id]
                 self._write_header(parent)
                 return stored
 
-        return await self._run(work)
+        return await self._run(work, f"fork session {session_id!r}", session_id)
 
     # -- blobs -----------------------------------------------------------------
 
@@ -674,7 +972,7 @@ class JSONLStore:
                 path.parent.mkdir(exist_ok=True)
                 self._write_atomic(path, bytes(data))
 
-        await self._run(work)
+        await self._run(work, f"store a blob for session {session_id!r}", session_id)
         return blob_id
 
     async def get_blob(self, session_id: str, blob_id: str) -> bytes:
@@ -685,12 +983,13 @@ class JSONLStore:
         def work() -> bytes:
             header = self._visible_header(session_id)
             for seg_id, _ in self._lineage(header):
-                path = self._dir(seg_id) / OFFLOAD / blob_id
-                if path.is_file():
-                    return path.read_bytes()
+                try:
+                    return (self._dir(seg_id) / OFFLOAD / blob_id).read_bytes()
+                except FileNotFoundError:
+                    continue
             raise BlobNotFoundError(f"blob {blob_id!r} not found for session {session_id!r}")
 
-        return await self._run(work)
+        return await self._run(work, f"read a blob of session {session_id!r}", session_id)
 
     # -- upkeep ----------------------------------------------------------------
 
@@ -709,9 +1008,12 @@ class JSONLStore:
                 ]
                 for session_id in expired:
                     self._remove(session_id)
+                for entry in os.scandir(self.root):  # what an interrupted delete left behind
+                    if entry.name.startswith(_TRASH) and entry.is_dir(follow_symlinks=False):
+                        shutil.rmtree(entry.path, ignore_errors=True)
                 return len(expired)
 
-        return await self._run(work)
+        return await self._run(work, "purge expired sessions")
 
     async def aclose(self) -> None:
         """Forget cached heads; the store cannot be used afterwards. Idempotent."""
