@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -37,10 +39,13 @@ from chatsession.log import (
     TurnStartEntry,
     Usage,
     UsageEntry,
+    UsageTotals,
     decode,
+    decode_payloads,
     encode,
     fold,
 )
+from chatsession.store import NewEvent, SessionRecord, open_store
 from chatsession.store.base import StoredEvent
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -147,21 +152,32 @@ def logs(draw: st.DrawFn, max_events: int = 40) -> list[LogEvent]:
     return events
 
 
+def _totals(totals: UsageTotals) -> dict[str, Any]:
+    return dataclasses.asdict(totals)
+
+
 def snapshot(state: ConversationState) -> dict[str, Any]:
-    """Everything observable about a state, as comparable plain data."""
+    """Everything observable about a state, as plain data copied out of it.
+
+    Nothing in the result is shared with ``state``, so a later change to the
+    state (a fold that mutates its input) shows as a difference.
+    """
     return {
         "head": state.head,
+        "messages": [m.model_dump() for m in state.messages],
         "context": [(s, m.model_dump()) for s, m in state.context],
         "history": [(s, m.model_dump()) for s, m in state.history],
-        "usage": state.usage,
-        "by_model": state.usage_by_model,
-        "by_level": state.usage_by_level,
-        "checkpoints": {k: (s, c.model_dump()) for k, (s, c) in state.checkpoints.items()},
-        "state": state.state,
-        "metadata": state.metadata,
-        "turns": state.turns,
+        "usage": _totals(state.usage),
+        "by_model": {k: _totals(v) for k, v in state.usage_by_model.items()},
+        "by_level": {k: _totals(v) for k, v in state.usage_by_level.items()},
+        "checkpoints": {
+            k: (s, copy.deepcopy(c.model_dump())) for k, (s, c) in state.checkpoints.items()
+        },
+        "state": copy.deepcopy(state.state),
+        "metadata": copy.deepcopy(state.metadata),
+        "turns": dict(state.turns),
         "open_turn": state.open_turn,
-        "offloads": sorted(state.offloads),
+        "offloads": {k: v.model_dump() for k, v in state.offloads.items()},
         "counts": (state.resets, state.rewinds, state.compactions),
     }
 
@@ -197,7 +213,11 @@ def test_fold_does_not_change_its_initial_state(
     before = snapshot(initial)
     offset = len(first)
     shifted = [e.model_copy(update={"seq": e.seq + offset}) for e in more]
-    fold(shifted, initial)
+    result = fold(shifted, initial)
+    snapshot(result)  # reading the result (its usage and message caches) must not touch initial
+    assert snapshot(initial) == before
+    # and folding more into the result does not reach back either
+    result.apply(MetadataEntry(seq=result.head + 1, ts=1.0, data=Metadata(values={"x": [1]})))
     assert snapshot(initial) == before
 
 
@@ -249,6 +269,25 @@ def test_stored_form_round_trips(events: list[LogEvent]) -> None:
     assert decode(rows) == events
     for row in rows:
         assert json.loads(row.to_json())["seq"] == row.seq
+
+
+@settings(max_examples=200, deadline=None)
+@given(logs(), st.data())
+def test_resume_fast_path_matches_decode_and_fold(
+    events: list[LogEvent], data: st.DataObject
+) -> None:
+    # what Session._load does: decode_payloads + apply_stored, batch by batch
+    rows = stored(events)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(rows)), max_size=6)))
+    fast = ConversationState()
+    start = 0
+    for cut in [*cuts, len(rows)]:
+        batch = rows[start:cut]
+        fast.apply_stored(batch, decode_payloads(batch, "s"))
+        start = cut
+        # read between batches too: the usage and message caches must keep up
+        assert snapshot(fast) == snapshot(fold(decode(rows[:cut], "s")))
+    assert snapshot(fast) == snapshot(fold(decode(rows, "s")))
 
 
 def test_compaction_replaces_older_messages_in_context_only() -> None:
@@ -318,6 +357,37 @@ def test_version_0_log_is_upgraded_when_read() -> None:
     assert state.checkpoints["greeted"][0] == 6
     # re-encoding writes the current version
     assert {encode(e).schema_version for e in events} == {EVENT_SCHEMA_VERSION}
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "file"])
+async def test_version_0_log_read_back_from_a_real_store(backend: str, tmp_path: Path) -> None:
+    rows = _fixture_rows("events_v0.jsonl")
+    url = f"sqlite:///{tmp_path}/v0.db" if backend == "sqlite" else f"file://{tmp_path}/v0"
+    async with open_store(url) as store:
+        await store.create(SessionRecord(id="legacy"))
+        events = [NewEvent(r.type, r.data, r.ts, r.turn_id, r.schema_version) for r in rows]
+        assert await store.append("legacy", events, 0) == len(rows)
+    async with open_store(url) as store:  # a fresh store object reads what is on disk
+        back = [row async for batch in store.read("legacy", batch_size=4) for row in batch]
+    assert back == rows
+    assert {r.schema_version for r in back} == {0}
+
+    state = fold(decode(back, "legacy"))
+    assert [m.text for m in state.messages] == [
+        "My name is Alice.",
+        "Hello Alice!",
+        "What is my name?",
+    ]
+    assert (state.usage.prompt_tokens, state.usage.completion_tokens) == (12, 3)
+    assert state.usage.total_tokens == 15
+    assert state.usage_by_model["gpt-4o-mini"].calls == 1
+    assert state.turns == {"completed": 1, "error": 1}
+    assert state.checkpoints["greeted"][0] == 6
+    assert state.open_turn is None
+    # the resume fast path reads the old version the same way
+    fast = ConversationState()
+    fast.apply_stored(back, decode_payloads(back, "legacy"))
+    assert snapshot(fast) == snapshot(state)
 
 
 def test_unknown_type_is_corrupt_data() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.abc
+import sys
 from pathlib import Path
 
 import pytest
@@ -48,6 +50,70 @@ def test_missing_driver_names_the_extra(tmp_path: Path, monkeypatch: pytest.Monk
         open_store("fakedb://127.0.0.1/x")
     assert "pip install 'chatsession[fakedb]'" in str(info.value)
     assert isinstance(info.value, ImportError)
+
+
+class _NotInstalled(importlib.abc.MetaPathFinder):
+    """Finds nothing for one package and its submodules, as if it were not installed."""
+
+    def __init__(self, package: str) -> None:
+        self.package = package
+
+    def find_spec(self, fullname: str, path: object, target: object = None) -> None:
+        if fullname == self.package or fullname.startswith(self.package + "."):
+            raise ModuleNotFoundError(f"No module named {fullname!r}", name=fullname)
+
+
+def _hide(monkeypatch: pytest.MonkeyPatch, how: str, driver: str, backend_module: str) -> None:
+    """Make ``driver`` unimportable and forget ``backend_module``, so it is imported again."""
+    for name in [n for n in sys.modules if n == driver or n.startswith(driver + ".")]:
+        if how == "none":  # sys.modules[name] = None: "import of ... halted"
+            monkeypatch.setitem(sys.modules, name, None)
+        else:
+            monkeypatch.delitem(sys.modules, name)
+    if how == "none":
+        monkeypatch.setitem(sys.modules, driver, None)
+    else:
+        monkeypatch.setattr(sys, "meta_path", [_NotInstalled(driver), *sys.meta_path])
+    monkeypatch.delitem(sys.modules, backend_module, raising=False)
+    monkeypatch.delattr(registry, backend_module.rsplit(".", 1)[1], raising=False)
+
+
+@pytest.mark.parametrize("how", ["not-installed", "none"])
+@pytest.mark.parametrize(
+    ("url", "driver", "backend_module", "extra"),
+    [
+        ("redis://127.0.0.1:6379/0", "redis", "chatsession.store.redis", "redis"),
+        ("rediss://127.0.0.1:6380/0", "redis", "chatsession.store.redis", "redis"),
+        ("postgresql://u@127.0.0.1/db", "asyncpg", "chatsession.store.postgres", "postgres"),
+        ("postgres://u@127.0.0.1/db", "asyncpg", "chatsession.store.postgres", "postgres"),
+    ],
+)
+def test_missing_real_driver_names_the_extra(
+    monkeypatch: pytest.MonkeyPatch,
+    how: str,
+    url: str,
+    driver: str,
+    backend_module: str,
+    extra: str,
+) -> None:
+    _hide(monkeypatch, how, driver, backend_module)
+    with pytest.raises(MissingDependencyError) as info:
+        open_store(url)
+    message = str(info.value)
+    assert f"pip install 'chatsession[{extra}]'" in message
+    assert repr(driver) in message
+    assert (info.value.extra, info.value.module) == (extra, driver)
+    assert backend_module not in sys.modules  # nothing half-imported is left behind
+
+
+def test_memory_url_with_options_is_refused() -> None:
+    with pytest.raises(InvalidURLError, match="memory://"):
+        open_store("memory://?x=1")
+
+
+def test_unknown_memory_option_is_refused() -> None:
+    with pytest.raises(InvalidURLError, match="memory://"):
+        open_store("memory://", x=1)
 
 
 def test_default_store_is_sqlite_in_the_data_dir(env_setup: Path) -> None:

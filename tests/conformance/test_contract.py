@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import time
+from collections.abc import Awaitable, Callable
+from decimal import Decimal
+from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 
@@ -20,8 +25,10 @@ from chatsession import (
     SessionRecord,
     Store,
     StoredEvent,
+    StoreUnavailableError,
     open_store,
 )
+from tests.conformance.conftest import BACKENDS, POSTGRES_URL, REDIS_URL
 
 # payloads of every event type the log writes, with awkward JSON in them
 PAYLOADS: list[tuple[str, Any]] = [
@@ -67,6 +74,11 @@ PAYLOADS: list[tuple[str, Any]] = [
 ]
 
 
+def decimal_json(text: str) -> Any:
+    """JSON with every number as its exact decimal value."""
+    return json.loads(text, parse_float=Decimal, parse_int=Decimal)
+
+
 def event(kind: str = "message", data: Any = None, turn: str | None = None) -> NewEvent:
     body = data if data is not None else {"role": "user", "content": "hi"}
     return NewEvent(kind, json.dumps(body, ensure_ascii=False), time.time(), turn)
@@ -88,7 +100,8 @@ async def test_is_a_store(store: Store) -> None:
     assert isinstance(store, Store)
 
 
-async def test_every_event_type_round_trips_byte_for_byte(store: Store) -> None:
+async def test_every_event_type_round_trips(store: Store, backend: str) -> None:
+    # byte for byte, except PostgreSQL (jsonb): equal JSON, whitespace and key order normalised
     await new(store)
     rows = [
         NewEvent(
@@ -105,14 +118,19 @@ async def test_every_event_type_round_trips_byte_for_byte(store: Store) -> None:
     got = await read_all(store, "s1")
     assert [r.seq for r in got] == list(range(1, len(rows) + 1))
     for sent, back in zip(rows, got, strict=True):
-        assert (back.type, back.ts, back.turn_id, back.data, back.schema_version) == (
+        assert (back.type, back.ts, back.turn_id, back.schema_version) == (
             sent.type,
             sent.ts,
             sent.turn_id,
-            sent.data,
             sent.schema_version,
         )
-        json.loads(back.to_json())
+        if backend == "postgres":
+            # jsonb keeps each number's decimal value, not its spelling (1e300 reads
+            # back as the same number written out), and normalises whitespace and key order
+            assert decimal_json(back.data) == decimal_json(sent.data), back.seq
+        else:
+            assert back.data == sent.data, back.seq
+        assert decimal_json(back.to_json())["data"] == decimal_json(sent.data)
 
 
 async def test_read_windows_and_batches(store: Store) -> None:
@@ -301,14 +319,88 @@ async def test_fork_points_are_checked(store: Store) -> None:
         await store.fork("p", 1, SessionRecord(id="f2"))
 
 
-async def test_fork_copies_nothing(store: Store) -> None:
+def _query(url: str, name: str) -> str:
+    return dict(parse_qsl(urlsplit(url).query))[name]
+
+
+async def own_event_count(backend: str, store: Store, url: str, session_id: str) -> int:
+    """How many events the backend itself stores under ``session_id`` (not inherited)."""
+    if backend == "memory":
+        return len(store._entries[session_id].events)  # type: ignore[attr-defined]
+    if backend == "sqlite":
+        db = sqlite3.connect(urlsplit(url).path[1:])
+        try:
+            (count,) = db.execute(
+                "SELECT count(*) FROM events e JOIN sessions s ON s.pk = e.session_pk "
+                "WHERE s.id = ?",
+                (session_id,),
+            ).fetchone()
+        finally:
+            db.close()
+        return int(count)
+    if backend == "file":
+        log = Path(urlsplit(url).path) / session_id / "context.jsonl"
+        return len(log.read_bytes().splitlines())
+    if backend == "redis":
+        import redis.asyncio as aioredis
+
+        client = aioredis.Redis.from_url(REDIS_URL)
+        try:
+            return int(await client.llen(f"{_query(url, 'prefix')}{{{session_id}}}:ev"))
+        finally:
+            await client.aclose()
+    if backend == "postgres":
+        import asyncpg
+
+        conn = await asyncpg.connect(POSTGRES_URL)
+        try:
+            schema = _query(url, "schema")
+            return int(
+                await conn.fetchval(
+                    f'SELECT count(*) FROM "{schema}".events e '
+                    f'JOIN "{schema}".sessions s ON s.pk = e.session_pk WHERE s.id = $1',
+                    session_id,
+                )
+            )
+        finally:
+            await conn.close()
+    raise AssertionError(f"no way to count stored events for backend {backend!r}: add one")
+
+
+def _bytes_on_disk(backend: str, url: str) -> int | None:
+    if backend == "sqlite":
+        db = Path(urlsplit(url).path[1:])
+        return sum(p.stat().st_size for p in db.parent.glob(db.name + "*"))
+    if backend == "file":
+        root = Path(urlsplit(url).path)
+        return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    return None
+
+
+async def test_fork_copies_nothing(store: Store, backend: str, store_url: str) -> None:
     await new(store, "p")
-    rows = [event(data={"n": i}) for i in range(2000)]
+    rows = [event(data={"n": i, "pad": "x" * 500}) for i in range(2000)]
     await store.append("p", rows, 0)
+    payload_bytes = sum(len(r.data) for r in rows)
+    # the counter sees the parent's events, so a zero for the fork means something
+    assert await own_event_count(backend, store, store_url, "p") == 2000
+    before = _bytes_on_disk(backend, store_url)
+
     await store.fork("p", 2000, SessionRecord(id="f"))
+
+    assert await own_event_count(backend, store, store_url, "f") == 0
+    after = _bytes_on_disk(backend, store_url)
+    if before is not None and after is not None:
+        assert after - before < payload_bytes // 20, (before, after, payload_bytes)
     # the fork's own part is empty: reading past the fork point finds nothing
     assert await read_all(store, "f", after_seq=2000) == []
     assert len(await read_all(store, "f")) == 2000
+    # a fork of the fork copies nothing either, and the fork's own events are its own
+    await store.fork("f", 1000, SessionRecord(id="ff"))
+    assert await own_event_count(backend, store, store_url, "ff") == 0
+    assert await store.append("f", [event(data={"n": "own"})], 2000) == 2001
+    assert await own_event_count(backend, store, store_url, "f") == 1
+    assert await own_event_count(backend, store, store_url, "p") == 2000
 
 
 # --------------------------------------------------------------------------
@@ -430,6 +522,96 @@ async def test_bad_ids_are_rejected_before_io(store: Store, bad: Any) -> None:
             await call()
         assert any(w in str(info.value) for w in ("letters, digits", "must", "limit is 128"))
     assert [r.id for r in (await store.list_sessions()).records] == ["ok"]
+
+
+# stores whose first I/O would fail (or leave a trace): a bad id must be refused first
+UNREACHABLE = [b for b in BACKENDS if b != "memory"]
+PRE_IO_BAD_IDS = ["../x", "", "a" * 129, "a\x00b", "a\nb"]
+
+
+def unreachable_url(backend: str, tmp_path: Path) -> str:
+    if backend == "sqlite":
+        (tmp_path / "plain-file").write_text("not a directory")
+        return f"sqlite:///{tmp_path}/plain-file/store.db"
+    if backend == "file":
+        return f"file://{tmp_path}/not-yet/sessions"
+    if backend == "redis":
+        return "redis://127.0.0.1:1/0?socket_connect_timeout=2&socket_timeout=2"
+    if backend == "postgres":
+        return "postgresql://postgres@127.0.0.1:1/test?connect_timeout=2"
+    raise AssertionError(f"no unreachable URL for backend {backend!r}: add one")
+
+
+def id_calls(store: Store, bad: str) -> dict[str, Callable[[], Awaitable[object]]]:
+    """Every method taking an id, called with ``bad`` in that id's place."""
+    return {
+        "create": lambda: store.create(SessionRecord(id=bad)),
+        "get": lambda: store.get(bad),
+        "update": lambda: store.update(SessionRecord(id=bad), 1),
+        "delete": lambda: store.delete(bad),
+        "append": lambda: store.append(bad, [event()], 0),
+        "read": lambda: read_all(store, bad),
+        "fork parent": lambda: store.fork(bad, 0, SessionRecord(id="f")),
+        "fork child": lambda: store.fork("ok", 0, SessionRecord(id=bad)),
+        "put_blob": lambda: store.put_blob(bad, b"x"),
+        "get_blob session": lambda: store.get_blob(bad, "ab" * 32),
+        "get_blob blob": lambda: store.get_blob("ok", bad),
+    }
+
+
+@pytest.mark.parametrize("backend", UNREACHABLE)
+async def test_bad_ids_fail_before_any_io(backend: str, tmp_path: Path) -> None:
+    store = open_store(unreachable_url(backend, tmp_path))
+    try:
+        for bad in PRE_IO_BAD_IDS:
+            for name, call in id_calls(store, bad).items():
+                try:
+                    await asyncio.wait_for(call(), 30)
+                except InvalidIdError:
+                    continue
+                except Exception as exc:
+                    pytest.fail(f"{name}({bad!r}) raised {type(exc).__name__}, not InvalidIdError")
+                pytest.fail(f"{name}({bad!r}) did not raise")
+        if backend == "file":
+            assert not (tmp_path / "not-yet").exists()
+            # control: a valid id does reach the disk
+            await store.create(SessionRecord(id="ok"))
+            assert (tmp_path / "not-yet" / "sessions" / "ok").is_dir()
+        else:
+            # control: a valid id does reach the store, and fails there
+            with pytest.raises(StoreUnavailableError):
+                await asyncio.wait_for(store.get("ok"), 30)
+    finally:
+        await store.aclose()
+
+
+BAD_READS: list[dict[str, int]] = [{"batch_size": 0}, {"batch_size": -1}, {"after_seq": -1}]
+
+
+@pytest.mark.parametrize(
+    "bad", BAD_READS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items())
+)
+async def test_bad_read_arguments_fail_before_any_io(
+    store: Store, backend: str, bad: dict[str, int], tmp_path: Path
+) -> None:
+    await new(store, "s1")
+    await store.append("s1", [event(), event()], 0)
+    for session_id in ("s1", "nobody"):  # "nobody": a lookup would say not found
+        with pytest.raises(ValueError) as info:
+            await asyncio.wait_for(read_all(store, session_id, **bad), 10)
+        assert not isinstance(info.value, InvalidIdError)
+        assert next(iter(bad)) in str(info.value)
+    if backend == "memory":
+        return
+    unreachable = open_store(unreachable_url(backend, tmp_path))
+    try:
+        with pytest.raises(ValueError) as info:
+            await asyncio.wait_for(read_all(unreachable, "s1", **bad), 30)
+        assert not isinstance(info.value, InvalidIdError)
+    finally:
+        await unreachable.aclose()
+    if backend == "file":
+        assert not (tmp_path / "not-yet").exists()
 
 
 def test_unknown_scheme() -> None:

@@ -156,27 +156,52 @@ def _damage_cases(backend: str) -> list[Callable[[str], Awaitable[None]]]:
     return cases
 
 
+#: Words of a message that tells the user what to do about damage.
+REMEDIES = ("restore", "backup", "salvage", "repair", "recover", "delete", "remove", "move")
+
+
+def _names_the_damage(message: str, url: str, backend: str) -> bool:
+    """Whether ``message`` names the damaged session (``'s'``) or where it is stored."""
+    if "'s'" in message or '"s"' in message or "{s}" in message:
+        return True
+    if backend == "sqlite":
+        return str(_sqlite_path(url)) in message
+    if backend == "file":
+        return str(_file_dir(url)) in message
+    return False
+
+
 async def test_damage_is_reported_never_silent(durable_backend: str, tmp_path: Path) -> None:
     from tests.conformance.conftest import cleanup, make_url
 
     for damage in _damage_cases(durable_backend):
         url, namespace = make_url(durable_backend, tmp_path / damage.__name__)
         (tmp_path / damage.__name__).mkdir()
-        await _seed(url)
-        await damage(url)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", StoreRepairWarning)
-            try:
-                seqs = await _read(url)
-            except CorruptDataError as exc:
-                assert str(exc), damage.__name__
-                assert "s" in str(exc) or "sqlite" in str(exc).lower() or "/" in str(exc)
-            except (SessionNotFoundError, StoreUnavailableError) as exc:
-                pytest.fail(f"{damage.__name__}: damage reported as {type(exc).__name__}: {exc}")
-            else:
-                repaired = [w for w in caught if issubclass(w.category, StoreRepairWarning)]
-                assert repaired, (
-                    f"{damage.__name__}: read {len(seqs)} events with no error or repair report"
-                )
-                assert seqs == list(range(1, len(seqs) + 1))
-        await cleanup(durable_backend, namespace)
+        try:
+            await _seed(url)
+            await damage(url)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", StoreRepairWarning)
+                try:
+                    seqs = await _read(url)
+                except CorruptDataError as exc:
+                    message = str(exc)
+                    assert _names_the_damage(message, url, durable_backend), (
+                        f"{damage.__name__}: the error names neither the session nor its "
+                        f"storage: {message}"
+                    )
+                    assert any(word in message.lower() for word in REMEDIES), (
+                        f"{damage.__name__}: the error says nothing to do: {message}"
+                    )
+                except (SessionNotFoundError, StoreUnavailableError) as exc:
+                    pytest.fail(
+                        f"{damage.__name__}: damage reported as {type(exc).__name__}: {exc}"
+                    )
+                else:
+                    repaired = [w for w in caught if issubclass(w.category, StoreRepairWarning)]
+                    assert repaired, (
+                        f"{damage.__name__}: read {len(seqs)} events with no error or repair report"
+                    )
+                    assert seqs == list(range(1, len(seqs) + 1))
+        finally:
+            await cleanup(durable_backend, namespace)

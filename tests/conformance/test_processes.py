@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import signal
 import subprocess
@@ -23,6 +24,29 @@ def _acks(output: str) -> dict[int, str]:
     return acked
 
 
+def _ack_pairs(output: str) -> list[tuple[int, str]]:
+    pairs = []
+    for line in output.splitlines():
+        if line.startswith("ACK "):
+            _, seq, payload = line.split(" ", 2)
+            pairs.append((int(seq), payload))
+    return pairs
+
+
+def _conflicts(output: str) -> int:
+    counts = [int(line.split()[1]) for line in output.splitlines() if line.startswith("CONFLICTS ")]
+    assert len(counts) == 1, f"the writer reported no conflict count: {output[-500:]!r}"
+    return counts[0]
+
+
+async def _wait_ready(proc: asyncio.subprocess.Process) -> None:
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(proc.stdout.readline(), 120)
+    if line.strip() != b"READY":
+        _, err = await proc.communicate()
+        raise AssertionError(f"writer did not get ready: {line!r} {err.decode()[-2000:]}")
+
+
 async def test_four_processes_and_twenty_tasks_append_to_one_session(
     durable_url: str, writer_script: Path
 ) -> None:
@@ -37,43 +61,82 @@ async def test_four_processes_and_twenty_tasks_append_to_one_session(
             f"p{n}",
             "15",
             "2",
+            "--barrier",
+            stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
         for n in range(4)
     ]
+    # every child has started, opened the store and read the session: now all go at once
+    await asyncio.gather(*(_wait_ready(p) for p in procs))
+    await asyncio.gather(*(store.get("shared") for _ in range(20)))  # fill the pool
+    conflicts = 0
+    first_heads: list[int] = []  # the head each task saw before its first append
 
-    async def task(name: str) -> dict[int, str]:
-        acked = {}
+    async def task(name: str) -> list[tuple[int, str]]:
+        nonlocal conflicts
+        acked = []
         for i in range(6):
             payload = f"{name}-{i}"
             data = json.dumps({"role": "user", "content": payload})
             head = (await store.get("shared")).head
+            if i == 0:
+                first_heads.append(head)
             while True:
                 try:
                     seq = await store.append("shared", [NewEvent("message", data, 1.0)], head)
                     break
-                except ConflictError:
-                    head = (await store.get("shared")).head
-            acked[seq] = payload
+                except ConflictError as exc:
+                    conflicts += 1
+                    head = (
+                        exc.actual if exc.actual is not None else (await store.get("shared")).head
+                    )
+            acked.append((seq, payload))
         return acked
 
+    start_at = time.time() + 0.3  # everyone, this process too, starts at this instant
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.write(f"go {start_at!r}\n".encode())
+    await asyncio.gather(*(p.stdin.drain() for p in procs if p.stdin is not None))
+    await asyncio.sleep(max(0.0, start_at - time.time()))
     local = await asyncio.gather(*(task(f"t{n}") for n in range(20)))
     outputs = [await p.communicate() for p in procs]
     for p, (_, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err.decode()
-    acked: dict[int, str] = {}
+
+    pairs = [pair for result in local for pair in result]
     for out, _ in outputs:
-        acked.update(_acks(out.decode()))
-    for result in local:
-        acked.update(result)
+        pairs.extend(_ack_pairs(out.decode()))
+        conflicts += _conflicts(out.decode())
     total = 4 * 2 * 15 + 20 * 6
-    assert len(acked) == total  # no seq acknowledged twice
+    assert len(pairs) == total
+    acked = dict(pairs)
+    assert len(acked) == total, "a seq was acknowledged twice"
+    assert len({payload for _, payload in pairs}) == total
 
     rows = [r async for batch in store.read("shared") for r in batch]
     await store.aclose()
     assert [r.seq for r in rows] == list(range(1, total + 1))
-    assert {r.seq: json.loads(r.data)["content"] for r in rows} == acked
+    contents = [json.loads(r.data)["content"] for r in rows]
+    assert len(set(contents)) == len(contents), "an event is stored twice"
+    assert dict(zip((r.seq for r in rows), contents, strict=True)) == acked
+
+    # the writers really ran at the same time: they raced (conflicts), this process
+    # started before the children were done, and the children's appends interleave
+    assert conflicts > 0, "no append ever conflicted: the writers did not overlap"
+    children = 4 * 2 * 15
+    assert min(first_heads) < children, f"the children were done first: {sorted(first_heads)}"
+    spans = {}
+    for row, content in zip(rows, contents, strict=True):
+        if content.startswith("p"):
+            first, _ = spans.get(content[:2], (row.seq, row.seq))
+            spans[content[:2]] = (first, row.seq)
+    ordered = sorted(spans.values())
+    assert any(a[1] > b[0] for a, b in itertools.pairwise(ordered)), (
+        f"each child process ran alone: {spans}"
+    )
 
 
 async def test_writer_killed_with_sigkill_loses_nothing_acknowledged(

@@ -107,7 +107,8 @@ def open_store(url: str | None = None, **options: Any) -> Store:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        if extra is not None and driver is not None and exc.name == driver:
+        missing = exc.name or ""
+        if extra is not None and driver is not None and missing.split(".")[0] == driver:
             raise MissingDependencyError(f"the {scheme}:// store", extra, driver) from exc
         raise
     cls = getattr(module, class_name)

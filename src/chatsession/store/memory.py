@@ -12,11 +12,13 @@ import hashlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Self
+from urllib.parse import parse_qsl, urlsplit
 
 from chatsession.errors import (
     BlobNotFoundError,
     ChatSessionClosedError,
     ConflictError,
+    InvalidURLError,
     SessionExistsError,
     SessionNotFoundError,
 )
@@ -63,9 +65,18 @@ class MemoryStore:
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> Self:
-        """Open ``memory://`` (no options)."""
-        if options:
-            raise TypeError(f"memory:// takes no options, got {sorted(options)}")
+        """Open ``memory://`` (no options).
+
+        Raises:
+            InvalidURLError: The URL has a host, a path, a query or options.
+        """
+        parts = urlsplit(url)
+        given = sorted({*options, *(k for k, _ in parse_qsl(parts.query, keep_blank_values=True))})
+        if given or parts.netloc or parts.path not in ("", "/") or parts.fragment:
+            what = f"options {given}" if given else f"{url!r}"
+            raise InvalidURLError(
+                f"memory:// takes no host, path or options, got {what}; use plain memory://"
+            )
         return cls(url)
 
     async def __aenter__(self) -> Self:
