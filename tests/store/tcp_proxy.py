@@ -1,8 +1,8 @@
 """A small TCP proxy on loopback that tests can cut and restore.
 
 It runs its own event loop in a thread. ``cut()`` closes every open
-connection and refuses new ones (the listening socket is closed);
-``restore()`` listens again on the same port.
+connection (also one still being set up) and refuses new ones (the listening
+socket is closed); ``restore()`` listens again on the same port.
 """
 
 from __future__ import annotations
@@ -50,6 +50,10 @@ class TCPProxy:
             server_r, server_w = await asyncio.open_connection(*self.target)
         except OSError:
             client_w.close()
+            return
+        if self._server is None:  # cut while this connection was being set up
+            client_w.transport.abort()
+            server_w.transport.abort()
             return
         self._writers.update({client_w, server_w})
         await asyncio.gather(self._pipe(client_r, server_w), self._pipe(server_r, client_w))

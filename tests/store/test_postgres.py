@@ -3,23 +3,36 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import json
 import os
+import re
 import sys
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
+import asyncpg.exceptions as pgerr
 import pytest
 
+import chatsession.store.postgres as pg_store
 from chatsession import (
+    ConflictError,
+    CorruptDataError,
     InvalidURLError,
     NewEvent,
     SessionNotFoundError,
     SessionRecord,
+    Store,
+    StoredEvent,
+    StoreError,
     StoreUnavailableError,
+    UsageError,
     open_store,
 )
 from chatsession.store.postgres import MIGRATIONS, PostgresStore
@@ -83,9 +96,34 @@ async def test_migrations_once_with_eight_stores_starting_together(schema: str) 
     assert count == 8
 
 
-async def test_an_older_schema_is_upgraded(schema: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    import chatsession.store.postgres as pg
+async def pg(sql: str, *args: Any) -> list[asyncpg.Record]:
+    """Run one statement on a connection of its own (not the store's)."""
+    conn = await asyncpg.connect(POSTGRES_URL)
+    try:
+        return await conn.fetch(sql, *args)
+    finally:
+        await conn.close()
 
+
+async def column_type(schema: str) -> str:
+    rows = await pg(
+        "SELECT data_type FROM information_schema.columns WHERE table_schema = $1 "
+        "AND table_name = 'events' AND column_name = 'data'",
+        schema,
+    )
+    return str(rows[0][0])
+
+
+async def migrations_done(schema: str) -> list[tuple[str, Any]]:
+    rows = await pg(f'SELECT name, applied_at FROM "{schema}".chatsession_migrations ORDER BY name')
+    return [(r[0], r[1]) for r in rows]
+
+
+async def read_all(store: Store, session_id: str) -> list[StoredEvent]:
+    return [r async for b in store.read(session_id) for r in b]
+
+
+async def test_an_older_schema_is_upgraded(schema: str, monkeypatch: pytest.MonkeyPatch) -> None:
     url = f"{POSTGRES_URL}?schema={schema}"
     async with open_store(url) as store:
         await store.create(SessionRecord(id="old"))
@@ -94,23 +132,359 @@ async def test_an_older_schema_is_upgraded(schema: str, monkeypatch: pytest.Monk
     def add_note_column(s: str) -> list[str]:
         return [f"ALTER TABLE {s}.sessions ADD COLUMN note text"]
 
-    monkeypatch.setattr(pg, "MIGRATIONS", [*pg.MIGRATIONS, ("002_test_note", add_note_column)])
+    monkeypatch.setattr(pg_store, "MIGRATIONS", [*MIGRATIONS, ("999_test_note", add_note_column)])
     async with open_store(url) as store:
         assert (await store.get("old")).head == 1  # old data still readable
-    conn = await asyncpg.connect(POSTGRES_URL)
-    names = [
-        r[0]
-        for r in await conn.fetch(
-            f'SELECT name FROM "{schema}".chatsession_migrations ORDER BY name'
-        )
-    ]
-    column = await conn.fetchval(
+    column = await pg(
         "SELECT count(*) FROM information_schema.columns WHERE table_schema = $1 AND column_name = 'note'",
         schema,
     )
-    await conn.close()
-    assert names == ["001_sessions_events_blobs", "002_test_note"]
-    assert column == 1
+    assert [name for name, _ in await migrations_done(schema)] == [
+        *(name for name, _ in MIGRATIONS),
+        "999_test_note",
+    ]
+    assert column[0][0] == 1
+
+
+async def make_previous_schema(
+    schema: str, monkeypatch: pytest.MonkeyPatch, payloads: list[str]
+) -> None:
+    """A database as the version before JSONB made it: ``data`` text, kept verbatim."""
+    with monkeypatch.context() as patch:
+        patch.setattr(pg_store, "MIGRATIONS", MIGRATIONS[:1])
+        async with open_store(f"{POSTGRES_URL}?schema={schema}") as store:
+            await store.create(SessionRecord(id="old"))
+            await store.append("old", [ev(n) for n in range(len(payloads))], 0)
+            await store.fork("old", 2, SessionRecord(id="fork"))
+    assert await column_type(schema) == "text"
+    for seq, text in enumerate(payloads, 1):  # the text exactly as an older version kept it
+        await pg(f'UPDATE "{schema}".events SET data = $1 WHERE seq = $2', text, seq)
+
+
+async def test_text_payloads_of_the_previous_schema_become_jsonb_once(
+    schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent = ['{"n": 0}', '{ "z" : [1, 2.50 ,"x"],\n "a":{"k":null} }', '{"n":2,"n":3}']
+    await make_previous_schema(schema, monkeypatch, sent)
+    url = f"{POSTGRES_URL}?schema={schema}"
+    async with open_store(url) as store:
+        rows = await read_all(store, "old")
+        assert [json.loads(r.data) for r in rows] == [json.loads(t) for t in sent]
+        assert rows[1].data == '{"a": {"k": null}, "z": [1, 2.50, "x"]}'  # normalised by jsonb
+        assert [r.data for r in await read_all(store, "fork")] == [r.data for r in rows[:2]]
+        assert await store.append("old", [ev(3)], 3) == 4
+    assert await column_type(schema) == "jsonb"
+    first = await migrations_done(schema)
+    assert [name for name, _ in first] == [name for name, _ in MIGRATIONS]
+    async with open_store(url) as store:  # run once: a later store finds it done
+        assert len(await read_all(store, "old")) == 4
+    assert await migrations_done(schema) == first
+
+
+async def test_a_payload_that_is_not_json_stops_the_upgrade_and_changes_nothing(
+    schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await make_previous_schema(schema, monkeypatch, ['{"n": 0}', "not json", '{"n": 2}'])
+    store = open_store(f"{POSTGRES_URL}?schema={schema}")
+    try:
+        for _ in range(2):  # every call says so; never "not found", never an outage
+            with pytest.raises(CorruptDataError, match="002_events_data_jsonb") as info:
+                await store.get("old")
+            assert "invalid input syntax for type json" in str(info.value)
+    finally:
+        await store.aclose()
+    assert await column_type(schema) == "text"
+    assert [name for name, _ in await migrations_done(schema)] == [MIGRATIONS[0][0]]
+    await pg(f"""UPDATE "{schema}".events SET data = '{{"fixed": true}}' WHERE seq = 2""")
+    async with open_store(f"{POSTGRES_URL}?schema={schema}") as store:
+        assert [json.loads(r.data) for r in await read_all(store, "old")] == [
+            {"n": 0},
+            {"fixed": True},
+            {"n": 2},
+        ]
+    assert await column_type(schema) == "jsonb"
+
+
+async def test_payloads_are_jsonb_equal_json_and_bad_ones_are_refused(schema: str) -> None:
+    async with open_store(f"{POSTGRES_URL}?schema={schema}") as store:
+        await store.create(SessionRecord(id="s"))
+        sent = '{"role":"user",   "content":"hi \\u00e9", "a":1e2}'
+        assert await store.append("s", [NewEvent("message", sent, 1.0)], 0) == 1
+        (row,) = await read_all(store, "s")
+        assert row.data == '{"a": 100, "role": "user", "content": "hi é"}'
+        assert json.loads(row.data) == json.loads(sent)
+        rows = await pg(
+            f"SELECT data->>'role' FROM \"{schema}\".events WHERE data @> '{{\"a\": 100}}'"
+        )
+        assert [r[0] for r in rows] == ["user"]  # queryable in place
+        for bad in ("not json", json.dumps({"t": "a\x00b"}), '"\\ud800"', 5):
+            with pytest.raises(UsageError, match="jsonb"):
+                await store.append("s", [ev(2), NewEvent("message", bad, 1.0)], 1)  # type: ignore[arg-type]
+        assert [r.seq for r in await read_all(store, "s")] == [1]  # nothing written
+        assert await store.append("s", [ev(2)], 1) == 2
+
+
+async def test_events_past_the_head_are_corrupt_data_not_an_endless_conflict(schema: str) -> None:
+    async with open_store(f"{POSTGRES_URL}?schema={schema}") as store:
+        await store.create(SessionRecord(id="s"))
+        await store.append("s", [ev(1), ev(2)], 0)
+        await pg(f'UPDATE "{schema}".sessions SET head = 1 WHERE id = $1', "s")
+        with pytest.raises(CorruptDataError, match="head is 1"):
+            await store.append("s", [ev(3)], 1)  # seq 2 is taken although the head is 1
+        with pytest.raises(ConflictError) as info:  # a real conflict is still one
+            await store.append("s", [ev(3)], 0)
+        assert info.value.actual == 1
+
+
+@pytest.mark.parametrize(
+    ("raised", "expected", "words"),
+    [
+        (ConnectionResetError("reset by peer"), StoreUnavailableError, "unavailable"),
+        (pgerr.InterfaceError("connection is closed"), StoreUnavailableError, "unavailable"),
+        (pgerr.AdminShutdownError("terminating connection"), StoreUnavailableError, "unavailable"),
+        (pgerr.QueryCanceledError("canceling statement"), StoreUnavailableError, "unavailable"),
+        (pgerr.ReadOnlySQLTransactionError("read-only"), StoreUnavailableError, "refuses writes"),
+        (pgerr.InvalidPasswordError("password failed"), InvalidURLError, "refused the login"),
+        (pgerr.ClientConfigurationError("bad sslmode"), InvalidURLError, "cannot be used"),
+        (pgerr.InterfaceError("another operation is in progress"), StoreError, "failed"),
+        (pgerr.InsufficientPrivilegeError("permission denied"), StoreError, "denied"),
+        (pgerr.UndefinedTableError("no such table"), CorruptDataError, "missing"),
+        (pgerr.DeadlockDetectedError("deadlock detected"), StoreError, "3 times"),
+    ],
+)
+async def test_driver_errors_are_translated_precisely(
+    schema: str, raised: Exception, expected: type[Exception], words: str
+) -> None:
+    async with open_store(f"{POSTGRES_URL}?schema={schema}") as store:
+        await store.create(SessionRecord(id="s"))
+        calls = 0
+
+        async def fail(conn: Any) -> None:
+            nonlocal calls
+            calls += 1
+            raise raised
+
+        for tx in (False, True):
+            with pytest.raises(expected, match=words) as info:
+                await store._with(fail, tx=tx)  # type: ignore[attr-defined]
+            assert info.value.__cause__ is raised
+            assert not isinstance(info.value, SessionNotFoundError | ConflictError)
+            if expected is not StoreUnavailableError:
+                assert not isinstance(info.value, StoreUnavailableError)
+        assert calls == (6 if isinstance(raised, pgerr.DeadlockDetectedError) else 2)
+        assert (await store.get("s")).head == 0  # the store goes on
+
+
+async def test_a_deadlock_is_retried(schema: str) -> None:
+    async with open_store(f"{POSTGRES_URL}?schema={schema}") as store:
+        calls = 0
+
+        async def flaky(conn: Any) -> int:
+            nonlocal calls
+            calls += 1
+            if calls < 3:
+                raise pgerr.DeadlockDetectedError("deadlock detected")
+            return int(await conn.fetchval("SELECT 7"))
+
+        assert await store._with(flaky, tx=True) == 7  # type: ignore[attr-defined]
+        assert calls == 3
+
+
+async def test_a_refused_login_or_a_missing_database_is_a_bad_url_not_an_outage(
+    schema: str,
+) -> None:
+    target = urlsplit(POSTGRES_URL)
+    server = f"{target.hostname}:{target.port or 5432}"
+    user = target.username or "postgres"
+    for url, words in (
+        (
+            f"postgresql://no_such_role_cs@{server}{target.path}?schema={schema}",
+            "refused the login",
+        ),
+        (f"postgresql://{user}@{server}/no_such_database_cs?schema={schema}", "does not exist"),
+        (f"{POSTGRES_URL}?schema={schema}&sslmode=bogus", "cannot be used"),
+    ):
+        store = open_store(url)
+        try:
+            with pytest.raises(InvalidURLError, match=words):
+                await store.get("s")
+        finally:
+            await store.aclose()
+
+
+async def test_a_read_only_server_is_unavailable_for_writes(schema: str) -> None:
+    async with open_store(f"{POSTGRES_URL}?schema={schema}&max_size=1") as store:
+        await store.create(SessionRecord(id="s"))
+        await store._with(  # type: ignore[attr-defined]
+            lambda conn: conn.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+        )
+        with pytest.raises(StoreUnavailableError, match="refuses writes"):
+            await store.append("s", [ev(1)], 0)
+        # that connection is replaced: a new one (a new primary, after a failover) writes
+        assert await store.append("s", [ev(1)], 0) == 1
+
+
+async def test_a_cancelled_statement_is_unavailable_and_the_store_goes_on(schema: str) -> None:
+    async with open_store(f"{POSTGRES_URL}?schema={schema}") as store:
+        await store.create(SessionRecord(id="s"))
+        pid = await store._with(lambda conn: conn.fetchval("SELECT pg_backend_pid()"))  # type: ignore[attr-defined]
+        locker = await asyncpg.connect(POSTGRES_URL)
+        try:
+            tx = locker.transaction()
+            await tx.start()
+            await locker.execute(f'SELECT 1 FROM "{schema}".sessions WHERE id = $1 FOR UPDATE', "s")
+            task = asyncio.create_task(store.append("s", [ev(1)], 0))  # waits for the row lock
+            for _ in range(200):
+                waiting = await locker.fetchval(
+                    "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1", pid
+                )
+                if waiting:
+                    break
+                await asyncio.sleep(0.01)
+            assert await locker.fetchval("SELECT pg_cancel_backend($1)", pid)
+            with pytest.raises(StoreUnavailableError, match="QueryCanceledError"):
+                await task
+            await tx.rollback()
+        finally:
+            await locker.close()
+        assert await store.append("s", [ev(1)], 0) == 1
+
+
+async def test_purge_deletes_in_bounded_batches(
+    schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pg_store, "_PURGE_BATCH", 7)
+    async with open_store(f"{POSTGRES_URL}?schema={schema}") as store:
+        past = time.time() - 100
+        for i in range(30):
+            await store.create(SessionRecord(id=f"x{i}", expires_at=past + i))
+        await store.create(SessionRecord(id="keep"))
+        await store.create(SessionRecord(id="later", expires_at=time.time() + 3600))
+        transactions = 0
+        real = store._with  # type: ignore[attr-defined]
+
+        async def counting(fn: Any, *, tx: bool = False) -> Any:
+            nonlocal transactions
+            transactions += tx
+            return await real(fn, tx=tx)
+
+        monkeypatch.setattr(store, "_with", counting)
+        assert await store.purge_expired() == 30
+        assert transactions == 5  # 7 + 7 + 7 + 7 + 2
+        assert await store.purge_expired() == 0
+    rows = await pg(f'SELECT id FROM "{schema}".sessions ORDER BY id')
+    assert [r[0] for r in rows] == ["keep", "later"]
+
+
+async def test_purge_skips_what_a_concurrent_delete_holds_and_never_deadlocks(schema: str) -> None:
+    async with open_store(f"{POSTGRES_URL}?schema={schema}") as store:
+        await store.create(SessionRecord(id="p"))
+        await store.fork("p", 0, SessionRecord(id="a"))
+        past = time.time() - 100
+        for session_id, at in (("p", past), ("a", past + 1)):  # p first, on disk too
+            await pg(
+                f'UPDATE "{schema}".sessions SET expires_at = $1 WHERE id = $2', at, session_id
+            )
+        deleter = await asyncpg.connect(POSTGRES_URL)
+        try:
+            # what delete("a") does: lock a, then (after its events) p, for p's fork count
+            tx = deleter.transaction()
+            await tx.start()
+            await deleter.execute(
+                f'SELECT 1 FROM "{schema}".sessions WHERE id = $1 FOR UPDATE', "a"
+            )
+            purge = asyncio.create_task(store.purge_expired())
+            await asyncio.sleep(0.3)
+            await asyncio.wait_for(
+                deleter.execute(
+                    f'UPDATE "{schema}".sessions SET children = children - 1 WHERE id = $1', "p"
+                ),
+                10,
+            )
+            assert await asyncio.wait_for(purge, 10) == 1  # p (kept for its fork); a skipped
+            await tx.rollback()
+        finally:
+            await deleter.close()
+        assert await store.purge_expired() == 1  # a, and p with it
+    assert await pg(f'SELECT id FROM "{schema}".sessions') == []
+
+
+@pytest.mark.parametrize("path", ["lane", "pool"])
+@pytest.mark.parametrize("moment", ["begin", "statement"])
+async def test_a_call_cancelled_mid_transaction_does_not_swallow_later_appends(
+    schema: str, path: str, moment: str
+) -> None:
+    # min_size = max_size = 2: the lane plus one pooled connection, reused by every call
+    store = open_store(f"{POSTGRES_URL}?schema={schema}&min_size=2&max_size=2")
+    reader = open_store(f"{POSTGRES_URL}?schema={schema}")
+    gate = asyncio.Event()
+    hold: asyncio.Task[Any] | None = None
+    locker: Any = None
+    try:
+        record = await store.create(SessionRecord(id="s"))
+        if path == "pool":  # keep the fast lane busy: calls go through the pool
+            hold = asyncio.create_task(store._with(lambda conn: gate.wait()))  # type: ignore[attr-defined]
+            await asyncio.sleep(0.05)
+        if moment == "statement":  # the update waits for a row lock inside its transaction
+            locker = await asyncpg.connect(POSTGRES_URL)
+            await locker.execute("BEGIN")
+            await locker.execute(f'SELECT 1 FROM "{schema}".sessions WHERE id = $1 FOR UPDATE', "s")
+        task = asyncio.create_task(store.update(record, record.version))
+        await asyncio.sleep(0 if moment == "begin" else 0.2)  # "begin": BEGIN is in flight
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        if locker is not None:
+            await locker.execute("ROLLBACK")
+        assert await store.append("s", [ev(1)], 0) == 1
+        assert (await reader.get("s")).head == 1  # committed: another store sees it
+        assert [json.loads(r.data)["n"] for r in await read_all(reader, "s")] == [1]
+    finally:
+        gate.set()
+        if hold is not None:
+            await hold
+        if locker is not None:
+            await locker.close()
+        await store.aclose()
+        await reader.aclose()
+
+
+async def test_a_transaction_left_open_on_the_fast_lane_is_rolled_back(schema: str) -> None:
+    store = open_store(f"{POSTGRES_URL}?schema={schema}&min_size=1&max_size=1")
+    reader = open_store(f"{POSTGRES_URL}?schema={schema}")
+    try:
+        await store.create(SessionRecord(id="s"))
+        await store._with(lambda conn: conn.execute("BEGIN"))  # type: ignore[attr-defined]
+        assert await store.append("s", [ev(1)], 0) == 1
+        assert (await reader.get("s")).head == 1
+    finally:
+        await store.aclose()
+        await reader.aclose()
+
+
+async def test_read_checks_its_arguments_before_any_io() -> None:
+    store = open_store("postgresql://postgres@127.0.0.1:1/test?connect_timeout=2")
+    try:
+        for kwargs in ({"after_seq": -1}, {"upto_seq": -1}, {"batch_size": 0}, {"after_seq": True}):
+            with pytest.raises(ValueError, match="must be"):
+                _ = [b async for b in store.read("s", **kwargs)]
+    finally:
+        await store.aclose()
+
+
+async def test_a_session_deleted_while_it_is_read_is_not_found(schema: str) -> None:
+    async with open_store(f"{POSTGRES_URL}?schema={schema}") as store:
+        await store.create(SessionRecord(id="p"))
+        await store.append("p", [ev(n) for n in range(3)], 0)
+        await store.fork("p", 3, SessionRecord(id="f"))
+        await store.append("f", [ev(n) for n in range(3, 6)], 3)
+        batches = store.read("f", batch_size=1)
+        assert [r.seq for r in await anext(batches)] == [1]  # the parent's part is planned
+        await store.delete("f")
+        with pytest.raises(SessionNotFoundError, match="during the read"):
+            async for _ in batches:
+                pass
+        assert len(await read_all(store, "p")) == 3
 
 
 @pytest.mark.parametrize("sessions", [1, 50])
@@ -127,35 +501,72 @@ async def test_four_processes_times_250_turns(schema: str, sessions: int) -> Non
             str(sessions),
             f"w{p}",
             "250",
+            "--barrier",
+            stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
         for p in range(4)
     ]
-    outs = [await p.communicate() for p in procs]
+    try:
+        for proc in procs:  # all connected, then all started at once
+            assert proc.stdout is not None and proc.stdin is not None
+            ready = await asyncio.wait_for(proc.stdout.readline(), 60)
+            if ready != b"READY\n":
+                assert proc.stderr is not None
+                pytest.fail(f"a writer did not start: {ready!r} {await proc.stderr.read()!r}")
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.write(b"GO\n")
+        outs = [await proc.communicate() for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
     for proc, (_, err) in zip(procs, outs, strict=True):
         assert proc.returncode == 0, err.decode()
     acked: dict[tuple[str, int], str] = {}
+    conflicts = 0
     for out, _ in outs:
-        for line in out.decode().splitlines():
+        *lines, last = out.decode().splitlines()
+        assert last.startswith("CONFLICTS "), last
+        conflicts += int(last.split(" ")[1])
+        for line in lines:
             _, sid, seq, payload = line.split(" ")
             assert (sid, int(seq)) not in acked
             acked[(sid, int(seq))] = payload
     assert len(acked) == 2000
+    expected = {f"w{p}-{t}-{part}" for p in range(4) for t in range(250) for part in "ua"}
+    assert set(acked.values()) == expected  # nothing lost, nothing twice
     async with open_store(url) as store:
-        total = 0
+        stored: list[str] = []
         for n in range(sessions):
-            rows = [r async for b in store.read(f"s{n}") for r in b]
+            rows = await read_all(store, f"s{n}")
             assert [r.seq for r in rows] == list(range(1, len(rows) + 1))
-            for r in rows:
-                assert acked[(f"s{n}", r.seq)] == json.loads(r.data)["p"]
-            total += len(rows)
-    assert total == 2000
+            payloads = [json.loads(r.data)["p"] for r in rows]
+            for r, payload in zip(rows, payloads, strict=True):
+                assert acked[(f"s{n}", r.seq)] == payload
+            for user, assistant in zip(payloads[::2], payloads[1::2], strict=True):
+                assert user.endswith("-u") and assistant == user[:-1] + "a"  # a turn stays whole
+            stored += payloads
+    assert sorted(stored) == sorted(expected)
+    if sessions == 1:
+        # Writers that ran one after another would conflict only on their first
+        # append (3 in all) and write in 4 runs: proof that they ran at once.
+        owners = [acked[("s0", seq)].split("-")[0] for seq in range(1, 2001, 2)]
+        switches = sum(a != b for a, b in itertools.pairwise(owners))
+        assert conflicts > 3, conflicts
+        assert switches > 3, switches
 
 
-async def test_connections_cut_and_restored(schema: str) -> None:
+async def test_connections_cut_while_appending_and_restored(schema: str) -> None:
     target = urlsplit(POSTGRES_URL)
     proxy = TCPProxy(target.hostname or "127.0.0.1", target.port or 5432).start()
+    store: Store | None = None
+    direct: Store | None = None
+    appender: asyncio.Task[None] | None = None
+    stop = asyncio.Event()
     try:
         netloc = (
             f"{target.username}@127.0.0.1:{proxy.port}"
@@ -165,29 +576,73 @@ async def test_connections_cut_and_restored(schema: str) -> None:
         url = f"postgresql://{netloc}{target.path}?schema={schema}&connect_timeout=2&command_timeout=2"
         store = open_store(url)
         await store.create(SessionRecord(id="s"))
-        head = 0
-        for n in range(30):
-            head = await store.append("s", [ev(n)], head)
-        proxy.cut()
-        for call in (store.get("s"), store.append("s", [ev(99)], head), store.list_sessions()):
-            with pytest.raises(StoreUnavailableError, match=f"127.0.0.1:{proxy.port}"):
-                await call
+        acked: dict[int, int] = {}  # seq -> n of every acknowledged append
+        failures = 0
+
+        async def append_in_a_loop(store: Store) -> None:
+            nonlocal failures
+            head, n = 0, 0
+            while not stop.is_set():
+                try:
+                    head = await store.append("s", [ev(n)], head)
+                    acked[head] = n
+                except StoreUnavailableError:
+                    failures += 1
+                    await asyncio.sleep(0.02)
+                except ConflictError as exc:  # a failed append may have been written after all
+                    assert exc.actual is not None
+                    head = exc.actual
+                n += 1
+
+        appender = asyncio.create_task(append_in_a_loop(store))
+        while len(acked) < 20:
+            await asyncio.sleep(0.01)
+        proxy.cut()  # the appender's call is in flight
+        seen = len(acked)
+        outage = re.escape(f"127.0.0.1:{proxy.port}")
+        calls: list[Callable[[Store], Awaitable[object]]] = [
+            lambda s: s.get("s"),
+            lambda s: s.append("s", [ev(-1)], 1),
+            lambda s: read_all(s, "s"),
+            lambda s: s.fork("s", 1, SessionRecord(id="f")),
+            lambda s: s.put_blob("s", b"blob"),
+            lambda s: s.list_sessions(),
+        ]
+        for call in calls:
+            with pytest.raises(StoreUnavailableError, match=outage):
+                await call(store)
+        await asyncio.sleep(0.5)  # the appender keeps failing meanwhile
         proxy.restore()
         deadline = asyncio.get_running_loop().time() + 15
-        while True:
-            try:
-                record = await store.get("s")  # the same store object recovers
-                break
-            except StoreUnavailableError:
-                if asyncio.get_running_loop().time() > deadline:
-                    raise
-                await asyncio.sleep(0.1)
-        assert record.head == 30
-        rows = [r async for b in store.read("s") for r in b]
-        assert [json.loads(r.data)["n"] for r in rows] == list(range(30))
-        assert await store.append("s", [ev(30)], 30) == 31
-        await store.aclose()
+        while len(acked) < seen + 20:  # the same store object recovers
+            assert asyncio.get_running_loop().time() < deadline, "no append after the outage"
+            await asyncio.sleep(0.05)
+        stop.set()
+        await appender  # raises whatever else it met (never "not found")
+        assert failures > 0
+        direct = open_store(f"{POSTGRES_URL}?schema={schema}")
+        for reader in (store, direct):
+            rows = await read_all(reader, "s")
+            assert [r.seq for r in rows] == list(range(1, len(rows) + 1))
+            numbers = [json.loads(r.data)["n"] for r in rows]
+            assert len(set(numbers)) == len(numbers)  # nothing twice
+            for seq, n in acked.items():  # nothing acknowledged lost
+                assert numbers[seq - 1] == n
+        head = (await store.get("s")).head
+        assert await store.append("s", [ev(10_000)], head) == head + 1
+        assert (await store.fork("s", 1, SessionRecord(id="f"))).head == 1
+        assert await store.get_blob("s", await store.put_blob("s", b"blob")) == b"blob"
+        assert len((await store.list_sessions()).records) == 2
     finally:
+        stop.set()
+        if appender is not None and not appender.done():
+            appender.cancel()
+            with contextlib.suppress(BaseException):
+                await appender
+        if store is not None:
+            await store.aclose()
+        if direct is not None:
+            await direct.aclose()
         proxy.close()
 
 

@@ -18,19 +18,45 @@ URL: a libpq-style URL (user, password, host, port, database, and
     itself unavailable.
 
 Tables ``sessions`` (the records; ``body`` is JSONB), ``events`` (primary key
-``(session_pk, seq)``), ``blobs``. Event payloads are kept in a ``text``
-column, not JSONB: JSONB would reorder keys and drop whitespace, and the store
-returns every payload byte for byte as appended (cast with ``data::jsonb`` to
-query them). Schema changes are named migrations recorded in
-``chatsession_migrations``, applied once under an advisory lock, so processes
-starting at once are safe.
+``(session_pk, seq)``; the payload ``data`` is JSONB, so it can be queried
+and indexed in place), ``blobs``. Schema changes are named migrations
+recorded in ``chatsession_migrations``, applied once under an advisory lock,
+so processes starting at once are safe. Migration ``002_events_data_jsonb``
+converts the payloads of a database made by an earlier version (it rewrites
+the events table under an exclusive lock: on a big table the first store to
+open waits for it, and so do the others). A payload that is not valid JSON
+stops it with :class:`~chatsession.errors.CorruptDataError` and changes
+nothing.
+
+Payloads come back as *equal JSON*, not byte for byte as appended (the
+other backends keep the bytes): JSONB drops insignificant whitespace, orders
+object keys (shorter keys first), keeps only the last of duplicate keys and
+writes numbers in plain decimal (``1e16`` comes back as
+``10000000000000000``, which ``json.loads`` reads as an ``int``). JSONB
+cannot hold ``\\u0000`` or an unpaired surrogate escape: appending such a
+payload, or one that is not JSON at all, raises
+:class:`~chatsession.errors.UsageError` and writes nothing.
 
 An append is one SQL statement (so one transaction and one round trip): it
 moves the head only if it is still ``expected_seq`` and inserts the events.
 Expiry is the ``expires_at`` column, checked on every read; ``purge_expired``
-deletes. Connection failures raise
-:class:`~chatsession.errors.StoreUnavailableError`; the pool replaces broken
-connections, so the same store object works again when the server is back.
+deletes in bounded batches that skip sessions locked by other calls.
+
+Driver errors are translated where they happen:
+
+- the server or the network is down, refuses service (starting up, shutting
+  down, too many connections, out of disk, read-only standby) or does not
+  answer in time (``command_timeout``, ``statement_timeout``, a cancelled
+  statement): :class:`~chatsession.errors.StoreUnavailableError`. The pool
+  replaces broken connections, so the same store object works again when
+  the server is back;
+- a refused login or a missing database: :class:`~chatsession.errors.InvalidURLError`;
+- chatsession's tables missing or changed, or data the server reports as
+  damaged: :class:`~chatsession.errors.CorruptDataError`;
+- a value the server rejects: :class:`~chatsession.errors.UsageError`;
+- a deadlock or serialization failure is retried (the transaction was rolled
+  back, so nothing was written); if it persists, and for anything else the
+  server refuses (a missing privilege, say): :class:`~chatsession.errors.StoreError`.
 """
 
 from __future__ import annotations
@@ -39,25 +65,30 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import random
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from functools import partial
-from typing import Any, Self, TypeAlias, TypeVar
+from typing import Any, NoReturn, Self, TypeAlias, TypeVar
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import asyncpg
+import asyncpg.exceptions as pgerr
 from asyncpg.pool import PoolConnectionProxy
 
 from chatsession.errors import (
     BlobNotFoundError,
     ChatSessionClosedError,
+    ChatSessionError,
     ConflictError,
     CorruptDataError,
     InvalidURLError,
     SessionExistsError,
     SessionNotFoundError,
+    StoreError,
     StoreUnavailableError,
+    UsageError,
 )
 from chatsession.store.base import (
     DEFAULT_READ_BATCH,
@@ -70,6 +101,7 @@ from chatsession.store.base import (
     check_append,
     check_fork_point,
     check_limit,
+    check_read,
     decode_cursor,
     encode_cursor,
     fork_segments,
@@ -82,13 +114,17 @@ from chatsession.store.base import (
 __all__ = ["MIGRATIONS", "PostgresStore"]
 
 
-async def _no_reset(conn: Conn) -> None:
-    """Skip the pool's per-release reset round trip.
+async def _reset(conn: Conn) -> None:
+    """The pool's reset on release: roll back a transaction left open, nothing more.
 
-    The store leaves no session state on a connection: no ``SET`` beyond the
-    pool's server settings, no ``LISTEN``, only transaction-scoped advisory
-    locks, and every transaction is closed before release.
+    asyncpg's own full reset (``RESET ALL`` and friends) costs a round trip
+    per release and undoes nothing the store leaves behind: no ``SET`` beyond
+    the pool's server settings, no ``LISTEN``, only transaction-scoped
+    advisory locks. A call cancelled mid-transaction does leave one open, and
+    it must not swallow the next caller's writes.
     """
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
 
 
 async def _fetch(sql: str, args: tuple[Any, ...], conn: Conn) -> list[asyncpg.Record]:
@@ -107,6 +143,9 @@ _OPTIONS = {
 }
 _PASSTHROUGH = {"sslmode", "application_name"}
 _READ_CHUNK = 10_000  # rows fetched per query; yielded in batch_size slices
+_PURGE_BATCH = 100  # sessions deleted per purge transaction
+_ATTEMPTS = 3  # tries of a call the server aborted as a deadlock or serialization failure
+_MIGRATION_TIMEOUT = 3600.0  # seconds a migration statement (or the wait for one) may take
 _SCHEMA_RE = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 
@@ -155,25 +194,57 @@ def _migration_1(s: str) -> list[str]:
     ]
 
 
+def _migration_2(s: str) -> list[str]:
+    # One statement, so it is atomic; a payload that is not JSON aborts it.
+    return [f"ALTER TABLE {s}.events ALTER COLUMN data TYPE jsonb USING data::jsonb"]
+
+
 #: Applied in order, each once, recorded by name. Never edit or reorder: append.
 MIGRATIONS: list[tuple[str, Callable[[str], list[str]]]] = [
     ("001_sessions_events_blobs", _migration_1),
+    ("002_events_data_jsonb", _migration_2),
 ]
 
-_UNAVAILABLE = (
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.exceptions.CannotConnectNowError,
-    asyncpg.exceptions.AdminShutdownError,
-    asyncpg.exceptions.TooManyConnectionsError,
-    OSError,
-    asyncio.TimeoutError,
-    ConnectionError,
+#: The server or the network is down, refuses service, or did not answer in time.
+_OUTAGE: tuple[type[BaseException], ...] = (
+    OSError,  # refused, reset, unreachable; TimeoutError (command_timeout) is one too
+    pgerr.PostgresConnectionError,  # class 08: the connection failed or was lost
+    pgerr.OperatorInterventionError,  # class 57: shutting down, starting up, cancelled
+    pgerr.InsufficientResourcesError,  # class 53: too many connections, disk full, no memory
+    pgerr.PostgresSystemError,  # class 58: an I/O error on the server
+    pgerr.LockNotAvailableError,  # lock_timeout ran out
+    pgerr.ReadOnlySQLTransactionError,  # a standby, or the server is read-only
+)
+
+#: Aborted by the server to break a deadlock or a serialization conflict:
+#: nothing was written, so the call is tried again.
+_RETRY: tuple[type[BaseException], ...] = (
+    pgerr.DeadlockDetectedError,
+    pgerr.SerializationError,
 )
 
 
+def _is_outage(exc: BaseException) -> bool:
+    if isinstance(exc, _OUTAGE):
+        return True
+    # asyncpg's plain InterfaceError also says "connection is closed" when the
+    # server went away between calls; its subclasses are configuration errors.
+    return type(exc) is pgerr.InterfaceError and "is closed" in str(exc)
+
+
+def _describe(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    detail = getattr(exc, "detail", None)
+    return f"{text}; {detail}" if detail else text
+
+
 class PostgresStore:
-    """The PostgreSQL store (``postgresql://``). See the module docstring."""
+    """The PostgreSQL store (``postgresql://``). See the module docstring.
+
+    Payloads are kept as JSONB: ``read`` returns them as JSON equal to what
+    was appended, with whitespace and key order normalised (not byte for
+    byte as the other backends do); see the module docstring for the details.
+    """
 
     def __init__(
         self,
@@ -255,13 +326,73 @@ class PostgresStore:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    # -- plumbing --------------------------------------------------------------
+    # -- errors ----------------------------------------------------------------
 
     def _unavailable(self, exc: BaseException) -> StoreUnavailableError:
         return StoreUnavailableError(
-            f"PostgreSQL at {self.address} is unavailable ({type(exc).__name__}: {exc}); check "
+            f"PostgreSQL at {self.address} is unavailable ({_describe(exc)}); check "
             "that the server is running and reachable and the URL is right, then retry"
         )
+
+    def _translate(self, exc: BaseException) -> BaseException:
+        """The chatsession error for a driver or network error; any other is returned as is."""
+        if isinstance(exc, ChatSessionError) or not isinstance(exc, Exception):
+            return exc
+        where, what = f"PostgreSQL at {self.address}", _describe(exc)
+        if self._closed:
+            return ChatSessionClosedError(f"store {self.url} was closed during the call")
+        if isinstance(exc, pgerr.ReadOnlySQLTransactionError):
+            return StoreUnavailableError(
+                f"{where} refuses writes ({what}): it is a standby or read-only; point the "
+                "URL at the primary, or retry once a failover has finished"
+            )
+        if _is_outage(exc):
+            return self._unavailable(exc)
+        if isinstance(exc, pgerr.InvalidAuthorizationSpecificationError):
+            return InvalidURLError(
+                f"{where} refused the login ({what}); check the user and password in the "
+                "URL (and the server's pg_hba.conf)"
+            )
+        if isinstance(exc, pgerr.InvalidCatalogNameError):
+            return InvalidURLError(f"{where}: {what}; create the database or fix the URL")
+        if isinstance(exc, pgerr.ClientConfigurationError):
+            return InvalidURLError(f"the PostgreSQL URL {self.url} cannot be used ({what})")
+        if isinstance(
+            exc,
+            (pgerr.UndefinedTableError, pgerr.UndefinedColumnError, pgerr.InvalidSchemaNameError),
+        ):
+            return CorruptDataError(
+                f"chatsession's tables in schema {self.schema!r} at {self.address} are missing "
+                f"or were changed by hand ({what}); restore them from a backup"
+            )
+        if isinstance(exc, (pgerr.DataCorruptedError, pgerr.IndexCorruptedError)):
+            return CorruptDataError(f"{where} reports damaged data ({what}); restore from a backup")
+        if isinstance(exc, pgerr.InsufficientPrivilegeError):
+            return StoreError(
+                f"{where} denied access ({what}); grant the URL's user the privileges on "
+                f"schema {self.schema!r} and its tables, or connect as their owner"
+            )
+        if isinstance(exc, _RETRY):
+            return StoreError(
+                f"{where} aborted the call {_ATTEMPTS} times ({what}); nothing was written: "
+                "retry later"
+            )
+        if isinstance(exc, pgerr.DataError):  # class 22, or a value the driver cannot encode
+            return UsageError(f"{where} rejected a value of the call ({what}); fix the arguments")
+        if isinstance(exc, (pgerr.PostgresError, pgerr.InterfaceError, pgerr.InternalClientError)):
+            return StoreError(
+                f"{where} failed ({what}); nothing is known to have been written: retry, "
+                "and report a bug if it persists"
+            )
+        return exc
+
+    def _raise(self, exc: BaseException) -> NoReturn:
+        translated = self._translate(exc)
+        if translated is exc:
+            raise exc
+        raise translated from exc
+
+    # -- plumbing --------------------------------------------------------------
 
     async def _get_pool(self) -> asyncpg.Pool:
         if self._closed:
@@ -280,29 +411,27 @@ class PostgresStore:
                         command_timeout=self._command_timeout,
                         timeout=self._connect_timeout,
                         server_settings={"synchronous_commit": self.synchronous_commit},
-                        reset=_no_reset,
+                        reset=_reset,
                     )
-                except _UNAVAILABLE as exc:
-                    raise self._unavailable(exc) from exc
-                except asyncpg.InvalidCatalogNameError as exc:
-                    raise StoreUnavailableError(
-                        f"PostgreSQL at {self.address}: {exc}; create the database first"
-                    ) from exc
+                except Exception as exc:
+                    self._raise(exc)
                 try:
                     async with pool.acquire() as conn:
                         await self._migrate(conn)
-                except BaseException:
-                    await pool.close()
-                    raise
+                except BaseException as exc:
+                    pool.terminate()
+                    self._raise(exc)
                 self._pool = pool
         assert self._pool is not None
         return self._pool
 
     async def _migrate(self, conn: Conn) -> None:
-        s = self._s
+        s, wait = self._s, _MIGRATION_TIMEOUT
         async with conn.transaction():
             await conn.execute(
-                "SELECT pg_advisory_xact_lock(hashtext($1))", f"chatsession:{self.schema}"
+                "SELECT pg_advisory_xact_lock(hashtext($1))",
+                f"chatsession:{self.schema}",
+                timeout=wait,
             )
             await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {s}")
             await conn.execute(
@@ -313,8 +442,15 @@ class PostgresStore:
             for name, migration in MIGRATIONS:
                 if name in done:
                     continue
-                for statement in migration(s):
-                    await conn.execute(statement)
+                try:
+                    for statement in migration(s):
+                        await conn.execute(statement, timeout=wait)
+                except pgerr.DataError as exc:
+                    raise CorruptDataError(
+                        f"PostgreSQL at {self.address}, schema {self.schema!r}: migration {name} "
+                        f"cannot convert the stored data ({_describe(exc)}); nothing was changed: "
+                        "repair or delete the rows it names, then open the store again"
+                    ) from exc
                 await conn.execute(
                     f"INSERT INTO {s}.chatsession_migrations (name) VALUES ($1)", name
                 )
@@ -332,18 +468,28 @@ class PostgresStore:
                 return None
             try:
                 self._lane = await pool.acquire(timeout=self._connect_timeout)
-            except _UNAVAILABLE:
+            except Exception as exc:
+                if not _is_outage(exc):
+                    self._raise(exc)
                 self._lane_retry_at = time.monotonic() + 1.0
                 return None
         return self._lane
 
     async def _drop_lane(self, pool: asyncpg.Pool) -> None:
+        """Hand the lane back to the pool (which rolls back what it left open)."""
         lane, self._lane = self._lane, None
         if lane is not None:
             with contextlib.suppress(Exception):
                 await pool.release(lane, timeout=1)
 
-    async def _with(self, fn: Callable[[Conn], Awaitable[T]], *, tx: bool = False) -> T:
+    @staticmethod
+    async def _run(conn: Conn, fn: Callable[[Conn], Awaitable[T]], tx: bool) -> T:
+        if not tx:
+            return await fn(conn)
+        async with conn.transaction():
+            return await fn(conn)
+
+    async def _attempt(self, fn: Callable[[Conn], Awaitable[T]], tx: bool) -> T:
         pool = await self._get_pool()
         if self._lane_lock is None:
             self._lane_lock = asyncio.Lock()
@@ -352,24 +498,40 @@ class PostgresStore:
                 lane = await self._lane_connection(pool)
                 if lane is not None:
                     try:
-                        if not tx:
-                            return await fn(lane)
-                        async with lane.transaction():
-                            return await fn(lane)
-                    except _UNAVAILABLE as exc:
-                        await self._drop_lane(pool)
-                        raise self._unavailable(exc) from exc
-                    except asyncio.CancelledError:
-                        await self._drop_lane(pool)  # it may be mid-query: do not reuse
+                        result = await self._run(lane, fn, tx)
+                    except BaseException as exc:
+                        # cancelled (it may be mid-query), broken, or left in a
+                        # transaction: never reuse it; the pool cleans it up
+                        if (
+                            isinstance(exc, asyncio.CancelledError)
+                            or _is_outage(exc)
+                            or lane.is_closed()
+                            or lane.is_in_transaction()
+                        ):
+                            await self._drop_lane(pool)
                         raise
-        try:
-            async with pool.acquire() as conn:
-                if not tx:
-                    return await fn(conn)
-                async with conn.transaction():
-                    return await fn(conn)
-        except _UNAVAILABLE as exc:
-            raise self._unavailable(exc) from exc
+                    if lane.is_in_transaction():
+                        await self._drop_lane(pool)
+                    return result
+        async with pool.acquire() as conn:
+            return await self._run(conn, fn, tx)
+
+    async def _with(self, fn: Callable[[Conn], Awaitable[T]], *, tx: bool = False) -> T:
+        """Run ``fn`` on a connection (in a transaction if ``tx``), translating errors."""
+        for attempt in range(1, _ATTEMPTS + 1):
+            try:
+                return await self._attempt(fn, tx)
+            except _RETRY as exc:
+                if attempt == _ATTEMPTS:
+                    self._raise(exc)
+                await asyncio.sleep(random.uniform(0.01, 0.05) * attempt)
+            except pgerr.ReadOnlySQLTransactionError as exc:
+                if self._pool is not None:  # after a failover: new connections, maybe a new primary
+                    await self._pool.expire_connections()
+                self._raise(exc)
+            except Exception as exc:
+                self._raise(exc)
+        raise AssertionError("unreachable")
 
     # -- rows ------------------------------------------------------------------
 
@@ -585,7 +747,7 @@ class PostgresStore:
         ), added AS (
             INSERT INTO {s}.events (session_pk, seq, type, ts, turn_id, v, data)
             SELECT moved.pk, $2 + e.ord, e.type, e.ts, e.turn_id, e.v, e.data
-            FROM moved, unnest($5::text[], $6::float8[], $7::text[], $8::int[], $9::text[])
+            FROM moved, unnest($5::text[], $6::float8[], $7::text[], $8::int[], $9::jsonb[])
                 WITH ORDINALITY AS e(type, ts, turn_id, v, data, ord)
             RETURNING 1
         )
@@ -613,7 +775,24 @@ class PostgresStore:
             try:
                 added = await conn.fetchval(sql, *args)
             except asyncpg.UniqueViolationError:
-                added = 0
+                # the head matched but seq expected_seq + 1 is taken: unless
+                # another writer moved the head since, the log is damaged, and
+                # a conflict would send the caller's retry loop round forever
+                row = await self._visible_row(conn, session_id)
+                if row["head"] != expected_seq:
+                    raise ConflictError(session_id, expected_seq, row["head"]) from None
+                raise CorruptDataError(
+                    f"session {session_id!r}: PostgreSQL holds events after seq {expected_seq} "
+                    f"but the session's head is {expected_seq} (the events and sessions tables "
+                    "disagree, as after a partial restore); restore both from one backup"
+                ) from None
+            except pgerr.DataError as exc:
+                raise UsageError(
+                    f"cannot append to session {session_id!r}: PostgreSQL rejected an event "
+                    f"({_describe(exc)}); data must be JSON text that jsonb accepts (no "
+                    "\\u0000, no unpaired surrogates), type and turn_id strings, ts a number; "
+                    "nothing was written"
+                ) from exc
             if added == len(events):
                 return expected_seq + len(events)
             row = await self._visible_row(conn, session_id)
@@ -629,7 +808,13 @@ class PostgresStore:
         *,
         batch_size: int = DEFAULT_READ_BATCH,
     ) -> AsyncIterator[list[StoredEvent]]:
-        """See :meth:`Store.read`."""
+        """See :meth:`Store.read`.
+
+        Payloads come back as JSON equal to what was appended, normalised by
+        JSONB (see the module docstring). A session deleted while it is read
+        raises ``SessionNotFoundError`` at the next batch that misses rows.
+        """
+        check_read(after_seq, upto_seq, batch_size)
         validate_id(session_id)
 
         sql = (
@@ -638,7 +823,9 @@ class PostgresStore:
         )
         chunk = max(batch_size, _READ_CHUNK)
 
-        async def plan(conn: Conn) -> tuple[list[tuple[int, int, int]], list[asyncpg.Record]]:
+        async def plan(
+            conn: Conn,
+        ) -> tuple[int, list[tuple[int, int, int]], list[asyncpg.Record]]:
             row = await self._visible_row(conn, session_id)
             lineage = [(row["pk"], row["parent_seq"] or 0)]
             if row["parent_pk"] is not None:
@@ -648,9 +835,9 @@ class PostgresStore:
             if segments:
                 pk, lo, hi = segments[0]
                 first = await conn.fetch(sql, pk, lo, hi, chunk)
-            return segments, first
+            return row["pk"], segments, first
 
-        segments, rows = await self._with(plan)
+        own_pk, segments, rows = await self._with(plan)
         make = StoredEvent._make
         for index, (pk, lo, hi) in enumerate(segments):
             start = lo
@@ -661,6 +848,7 @@ class PostgresStore:
                 if len(rows) != expected or (
                     rows and (rows[0][0] != start + 1 or rows[-1][0] != start + expected)
                 ):
+                    await self._check_still_there(session_id, own_pk)
                     raise CorruptDataError(
                         f"session {session_id!r}: events {start + 1}..{start + expected} are "
                         f"incomplete in PostgreSQL (found {len(rows)}); restore from a backup"
@@ -668,6 +856,15 @@ class PostgresStore:
                 for i in range(0, len(rows), batch_size):
                     yield list(map(make, rows[i : i + batch_size]))
                 start += expected
+
+    async def _check_still_there(self, session_id: str, pk: int) -> None:
+        """Raise ``SessionNotFoundError`` if the session read as row ``pk`` is gone."""
+        try:
+            row = await self._with(lambda conn: self._visible_row(conn, session_id))
+        except SessionNotFoundError as exc:
+            raise SessionNotFoundError(session_id, "deleted or expired during the read") from exc
+        if row["pk"] != pk:
+            raise SessionNotFoundError(session_id, "deleted during the read, and created again")
 
     async def fork(self, session_id: str, at_seq: int, new_record: SessionRecord) -> SessionRecord:
         """See :meth:`Store.fork`."""
@@ -729,20 +926,31 @@ class PostgresStore:
     # -- upkeep ----------------------------------------------------------------
 
     async def purge_expired(self, before: float | None = None) -> int:
-        """See :meth:`Store.purge_expired`."""
-        at = now() if before is None else before
+        """See :meth:`Store.purge_expired`.
 
-        async def work(conn: Conn) -> int:
-            rows = await conn.fetch(
-                f"SELECT pk FROM {self._s}.sessions WHERE NOT deleted AND expires_at IS NOT NULL "
-                "AND expires_at <= $1 FOR UPDATE",
-                at,
-            )
+        Deletes in transactions of at most 100 sessions, oldest expiry first,
+        skipping sessions that another call holds locked (a concurrent
+        ``delete`` or ``purge_expired``): those are left for that call or the
+        next purge, so purges never wait for, or deadlock with, other calls.
+        """
+        at = now() if before is None else before
+        sql = (
+            f"SELECT pk FROM {self._s}.sessions WHERE NOT deleted AND expires_at IS NOT NULL "
+            "AND expires_at <= $1 ORDER BY expires_at, pk LIMIT $2 FOR UPDATE SKIP LOCKED"
+        )
+
+        async def batch(conn: Conn) -> int:
+            rows = await conn.fetch(sql, at, _PURGE_BATCH)
             for row in rows:
                 await self._remove(conn, row["pk"])
             return len(rows)
 
-        return await self._with(work, tx=True)
+        total = 0
+        while True:
+            done = await self._with(batch, tx=True)
+            total += done
+            if done < _PURGE_BATCH:
+                return total
 
     async def aclose(self) -> None:
         """Close the connection pool. Idempotent."""
