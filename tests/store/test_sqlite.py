@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import subprocess
 import sys
@@ -10,7 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from chatsession import InvalidURLError, NewEvent, SessionRecord, StoreUnavailableError, open_store
+from chatsession import (
+    InvalidURLError,
+    NewEvent,
+    SessionNotFoundError,
+    SessionRecord,
+    StoreUnavailableError,
+    open_store,
+)
 from chatsession.store.sqlite import MIGRATIONS, SQLiteStore
 
 
@@ -138,3 +146,17 @@ async def test_listing_by_state_uses_its_index(tmp_path: Path) -> None:
             ).fetchall()
         )
     assert "sessions_by_state" in " ".join(str(row) for row in plan)
+
+
+async def test_a_session_deleted_during_a_read_is_not_found_not_damaged(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/s.db"
+    async with open_store(url) as reader, open_store(url) as deleter:
+        await reader.create(SessionRecord(id="s"))
+        events = [NewEvent("message", json.dumps({"n": i}), float(i)) for i in range(100)]
+        await reader.append("s", events, 0)
+        batches = reader.read("s", batch_size=10)
+        first = await anext(batches)
+        assert [r.seq for r in first] == list(range(1, 11))
+        await deleter.delete("s")
+        with pytest.raises(SessionNotFoundError):
+            await anext(batches)

@@ -601,6 +601,8 @@ class SQLiteStore:
                 if len(rows) != expected or (
                     rows and (rows[0][0] != start + 1 or rows[-1][0] != start + expected)
                 ):
+                    # deleted (or expired) since the read began: not damage
+                    await self._run(lambda db: self._visible_row(db, session_id))
                     raise CorruptDataError(
                         f"session {session_id!r} in {self.path!r}: events {start + 1}.."
                         f"{start + expected} are incomplete (found {len(rows)}); the file is "
