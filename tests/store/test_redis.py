@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import socket
 import ssl
@@ -20,6 +22,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.connection import SSLConnection
+from redis.crc import key_slot
 
 import chatsession.store.redis as redis_module
 from chatsession import (
@@ -27,12 +30,15 @@ from chatsession import (
     CorruptDataError,
     InvalidURLError,
     NewEvent,
+    SessionExistsError,
     SessionNotFoundError,
     SessionRecord,
     StoreError,
     StoreUnavailableError,
     open_store,
 )
+from chatsession.store import redis_scripts
+from chatsession.store.base import ParentRef, initial_record
 from chatsession.store.redis import RedisStore
 
 REDIS_URL = os.environ.get("CHATSESSION_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
@@ -134,7 +140,63 @@ async def test_tls_and_pool_options_reach_the_connection_pool() -> None:
 # -- layout and expiry ---------------------------------------------------------------
 
 
-async def test_every_key_is_under_the_prefix_and_hash_tagged(prefix: str) -> None:
+async def ids_in(raw: aioredis.Redis, key: str) -> dict[str, float]:
+    """The session ids in an index sorted set (members are ``ID#STAMP``), with scores."""
+    return {m.decode().split("#")[0]: s for m, s in await raw.zrange(key, 0, -1, withscores=True)}
+
+
+async def assert_whole(raw: aioredis.Redis, prefix: str) -> None:
+    """The index slot agrees exactly with the records, and no fork dangles.
+
+    Call it once every change has finished or been cleaned up: each live
+    session is in exactly the indexes its record names, under its own
+    incarnation; tombstones are in none and have forks; nothing else is due.
+    """
+    keys = {k.decode() async for k in raw.scan_iter(match=f"{prefix}*", count=1000)}
+    idx = f"{prefix}{{idx}}"
+    recs: dict[str, dict[str, str]] = {}
+    for key in sorted(k for k in keys if k.endswith(":rec") and not k.startswith(idx)):
+        r = {a.decode(): b.decode() for a, b in (await raw.hgetall(key)).items()}
+        recs[r["id"]] = r
+    member = {sid: f"{sid}#{r['stamp']}" for sid, r in recs.items()}
+    live = {sid for sid, r in recs.items() if r["deleted"] != "1"}
+    tombs = set(recs) - live
+    for key in keys - {k for k in keys if k.startswith(idx)}:
+        assert key.split("{")[1].split("}")[0] in recs, f"{key} belongs to no record"
+    where = {m.decode() for m in await raw.hkeys(f"{idx}:where")}
+    assert where == {member[sid] for sid in recs}, "where lists exactly the stored incarnations"
+    due = {m.decode() for m in await raw.zrange(f"{idx}:due", 0, -1)}
+    assert due <= {member[sid] for sid in tombs}, f"unfinished changes: {due}"
+    expected: dict[str, set[str]] = {}
+    for sid in live:
+        r = recs[sid]
+        names = [f"{idx}:all"]
+        names += [f"{idx}:{k}:{r[k + '_id']}" for k in ("user", "agent", "window") if r[k + "_id"]]
+        for name in names:
+            expected.setdefault(name, set()).add(member[sid])
+    listing = {
+        k
+        for k in keys
+        if k == f"{idx}:all"
+        or k.removeprefix(f"{idx}:").split(":")[0] in ("user", "agent", "window")
+    }
+    actual = {k: {m.decode() for m in await raw.zrange(k, 0, -1)} for k in listing}
+    assert actual == expected
+    expiring = {m.decode() for m in await raw.zrange(f"{idx}:expiry", 0, -1)}
+    assert expiring == {member[sid] for sid in live if recs[sid]["expires_at"]}
+    for sid in recs:
+        forks = {m.decode() for m in await raw.zrange(f"{prefix}{{{sid}}}:forks", 0, -1)}
+        for fork in forks:
+            child = fork.split("#")[0]
+            assert child in recs and member[child] == fork, f"{sid} holds a dangling fork {fork}"
+            assert recs[child]["parent_id"] == sid
+        if sid in tombs:
+            assert forks, f"the tombstone {sid} has no forks left and should be gone"
+
+
+async def test_every_key_is_under_the_prefix_and_hash_tagged(
+    prefix: str, raw: aioredis.Redis
+) -> None:
     async with open_store(f"{REDIS_URL}?prefix={prefix}") as store:
         await store.create(SessionRecord(id="s1", user_id="alice", agent_id="bot", window_id="w"))
         await store.append("s1", [ev(1), ev(2)], 0)
@@ -150,6 +212,7 @@ async def test_every_key_is_under_the_prefix_and_hash_tagged(prefix: str) -> Non
             f"{prefix}{{s1}}:rec",
             f"{prefix}{{s1}}:ev",
             f"{prefix}{{s1}}:blob",
+            f"{prefix}{{s1}}:forks",
             f"{prefix}{{s2}}:rec",
             f"{prefix}{{s3}}:rec",
         ]
@@ -161,7 +224,8 @@ async def test_every_key_is_under_the_prefix_and_hash_tagged(prefix: str) -> Non
         f"{prefix}{{idx}}:window:w",
         f"{prefix}{{idx}}:expiry",
         f"{prefix}{{idx}}:where",
-    }
+    }  # and no :due: every change finished
+    await assert_whole(raw, prefix)
 
 
 async def test_native_expiry_and_stale_index_members(prefix: str, raw: aioredis.Redis) -> None:
@@ -177,15 +241,16 @@ async def test_native_expiry_and_stale_index_members(prefix: str, raw: aioredis.
         await asyncio.sleep(1.2)
         # Redis has evicted the keys; the index member is stale until cleanup
         assert await raw.exists(f"{prefix}{{brief}}:rec") == 0
-        assert await raw.zscore(f"{prefix}{{idx}}:user:u", "brief") is not None
+        assert "brief" in await ids_in(raw, f"{prefix}{{idx}}:user:u")
         assert [r.id for r in (await store.list_sessions(user_id="u")).records] == ["kept"]
         with pytest.raises(SessionNotFoundError):
             await store.get("brief")
         assert await store.purge_expired() == 1
         for index in ("user:u", "all", "expiry"):
-            assert await raw.zscore(f"{prefix}{{idx}}:{index}", "brief") is None
-        assert await raw.hexists(f"{prefix}{{idx}}:where", "brief") == 0
+            assert "brief" not in await ids_in(raw, f"{prefix}{{idx}}:{index}")
+        assert not [m for m in await raw.hkeys(f"{prefix}{{idx}}:where") if m.startswith(b"brief")]
         assert await store.purge_expired() == 0
+        await assert_whole(raw, prefix)
 
 
 async def test_listings_hide_an_expired_parent_whose_keys_remain(
@@ -217,8 +282,10 @@ async def test_a_parent_with_forks_never_expires_natively(prefix: str, raw: aior
         assert [r.seq for r in rows] == [1, 2]
         assert await store.purge_expired() == 1
         assert [r.seq for r in await read_all(store, "f")] == [1, 2]
+        await assert_whole(raw, prefix)
         await store.delete("f")
         assert [k async for k in raw.scan_iter(match=f"{prefix}{{p}}*")] == []
+        await assert_whole(raw, prefix)
 
 
 async def test_a_fork_evicted_by_redis_releases_its_parent(
@@ -230,11 +297,12 @@ async def test_a_fork_evicted_by_redis_releases_its_parent(
         await store.fork("p", 1, SessionRecord(id="brief", expires_at=time.time() + 0.5))
         await store.fork("p", 1, SessionRecord(id="kept"))
         await store.delete("p")  # a tombstone, for its two forks
-        assert await raw.hget(f"{prefix}{{p}}:rec", "children") == b"2"
+        assert await raw.zcard(f"{prefix}{{p}}:forks") == 2
         await asyncio.sleep(0.7)
         assert await raw.exists(f"{prefix}{{brief}}:rec") == 0  # gone natively
         assert await store.purge_expired() == 1
-        assert await raw.hget(f"{prefix}{{p}}:rec", "children") == b"1"
+        assert await raw.zcard(f"{prefix}{{p}}:forks") == 1
+        await assert_whole(raw, prefix)
         await store.delete("kept")  # the last fork: the tombstone goes too
         left = [k async for k in raw.scan_iter(match=f"{prefix}*")]
         assert left == [], left
@@ -248,35 +316,38 @@ async def test_an_id_reused_after_native_expiry_starts_clean(
         await store.append("s", [ev(1)], 0)
         await asyncio.sleep(0.5)
         await store.create(SessionRecord(id="s", user_id="new"))
+        # the old incarnation's entries are still there, but never shown as the new one
+        assert "s" in await ids_in(raw, f"{prefix}{{idx}}:user:old")
         assert (await store.list_sessions(user_id="old")).records == []
-        assert await raw.zscore(f"{prefix}{{idx}}:user:old", "s") is None
-        assert await raw.zscore(f"{prefix}{{idx}}:expiry", "s") is None
         assert [r.id for r in (await store.list_sessions(user_id="new")).records] == ["s"]
+        assert [r.id for r in (await store.list_sessions()).records] == ["s"]
         assert await read_all(store, "s") == []
-        assert await store.purge_expired() == 0
+        assert await store.purge_expired() == 1  # the old incarnation's leftovers
+        assert "s" not in await ids_in(raw, f"{prefix}{{idx}}:user:old")
+        assert "s" not in await ids_in(raw, f"{prefix}{{idx}}:expiry")
         assert (await store.get("s")).user_id == "new"
+        await assert_whole(raw, prefix)
 
 
-async def test_update_moves_indexes_and_expiry_in_one_step(
-    prefix: str, raw: aioredis.Redis
-) -> None:
+async def test_update_moves_indexes_and_expiry(prefix: str, raw: aioredis.Redis) -> None:
     async with open_store(f"{REDIS_URL}?prefix={prefix}") as store:
         rec = await store.create(SessionRecord(id="s", user_id="a"))
         await store.append("s", [ev(1)], 0)
         later = time.time() + 100
         rec = await store.update(rec.model_copy(update={"user_id": "b", "expires_at": later}), 1)
         assert [r.id for r in (await store.list_sessions(user_id="b")).records] == ["s"]
-        assert await raw.zscore(f"{prefix}{{idx}}:user:a", "s") is None
+        assert "s" not in await ids_in(raw, f"{prefix}{{idx}}:user:a")
         for key in ("rec", "ev"):
             assert abs(await raw.pexpiretime(f"{prefix}{{s}}:{key}") - later * 1000) < 2
-        assert await raw.zscore(f"{prefix}{{idx}}:expiry", "s") == pytest.approx(later)
+        assert (await ids_in(raw, f"{prefix}{{idx}}:expiry"))["s"] == pytest.approx(later)
         await store.fork("s", 1, SessionRecord(id="f"))
         rec = await store.get("s")
         await store.update(rec.model_copy(update={"expires_at": time.time() + 0.2}), rec.version)
         assert await raw.pttl(f"{prefix}{{s}}:rec") == -1  # it has a fork: no native expiry
         rec = await store.get("f")
         await store.update(rec.model_copy(update={"expires_at": None}), rec.version)
-        assert await raw.zscore(f"{prefix}{{idx}}:expiry", "f") is None
+        assert "f" not in await ids_in(raw, f"{prefix}{{idx}}:expiry")
+        await assert_whole(raw, prefix)
 
 
 # -- listing -------------------------------------------------------------------------
@@ -337,19 +408,198 @@ async def test_listing_keyset_with_ties_under_deletes(prefix: str) -> None:
         assert rest == [f"s{i:02d}" for i in range(24, -1, -1)]
 
 
-# -- writes that fail half way ------------------------------------------------------
+# -- writes across slots, and writes that fail half way ------------------------------
+
+GRACE = 1.0  # a short grace for the tests that wait for cleanup (the default is 300 s)
+
+
+class Recording:
+    """Stands in for one registered script: records the keys of every call."""
+
+    def __init__(self, name: str, script: Any, calls: list[tuple[str, list[str]]]) -> None:
+        self.name, self.script, self.calls = name, script, calls
+
+    async def __call__(self, keys: Any = None, args: Any = None, client: Any = None) -> Any:
+        self.calls.append((self.name, [k if isinstance(k, str) else k.decode() for k in keys]))
+        return await self.script(keys=keys, args=args, client=client)
+
+
+def _recording(store: RedisStore) -> list[tuple[str, list[str]]]:
+    calls: list[tuple[str, list[str]]] = []
+    store._redis()  # registers the scripts
+    for name, script in list(store._scripts.items()):
+        store._scripts[name] = Recording(name, script, calls)
+    return calls
+
+
+async def _half_fork(store: RedisStore, parent: str, at_seq: int, child: str) -> str:
+    """Run a fork's first two steps only (index lists it, parent holds it): a crash after them."""
+    stored = initial_record(SessionRecord(id=child), ParentRef(session_id=parent, seq=at_seq))
+    change = await store._intent(stored, secrets.token_hex(8))
+    args = [repr(time.time()), at_seq, change.member]
+    assert int((await store._script("hold", args, store._keys(parent)))[0]) >= 0
+    return change.member
+
+
+async def test_every_script_call_stays_in_one_hash_slot(prefix: str, raw: aioredis.Redis) -> None:
+    store = open_store(f"{REDIS_URL}?prefix={prefix}")
+    assert isinstance(store, RedisStore)
+    store._grace, store._recheck = GRACE, 0.0
+    calls = _recording(store)
+    try:
+        await store.create(SessionRecord(id="root", user_id="alice", agent_id="bot", window_id="w"))
+        await store.append("root", [ev(1), ev(2), ev(3)], 0)
+        await store.fork("root", 2, SessionRecord(id="f1", user_id="bob"))
+        await store.fork("f1", 1, SessionRecord(id="f2", user_id="bob"))  # a fork of a fork
+        f1 = await store.get("f1")
+        changed = f1.model_copy(update={"user_id": "carol", "expires_at": time.time() + 0.5})
+        await store.update(changed, f1.version)
+        await store.put_blob("root", b"blob")
+        page = await store.list_sessions(limit=1)
+        await store.list_sessions(limit=1, cursor=page.next_cursor)
+        await store.list_sessions(user_id="bob")
+        await store.create(SessionRecord(id="brief", expires_at=time.time() + 0.3))
+        await _half_fork(store, "root", 1, "half")  # a fork cut short
+        # an update cut short after its commit: the expiry set keeps the earlier time
+        stale = await store.create(SessionRecord(id="stale", expires_at=time.time() + 0.3))
+        real_place = store._place
+        store._place = _skip  # type: ignore[method-assign]
+        await store.update(stale.model_copy(update={"expires_at": time.time() + 100}), 1)
+        store._place = real_place  # type: ignore[method-assign]
+        await store.delete("root")  # a tombstone: f1 and half hold it
+        await asyncio.sleep(GRACE + 0.1)
+        assert await store.purge_expired() == 2  # brief (evicted), f1 (now a tombstone)
+        await store.delete("f2")  # the last fork: f1, then root go too
+        await store.delete("stale")
+        assert await store.purge_expired() == 0
+    finally:
+        await store.aclose()
+    assert {name for name, _ in calls} == set(redis_scripts.SCRIPTS), "exercise every script"
+    for name, keys in calls:
+        assert keys, f"{name} was called with no keys"
+        slots = {key_slot(k.encode()) for k in keys}
+        assert len(slots) == 1, f"{name} touched {len(slots)} hash slots: {keys}"
+    await assert_whole(raw, prefix)
+    assert [k async for k in raw.scan_iter(match=f"{prefix}*")] == []
+
+
+async def _skip(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def test_no_script_builds_a_key_name() -> None:
+    for name, source in redis_scripts.SCRIPTS.items():
+        assert "{" + "idx}" not in source and "'{'" not in source and '"{"' not in source, name
+        assert "ARGV[1] .." not in source, name
+
+
+async def test_a_fork_cut_short_after_two_steps_is_cleaned_up(
+    prefix: str, raw: aioredis.Redis
+) -> None:
+    async with open_store(f"{REDIS_URL}?prefix={prefix}") as store:
+        assert isinstance(store, RedisStore)
+        store._grace = GRACE
+        await store.create(SessionRecord(id="p", user_id="u"))
+        await store.append("p", [ev(1), ev(2)], 0)
+        member = await _half_fork(store, "p", 1, "half")
+        # the half-made fork is never shown
+        for kw in ({}, {"user_id": "u"}):
+            assert [r.id for r in (await store.list_sessions(**kw)).records] == ["p"]
+        with pytest.raises(SessionNotFoundError):
+            await store.get("half")
+        # cleanup leaves a change inside its grace alone: it may still commit
+        assert await store.purge_expired() == 0
+        assert await raw.zscore(f"{prefix}{{p}}:forks", member) is not None
+        await asyncio.sleep(GRACE + 0.1)
+        assert await store.purge_expired() == 0
+        assert await raw.zcard(f"{prefix}{{p}}:forks") == 0
+        await assert_whole(raw, prefix)
+        await store.delete("p")  # nothing holds it any more: really deleted
+        assert [k async for k in raw.scan_iter(match=f"{prefix}*")] == []
+
+
+async def test_cleanup_leaves_a_change_under_way_alone(prefix: str, raw: aioredis.Redis) -> None:
+    async with open_store(f"{REDIS_URL}?prefix={prefix}") as store:
+        assert isinstance(store, RedisStore)
+        await store.create(SessionRecord(id="p"))
+        await store.append("p", [ev(1)], 0)
+        stored = initial_record(SessionRecord(id="slow"), ParentRef(session_id="p", seq=1))
+        stamp = secrets.token_hex(8)
+        change = await store._intent(stored, stamp)
+        await store._script("hold", [repr(time.time()), 1, change.member], store._keys("p"))
+        assert await store.purge_expired() == 0  # meanwhile, cleanup runs
+        assert await store._create_record(stored, stamp, change.t) == 1
+        await store._disarm(change)
+        assert [r.seq for r in await read_all(store, "slow")] == [1]
+        await assert_whole(raw, prefix)
+
+
+async def test_a_commit_past_its_deadline_writes_nothing(prefix: str, raw: aioredis.Redis) -> None:
+    async with open_store(f"{REDIS_URL}?prefix={prefix}") as store:
+        assert isinstance(store, RedisStore)
+        await store.create(SessionRecord(id="p"))
+        store._grace = 1e-6  # every commit comes too late
+        for call in (
+            store.fork("p", 0, SessionRecord(id="f")),
+            store.create(SessionRecord(id="c")),
+            store.update(await store.get("p"), 1),
+            store.delete("p"),
+        ):
+            with pytest.raises(StoreUnavailableError, match="retry"):
+                await call
+        store._grace = GRACE
+        await asyncio.sleep(0.01)
+        assert await store.purge_expired() == 0
+        assert (await store.get("p")).version == 1
+        assert [r.id for r in (await store.list_sessions()).records] == ["p"]
+        await assert_whole(raw, prefix)
+
+
+async def test_a_repeated_hold_counts_once(prefix: str, raw: aioredis.Redis) -> None:
+    async with open_store(f"{REDIS_URL}?prefix={prefix}") as store:
+        assert isinstance(store, RedisStore)
+        await store.create(SessionRecord(id="p"))
+        args = [repr(time.time()), 0, "f#0123456789abcdef"]
+        first = await store._script("hold", args, store._keys("p"))
+        again = await store._script("hold", args, store._keys("p"))
+        assert first == again  # the same fork, stamped once
+        assert await raw.zcard(f"{prefix}{{p}}:forks") == 1
+
+
+async def test_cleanup_checks_the_forks_of_tombstones(prefix: str, raw: aioredis.Redis) -> None:
+    async with open_store(f"{REDIS_URL}?prefix={prefix}") as store:
+        assert isinstance(store, RedisStore)
+        store._grace, store._recheck = GRACE, 0.0
+        await store.create(SessionRecord(id="p"))
+        await store.append("p", [ev(1)], 0)
+        await store.fork("p", 1, SessionRecord(id="kept"))
+        # a crash right after the hold: the only leftover no mark points at
+        ghost = "ghost#0123456789abcdef"
+        await store._script("hold", [repr(time.time()), 1, ghost], store._keys("p"))
+        await store.delete("p")
+        assert await raw.zcard(f"{prefix}{{p}}:forks") == 2
+        await store.purge_expired()  # the ghost is inside its grace: kept
+        assert await raw.zscore(f"{prefix}{{p}}:forks", ghost) is not None
+        await asyncio.sleep(GRACE + 0.1)
+        await store.purge_expired()
+        assert await raw.zscore(f"{prefix}{{p}}:forks", ghost) is None
+        assert [r.seq for r in await read_all(store, "kept")] == [1]
+        await assert_whole(raw, prefix)
+        await store.delete("kept")
+        assert [k async for k in raw.scan_iter(match=f"{prefix}*")] == []
 
 
 class ReplyDropper:
-    """A TCP proxy in front of Redis that can lose the reply to the next EVALSHA.
+    """A TCP proxy in front of Redis that can lose the reply to an EVALSHA.
 
     The script still runs on the server: this is a connection dropped (or a
     timeout) after Redis did the work and before the client heard of it.
+    ``armed`` is True for the next EVALSHA, or the SHA1 of the script to hit.
     """
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
-        self.armed = False
+        self.armed: bool | bytes = False
         self.dropped = 0
         self.server: asyncio.Server | None = None
 
@@ -361,6 +611,11 @@ class ReplyDropper:
         if self.server is not None:
             self.server.close()
 
+    def _hits(self, data: bytes) -> bool:
+        if not self.armed or b"EVALSHA" not in data.upper():
+            return False
+        return self.armed is True or (isinstance(self.armed, bytes) and self.armed in data)
+
     async def _handle(self, creader: asyncio.StreamReader, cwriter: asyncio.StreamWriter) -> None:
         sreader, swriter = await asyncio.open_connection("127.0.0.1", self.target_port)
         drop = False
@@ -369,7 +624,7 @@ class ReplyDropper:
             nonlocal drop
             try:
                 while data := await creader.read(65536):
-                    if self.armed and b"EVALSHA" in data.upper():
+                    if self._hits(data):
                         self.armed, drop = False, True
                     swriter.write(data)
                     await swriter.drain()
@@ -404,9 +659,15 @@ async def dropper() -> AsyncIterator[ReplyDropper]:
     await proxy.close()
 
 
-async def _lost_reply(store: Any, proxy: ReplyDropper, call: Any) -> StoreUnavailableError:
-    """Run ``call`` with the reply to its script lost; return the error it raised."""
-    proxy.armed, before = True, proxy.dropped
+def _sha(name: str) -> bytes:
+    return hashlib.sha1(redis_scripts.SCRIPTS[name].encode()).hexdigest().encode()
+
+
+async def _lost_reply(
+    store: Any, proxy: ReplyDropper, call: Any, step: str | None = None
+) -> StoreUnavailableError:
+    """Run ``call`` with the reply to its script (or to its ``step``) lost; return the error."""
+    proxy.armed, before = (_sha(step) if step else True), proxy.dropped
     with pytest.raises(StoreUnavailableError) as info:
         await call
     assert proxy.dropped == before + 1, "the proxy did not intercept the script"
@@ -421,7 +682,7 @@ async def _proxied(prefix: str, proxy: ReplyDropper) -> RedisStore:
     assert isinstance(store, RedisStore)
     # load every script first, so the dropped reply is the script's, not a NOSCRIPT
     loader = aioredis.Redis.from_url(REDIS_URL)
-    for source in redis_module._SCRIPTS.values():
+    for source in redis_scripts.SCRIPTS.values():
         await loader.script_load(source)
     await loader.aclose()
     return store
@@ -443,38 +704,89 @@ async def test_a_lost_append_reply_is_never_retried(prefix: str, dropper: ReplyD
         await store.aclose()
 
 
-async def test_lost_replies_leave_every_write_whole(
+async def _listed(store: Any, **kw: Any) -> set[str]:
+    return {r.id for r in (await store.list_sessions(**kw)).records}
+
+
+async def _exists(store: Any, session_id: str) -> bool:
+    try:
+        await store.get(session_id)
+    except SessionNotFoundError:
+        return False
+    return True
+
+
+async def test_a_lost_reply_at_any_step_leaves_every_write_whole(
     prefix: str, dropper: ReplyDropper, raw: aioredis.Redis
 ) -> None:
     store = await _proxied(prefix, dropper)
+    store._grace, store._recheck = GRACE, 0.0
     try:
-        # create: the record and its index entries land together
-        await _lost_reply(store, dropper, store.create(SessionRecord(id="p", user_id="u")))
-        assert [r.id for r in (await store.list_sessions(user_id="u")).records] == ["p"]
+        await store.create(SessionRecord(id="p", user_id="u"))
         await store.append("p", [ev(1), ev(2)], 0)
 
-        # fork: the fork exists exactly when the parent counts it
-        await _lost_reply(store, dropper, store.fork("p", 1, SessionRecord(id="f", user_id="u")))
-        assert (await store.get("f")).parent is not None
-        assert await raw.hget(f"{prefix}{{p}}:rec", "children") == b"1"
-        assert [r.seq for r in await read_all(store, "f")] == [1]
+        # create: the session exists exactly from its commit on, and is listed when it does
+        for step in ("intent", "create_record", "disarm"):
+            sid = f"c-{step}"
+            await _lost_reply(
+                store, dropper, store.create(SessionRecord(id=sid, user_id="u")), step
+            )
+            assert await _exists(store, sid) == (step != "intent")
+            assert (sid in await _listed(store, user_id="u")) == (step != "intent")
 
-        # update: the native expiry moves with the record
-        rec = await store.get("f")
-        later = time.time() + 100
-        await _lost_reply(
-            store, dropper, store.update(rec.model_copy(update={"expires_at": later}), rec.version)
-        )
-        assert abs(await raw.pexpiretime(f"{prefix}{{f}}:rec") - later * 1000) < 2
+        # fork: a fork that exists reads its parent, and its parent holds it
+        for step in ("intent", "hold", "create_record", "disarm"):
+            sid = f"f-{step}"
+            call = store.fork("p", 1, SessionRecord(id=sid, user_id="u"))
+            await _lost_reply(store, dropper, call, step)
+            made = step in ("create_record", "disarm")
+            assert await _exists(store, sid) == made
+            assert (sid in await _listed(store)) == made
+            if made:
+                assert [r.seq for r in await read_all(store, sid)] == [1]
+                stamp = (await raw.hget(f"{prefix}{{{sid}}}:rec", "stamp")).decode()
+                assert await raw.zscore(f"{prefix}{{p}}:forks", f"{sid}#{stamp}") is not None
+        # a fork retried after a lost reply is made once
+        await store.fork("p", 1, SessionRecord(id="f-hold", user_id="u"))
+        with pytest.raises(SessionExistsError):
+            await store.fork("p", 1, SessionRecord(id="f-disarm"))
+
+        # update: the record and its listings move together from the commit on
+        for step in ("widen", "update_record", "place"):
+            rec = await store.get("c-disarm")
+            moved = rec.model_copy(update={"user_id": f"u-{step}", "expires_at": time.time() + 99})
+            await _lost_reply(store, dropper, store.update(moved, rec.version), step)
+            applied = step != "widen"
+            assert ((await store.get("c-disarm")).user_id == f"u-{step}") == applied
+            assert ("c-disarm" in await _listed(store, user_id=f"u-{step}")) == applied
 
         # put_blob: the blob gets its session's expiry with it
-        await _lost_reply(store, dropper, store.put_blob("f", b"data"))
-        assert abs(await raw.pexpiretime(f"{prefix}{{f}}:blob") - later * 1000) < 2
+        await _lost_reply(store, dropper, store.put_blob("c-disarm", b"data"))
+        at = await raw.pexpiretime(f"{prefix}{{c-disarm}}:rec")
+        assert await raw.pexpiretime(f"{prefix}{{c-disarm}}:blob") == at
 
-        # delete: the fork, its index entries and its hold on the parent go together
-        await _lost_reply(store, dropper, store.delete("f"))
-        assert await raw.hget(f"{prefix}{{p}}:rec", "children") == b"0"
-        assert [r.id for r in (await store.list_sessions(user_id="u")).records] == ["p"]
+        # delete: gone from its commit on, and never listed after it
+        for step, sid in (
+            ("widen", "c-create_record"),
+            ("delete_record", "c-create_record"),
+            ("forget", "f-create_record"),
+            ("release", "f-disarm"),
+        ):
+            await _lost_reply(store, dropper, store.delete(sid), step)
+            assert await _exists(store, sid) == (step == "widen")
+            assert (sid in await _listed(store)) == (step == "widen")
+        await store.fork("f-hold", 1, SessionRecord(id="grandchild"))
+        await _lost_reply(store, dropper, store.delete("f-hold"), "bury")  # a tombstone
+        assert [r.seq for r in await read_all(store, "grandchild")] == [1]
+
+        # once the grace is over, cleanup finishes or undoes every change cut short
+        await asyncio.sleep(GRACE + 0.1)
+        await store.purge_expired()
+        await assert_whole(raw, prefix)
+        for sid in ("grandchild", "c-disarm", "p"):
+            await store.delete(sid)
+        await store.purge_expired()
+        assert [k async for k in raw.scan_iter(match=f"{prefix}*")] == []
     finally:
         await store.aclose()
 
@@ -621,8 +933,8 @@ async def test_error_replies_are_translated(
 
 
 def test_no_scan_or_keys_anywhere() -> None:
-    source = Path(redis_module.__file__).read_text()
-    for word in ("SCAN", "KEYS"):
+    source = Path(redis_module.__file__).read_text() + Path(redis_scripts.__file__).read_text()
+    for word in ("SCAN", "SSCAN", "HSCAN", "ZSCAN", "KEYS"):
         assert not re.search(rf"redis\.call\(\s*'{word}'", source, re.IGNORECASE)
     assert not re.search(r"\.(scan|scan_iter|keys)\(", source)
 

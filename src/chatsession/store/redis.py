@@ -1,10 +1,7 @@
 """``redis://host:6379/0``: sessions in Redis, for many processes on many machines.
 
 Needs Redis 7.0 or later (the scripts use ``PEXPIRETIME``); the store checks
-the server's version on its first call and says so when it is older. It runs
-on one Redis server (standalone, or a primary with replicas behind Sentinel);
-Redis Cluster is not supported, because a fork or a listing index update is
-one script over the keys of several sessions.
+the server's version on its first call and says so when it is older.
 
 URL: ``redis://[[user]:password@]host[:port][/db]`` (``rediss://`` for TLS), with
 query options:
@@ -22,38 +19,104 @@ query options:
 (``TLSv1_2``, ``TLSv1_3``)
     TLS settings, for ``rediss://`` URLs only.
 
-Keys (every key of one session shares the hash tag ``{SESSION_ID}``)::
+Keys. A session's keys share the hash tag ``{ID}``, the indexes share
+``{idx}``, and every script call is given all the keys it touches, all under
+one tag (no script builds a key name): each call runs on one hash slot, so
+the layout works on Redis Cluster. (The store connects to one server:
+standalone, or a primary behind Sentinel.) ::
 
-    PREFIX{ID}:rec            hash: the record, head, version, tombstone, fork count
-    PREFIX{ID}:ev             list: the session's own events, in seq order
-    PREFIX{ID}:blob           hash: blob id -> bytes
-    PREFIX{idx}:all           sorted set of session ids by created_at
-    PREFIX{idx}:user:USER     the same, per user (and :agent:AGENT, :window:WINDOW)
-    PREFIX{idx}:expiry        sorted set of session ids by expires_at
-    PREFIX{idx}:where         hash: session id -> the index keys it is in, its parent
+    PREFIX{ID}:rec       hash: the record, head, version, stamp, tombstone flag
+    PREFIX{ID}:ev        list: the session's own events, in seq order
+    PREFIX{ID}:blob      hash: blob id -> bytes
+    PREFIX{ID}:forks     sorted set: its forks (ID#STAMP), by when each fork began
+    PREFIX{idx}:all      sorted set of sessions (ID#STAMP) by created_at
+    PREFIX{idx}:user:U   the same, per user (and :agent:A, :window:W)
+    PREFIX{idx}:expiry   sorted set of sessions by expires_at
+    PREFIX{idx}:where    hash: ID#STAMP -> the indexes it is in, its parent, version
+    PREFIX{idx}:due      sorted set: sessions a change across slots is under way
+                         for, by when cleanup may finish that change
 
-Guarantees:
+``STAMP`` is random, given by ``create`` and ``fork``: ``ID#STAMP`` names one
+*incarnation* of an id, so what is left of a deleted session never touches a
+new session with the same id.
 
-- Every write is one Lua script, so it happens entirely or not at all:
-  ``append`` checks visibility and the head, pushes the events and moves the
-  head; ``create`` and ``fork`` write the record, the parent's fork count and
-  every index entry; ``update`` checks the version and moves the indexes and
-  the expiry; ``delete`` and ``purge_expired`` remove a session, its index
-  entries, and release its ancestors. There is no read-modify-write from the
-  client, and no ``KEYS`` or ``SCAN`` anywhere.
+What is atomic: everything on one session is one script on its slot.
+``append`` checks visibility and the head, pushes the events and moves the
+head, and never touches the index slot (listings are ordered by
+``created_at``, which never changes). So is ``put_blob``, and so is the step of
+each other write that decides whether it happens (its *commit*). The record is
+the truth; the index slot is derived from it. Writes across slots are short
+sequences of single-slot scripts, each idempotent:
+
+- ``create``: (1) index: list ``ID#STAMP`` and mark it *due*; (2) session:
+  write the record unless the id is taken (commit); (3) index: clear the mark.
+  If (2) finds the id taken, (1) is undone.
+- ``fork``: (1) index: as create's; (2) parent: add ``ID#STAMP`` to its
+  forks and drop its native expiry (fails if the parent is gone or the fork
+  point is past its head); (3) child: write the record with its parent
+  pointer unless the id is taken (commit); (4) index: clear the mark. If (2)
+  or (3) fails, the steps before it are undone.
+- ``update``: (1) index: mark, add the indexes the new version needs;
+  (2) session: check the version, write (commit); (3) index: record the new
+  placement, drop memberships it no longer needs, clear the mark.
+- ``delete``: (1) index: mark; (2) session: remove its keys, or make it a
+  tombstone if it has forks (commit); (3) parent: drop it from its parent's
+  forks (a tombstone left with no forks goes too, and so on up the chain);
+  (4) index: remove its entries (a tombstone's entry stays, due for a check
+  of its forks).
+- ``purge_expired``: for each batch of the expiry set, steps like delete's;
+  then it finishes the changes whose marks are due.
+
+Why a crash, a lost reply or a race between steps never corrupts anything:
+
+- Listings show a member only when its session's record exists with that
+  stamp, is visible and matches the filters, so a half-made session, a
+  deleted one's leftovers, or a membership an interrupted update did not drop
+  yet is never shown. Entries are added before a commit and dropped after it,
+  so every visible session is listed.
+- Nothing is removed on a guess. A mark is due 300 s (``_GRACE``) after its
+  change began, and every commit refuses to run (writing nothing:
+  "took too long, retry") once half of that has passed, both by server
+  clocks. So when cleanup meets a due mark and no record with that stamp, the
+  record will never be written: it removes the leftovers (index entries, the
+  parent's hold). When the record is there, it re-derives the index entries
+  from it. Only server clocks are compared; they must agree within a quarter
+  of the grace. Every change marks its session first, so every leftover of
+  one cut short is found from the due set: cleanup never searches.
+- Members name incarnations: releasing or forgetting ``ID#STAMP`` never
+  touches a later session with the same id. A parent's fork count is the size
+  of its forks set, so a repeated hold never counts twice; an operation
+  retried after a lost reply is a new incarnation, and whichever attempt did
+  not commit is released by its own undo or by cleanup.
+- Deleting a parent while it is being forked: the hold (fork step 2) and the
+  delete's commit are scripts on the parent's slot, so one runs first. If the
+  hold does, the delete leaves a tombstone that keeps the events; the fork
+  then commits and reads them, or is undone or cleaned up, which releases the
+  tombstone. If the delete does, the hold finds no parent, and the fork undoes
+  its index step and fails. A tombstone's keys go only in the script that
+  removes its last fork, and a fork is removed from its parent only after its
+  own keys are gone.
+- Should a mark be lost all the same (a failover that drops the index
+  primary's last writes), what is left is a parent holding a fork that never
+  came to be: its events are kept longer, nothing worse. So cleanup also
+  checks the forks of tombstones (up to 100 per look, in rotation, again
+  every hour) and drops those older than the grace that have no record.
+
+Other guarantees:
+
 - Durability is the server's: with ``appendonly yes`` and ``appendfsync
   always`` an acknowledged write survives a server crash.
 - The client never retries a call by itself (redis-py would re-send a script
   whose reply was lost, and run it twice). A call that fails raises
   :class:`~chatsession.errors.StoreUnavailableError`; for a write whose reply
   was lost the message says it may have been applied: re-read before retrying.
-- Sessions with ``expires_at`` get Redis's own expiry (``PEXPIREAT``) on all
-  their keys, and read as gone from ``expires_at`` on, even before Redis
-  evicts them. ``purge_expired`` reads the ``expiry`` set up to now in batches and
-  removes what is left, the index entries (from ``where``, which outlives the
-  session's own keys) and the fork counts held on parents. A session with
-  live forks is never given a native expiry (its forks read its events); it
-  becomes an invisible tombstone instead, and goes when its last fork goes.
+  No ``KEYS`` or ``SCAN`` anywhere.
+- Sessions with ``expires_at`` get Redis's own expiry (``PEXPIREAT``) on their
+  keys, and read as gone from ``expires_at`` on, even before Redis evicts
+  them. A session with forks never has a native expiry (its forks read its
+  events); once expired it becomes an invisible tombstone, and goes with its
+  last fork. ``purge_expired`` reads the expiry set up to ``before`` in
+  batches, removes what is left, and releases parents.
 - A listing reads at most ``max(10 * limit, 100)`` index members per call: a
   page that filters out many members is shorter than ``limit`` but carries a
   cursor, so paging always progresses.
@@ -70,10 +133,11 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import secrets
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from functools import partial
-from typing import Any, Self, TypeVar, cast
+from typing import Any, NamedTuple, Self, TypeVar, cast
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
@@ -112,6 +176,14 @@ from chatsession.store.base import (
     updated_record,
     validate_id,
 )
+from chatsession.store.redis_scripts import (
+    MARK,
+    SCRIPTS,
+    key_list,
+    member_of,
+    split_member,
+    where_entry,
+)
 
 __all__ = ["RedisStore"]
 
@@ -135,7 +207,12 @@ _OPTIONS = frozenset(
     | _TLS_OPTIONS
 )
 _SCAN_FACTOR, _SCAN_MIN = 10, 100  # a listing reads at most max(10 * limit, 100) members
-_PURGE_BATCH = 200  # sessions per purge script
+_PURGE_BATCH = 200  # expiry-set members, or due marks, per batch
+_DUE_BATCHES = 50  # batches of due marks finished per purge_expired call, at most
+_GRACE = 300.0  # seconds before cleanup may finish a change; commits refuse after half
+_RECHECK = 3600.0  # seconds between two checks of one tombstone's forks
+_FORK_CHECK = 100  # forks of one tombstone checked per look
+_INDEX_TRIES = 4  # calls of an index script that asks for keys it was not given
 _REQUIRED_VERSION = (7, 0)
 
 # Error replies that mean "the server refuses service right now", by code.
@@ -164,289 +241,17 @@ _REFUSAL_CLASSES: tuple[tuple[type[Exception], str], ...] = (
     (rexc.TryAgainError, "TRYAGAIN"),
 )
 
-# Shared by the scripts that take ARGV[1] = key prefix, ARGV[2] = now (Unix seconds).
-# They name other sessions' keys themselves (parents, index keys from ``where``),
-# which is why the store needs one Redis server rather than a cluster.
-_PRELUDE = """
-local P = ARGV[1]
-local NOW = tonumber(ARGV[2])
-local WHERE = P .. '{idx}:where'
-local EXPIRY = P .. '{idx}:expiry'
-local function keys_of(id)
-  local base = P .. '{' .. id .. '}'
-  return base .. ':rec', base .. ':ev', base .. ':blob'
-end
-local function expired(v, at)
-  return v and v ~= '' and tonumber(v) <= at
-end
-local function decode(w)
-  local ok, info = pcall(cjson.decode, w)
-  if ok and type(info) == 'table' then return info end
-  return {}
-end
--- drop a session's index entries and expiry entry; returns its old `where`
-local function unindex(id)
-  local w = redis.call('HGET', WHERE, id)
-  if w then
-    local info = decode(w)
-    if type(info.idx) == 'table' then
-      for _, k in ipairs(info.idx) do redis.call('ZREM', k, id) end
-    end
-    redis.call('HDEL', WHERE, id)
-  end
-  redis.call('ZREM', EXPIRY, id)
-  return w
-end
--- a fork of `pid` went away: lower its count; remove tombstones nobody needs
-local function release(pid)
-  while type(pid) == 'string' and pid ~= '' do
-    local rec, ev, blob = keys_of(pid)
-    if redis.call('EXISTS', rec) == 0 then return end
-    local left = redis.call('HINCRBY', rec, 'children', -1)
-    if left > 0 then return end
-    local r = redis.call('HMGET', rec, 'deleted', 'expires_at', 'parent_id')
-    if r[1] ~= '1' then
-      if r[2] and r[2] ~= '' then
-        local ms = string.format('%d', math.floor(tonumber(r[2]) * 1000))
-        redis.call('PEXPIREAT', rec, ms)
-        redis.call('PEXPIREAT', ev, ms)
-        redis.call('PEXPIREAT', blob, ms)
-      end
-      return
-    end
-    redis.call('UNLINK', rec, ev, blob)
-    pid = r[3]
-  end
-end
--- the leftovers of a session whose keys Redis already expired
-local function forget_evicted(id)
-  local w = unindex(id)
-  if w then release(decode(w).parent) end
-  return w
-end
--- delete or tombstone a session known to exist
-local function remove(id, children, parent)
-  local rec, ev, blob = keys_of(id)
-  unindex(id)
-  if (tonumber(children or '0') or 0) > 0 then
-    redis.call('HSET', rec, 'deleted', '1')
-    return 1
-  end
-  redis.call('UNLINK', rec, ev, blob)
-  release(parent)
-  return 0
-end
--- ARGV[i..]: id, created_at, expires_at, expires_ms, where, n, n index keys, field, value, ...
-local function write_new(i)
-  local id = ARGV[i]
-  local rec, ev, blob = keys_of(id)
-  forget_evicted(id)
-  redis.call('UNLINK', ev, blob)
-  local n = tonumber(ARGV[i + 5])
-  redis.call('HSET', rec, unpack(ARGV, i + 6 + n))
-  for j = i + 6, i + 5 + n do redis.call('ZADD', ARGV[j], ARGV[i + 1], id) end
-  redis.call('HSET', WHERE, id, ARGV[i + 4])
-  if ARGV[i + 2] ~= '' then
-    redis.call('ZADD', EXPIRY, ARGV[i + 2], id)
-    redis.call('PEXPIREAT', rec, ARGV[i + 3])
-  end
-end
-"""
 
-# KEYS: rec, ev.  ARGV: expected head, now, entries...
-# returns {head} | {-1} not found | {-2} expired | {-3, head} conflict
-_APPEND = """
-local r = redis.call('HMGET', KEYS[1], 'head', 'deleted', 'expires_at')
-if not r[1] or r[2] == '1' then return {-1} end
-if r[3] and r[3] ~= '' and tonumber(r[3]) <= tonumber(ARGV[2]) then return {-2} end
-local head = tonumber(r[1])
-if head ~= tonumber(ARGV[1]) then return {-3, head} end
-local n = #ARGV - 2
-for i = 3, #ARGV, 1000 do
-  redis.call('RPUSH', KEYS[2], unpack(ARGV, i, math.min(i + 999, #ARGV)))
-end
-redis.call('HSET', KEYS[1], 'head', head + n, 'updated_at', ARGV[2])
-local at = redis.call('PEXPIRETIME', KEYS[1])
-if at > 0 then redis.call('PEXPIREAT', KEYS[2], at) end
-return {head + n}
-"""
+class _Change(NamedTuple):
+    """A change across slots under way: its incarnation and its mark on the due set."""
 
-# ARGV: prefix, now, <write_new arguments>.  returns {1} created | {0} id taken
-_CREATE = (
-    _PRELUDE
-    + """
-if redis.call('EXISTS', (keys_of(ARGV[3]))) == 1 then return {0} end
-write_new(3)
-return {1}
-"""
-)
+    member: str  # ID#STAMP
+    t: str  # when it began (server clock), for the commit's deadline
+    due: str  # its score in the due set, to clear the mark it set and no other
 
-# ARGV: prefix, now, parent id, at_seq, <write_new arguments>.
-# returns {1} | {-1} | {-2} | {-4, head} bad fork point | {-5} id taken
-_FORK = (
-    _PRELUDE
-    + """
-local prec, pev, pblob = keys_of(ARGV[3])
-local r = redis.call('HMGET', prec, 'head', 'deleted', 'expires_at')
-if not r[1] or r[2] == '1' then return {-1} end
-if expired(r[3], NOW) then return {-2} end
-local head = tonumber(r[1])
-local at = tonumber(ARGV[4])
-if at < 0 or at > head then return {-4, head} end
-if redis.call('EXISTS', (keys_of(ARGV[5]))) == 1 then return {-5} end
-write_new(5)
-redis.call('HINCRBY', prec, 'children', 1)
-redis.call('PERSIST', prec)
-redis.call('PERSIST', pev)
-redis.call('PERSIST', pblob)
-return {1}
-"""
-)
 
-# ARGV: prefix, now, id, expected version, where, expires_at, expires_ms, n,
-#       n index keys, field, value, ...
-# returns {version} | {-1} | {-2} | {-3, version}
-_UPDATE = (
-    _PRELUDE
-    + """
-local id = ARGV[3]
-local rec, ev, blob = keys_of(id)
-local r = redis.call('HMGET', rec, 'version', 'deleted', 'expires_at', 'children', 'created_at')
-if not r[1] or r[2] == '1' then return {-1} end
-if expired(r[3], NOW) then return {-2} end
-local version = tonumber(r[1])
-if version ~= tonumber(ARGV[4]) then return {-3, version} end
-local n = tonumber(ARGV[8])
-local wanted = {}
-for j = 9, 8 + n do wanted[ARGV[j]] = true end
-local old = redis.call('HGET', WHERE, id)
-if old then
-  local info = decode(old)
-  if type(info.idx) == 'table' then
-    for _, k in ipairs(info.idx) do
-      if not wanted[k] then redis.call('ZREM', k, id) end
-    end
-  end
-end
-for j = 9, 8 + n do redis.call('ZADD', ARGV[j], r[5], id) end
-redis.call('HSET', WHERE, id, ARGV[5])
-redis.call('HSET', rec, unpack(ARGV, 9 + n))
-redis.call('HSET', rec, 'version', version + 1)
-if ARGV[6] ~= '' then
-  redis.call('ZADD', EXPIRY, ARGV[6], id)
-else
-  redis.call('ZREM', EXPIRY, id)
-end
-if (tonumber(r[4] or '0') or 0) == 0 then
-  for _, k in ipairs({rec, ev, blob}) do
-    if ARGV[6] ~= '' then redis.call('PEXPIREAT', k, ARGV[7]) else redis.call('PERSIST', k) end
-  end
-end
-return {version + 1}
-"""
-)
-
-# ARGV: prefix, now, id.  returns {-1} | {-2} | {0} removed | {1} tombstoned (has forks)
-_DELETE = (
-    _PRELUDE
-    + """
-local rec = keys_of(ARGV[3])
-local r = redis.call('HMGET', rec, 'head', 'deleted', 'expires_at', 'children', 'parent_id')
-if not r[1] or r[2] == '1' then return {-1} end
-if expired(r[3], NOW) then return {-2} end
-return {remove(ARGV[3], r[4], r[5])}
-"""
-)
-
-# ARGV: prefix, before, batch size.  Handles up to one batch of the expiry set.
-# returns {members handled, sessions deleted}
-_PURGE = (
-    _PRELUDE
-    + """
-local ids = redis.call('ZRANGE', EXPIRY, '-inf', ARGV[2], 'BYSCORE', 'LIMIT', 0, tonumber(ARGV[3]))
-local deleted = 0
-for _, id in ipairs(ids) do
-  local rec = keys_of(id)
-  local r = redis.call('HMGET', rec, 'head', 'deleted', 'expires_at', 'children', 'parent_id')
-  if not r[1] then
-    if forget_evicted(id) then deleted = deleted + 1 end
-  elseif r[2] == '1' then
-    redis.call('ZREM', EXPIRY, id)
-  elseif expired(r[3], NOW) then
-    remove(id, r[4], r[5])
-    deleted = deleted + 1
-  elseif r[3] and r[3] ~= '' then
-    redis.call('ZADD', EXPIRY, r[3], id)
-  else
-    redis.call('ZREM', EXPIRY, id)
-  end
-end
-return {#ids, deleted}
-"""
-)
-
-# ARGV: prefix, now, id, blob id, bytes.  returns {1} | {-1} | {-2}
-_PUT_BLOB = (
-    _PRELUDE
-    + """
-local rec, ev, blob = keys_of(ARGV[3])
-local r = redis.call('HMGET', rec, 'head', 'deleted', 'expires_at')
-if not r[1] or r[2] == '1' then return {-1} end
-if expired(r[3], NOW) then return {-2} end
-redis.call('HSETNX', blob, ARGV[4], ARGV[5])
-local at = redis.call('PEXPIRETIME', rec)
-if at > 0 then redis.call('PEXPIREAT', blob, at) end
-return {1}
-"""
-)
-
-# KEYS: an index.  ARGV: cursor score, cursor id ('' for the first page), n.
-# Returns the next n members (flat: id, score, ...) after the cursor in
-# (score, id) descending order, in one atomic step so that concurrent inserts
-# and removals never shift the window.
-_PAGE = """
-local key, n = KEYS[1], tonumber(ARGV[3])
-local start = 0
-local function before(a, b)  -- byte order, as Redis sorts equal scores
-  local len = math.min(#a, #b)
-  for i = 1, len do
-    local x, y = string.byte(a, i), string.byte(b, i)
-    if x ~= y then return x < y end
-  end
-  return #a < #b
-end
-if ARGV[2] ~= '' then
-  local s, m = ARGV[1], ARGV[2]
-  local own = redis.call('ZSCORE', key, m)
-  if own and tonumber(own) == tonumber(s) then
-    start = redis.call('ZREVRANK', key, m) + 1
-  else
-    start = redis.call('ZCOUNT', key, '(' .. s, '+inf')
-    local off, done = 0, false
-    while not done do
-      local ties = redis.call('ZRANGE', key, s, s, 'BYSCORE', 'REV', 'LIMIT', off, 200)
-      for _, t in ipairs(ties) do
-        if before(t, m) then done = true break end
-        start = start + 1
-      end
-      if #ties < 200 then done = true end
-      off = off + 200
-    end
-  end
-end
-return redis.call('ZRANGE', key, start, start + n - 1, 'REV', 'WITHSCORES')
-"""
-
-_SCRIPTS = {
-    "append": _APPEND,
-    "create": _CREATE,
-    "fork": _FORK,
-    "update": _UPDATE,
-    "delete": _DELETE,
-    "purge": _PURGE,
-    "put_blob": _PUT_BLOB,
-    "page": _PAGE,
-}
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _parse_url(url: str, options: Mapping[str, Any]) -> tuple[str, dict[str, str]]:
@@ -525,6 +330,8 @@ class RedisStore:
         self._tls = dict(tls or {})
         self._client: aioredis.Redis | None = None
         self._scripts: dict[str, Any] = {}
+        self._grace = _GRACE
+        self._recheck = _RECHECK
         self._server_checked = False
         self._closed = False
 
@@ -575,7 +382,7 @@ class RedisStore:
                 **self._tls,
             )
             self._client = aioredis.Redis.from_pool(pool)
-            for name, source in _SCRIPTS.items():
+            for name, source in SCRIPTS.items():
                 self._scripts[name] = self._client.register_script(source)
         return self._client
 
@@ -672,12 +479,17 @@ class RedisStore:
 
         return await self._run(work, write=write)
 
-    def _keys(self, session_id: str) -> tuple[str, str, str]:
+    def _keys(self, session_id: str) -> tuple[str, str, str, str]:
         base = f"{self.prefix}{{{session_id}}}"
-        return f"{base}:rec", f"{base}:ev", f"{base}:blob"
+        return f"{base}:rec", f"{base}:ev", f"{base}:blob", f"{base}:forks"
 
     def _index(self, kind: str = "all", value: str | None = None) -> str:
         return f"{self.prefix}{{idx}}:{kind}" + (f":{value}" if value is not None else "")
+
+    @property
+    def _fixed(self) -> list[str]:
+        """The keys every index script gets first: ``where``, ``due``, ``expiry``."""
+        return [self._index("where"), self._index("due"), self._index("expiry")]
 
     def _index_keys(self, record: SessionRecord) -> list[str]:
         keys = [self._index()]
@@ -689,6 +501,37 @@ class RedisStore:
             if value is not None:
                 keys.append(self._index(kind, value))
         return keys
+
+    async def _index_call(
+        self,
+        name: str,
+        member: str,
+        listing: Sequence[str],
+        args: Sequence[Any],
+        known: Sequence[str] = (),
+    ) -> list[Any]:
+        """Run an index script with ``listing`` (and ``known``) as its index keys.
+
+        A script that finds the entry in an index it was not given changes
+        nothing and names the keys; it is called again with them.
+        """
+        keys = [*self._fixed, *listing]
+        keys += [k for k in dict.fromkeys(known) if k not in keys]
+        for _ in range(_INDEX_TRIES):
+            result = await self._script(name, [member, *args], keys)
+            if result[0] != -1:
+                return result
+            keys += [k for k in key_list(result[1]) if k not in keys]
+        raise StoreError(
+            f"the index entry of session {split_member(member)[0]!r} kept changing while the store "
+            "was updating it; retry"
+        )
+
+    def _too_late(self, what: str) -> StoreUnavailableError:
+        return StoreUnavailableError(
+            f"{what} took more than {self._grace / 2:g} s between its steps on Redis at "
+            f"{self.address} (a slow or overloaded connection), so it was not applied; retry"
+        )
 
     # -- records ---------------------------------------------------------------
 
@@ -710,35 +553,12 @@ class RedisStore:
             "body": body,
         }
 
-    def _placement(self, record: SessionRecord) -> list[str]:
-        """Script arguments: where, expires_at, expires_ms, n, the n index keys."""
-        keys = self._index_keys(record)
-        where = json.dumps(
-            {"idx": keys, "parent": record.parent.session_id if record.parent else ""},
-            ensure_ascii=False,
-            separators=(",", ":"),
-        )
+    @staticmethod
+    def _expiry(record: SessionRecord) -> tuple[str, str]:
+        """``expires_at`` as script arguments: seconds, and milliseconds for ``PEXPIREAT``."""
         if record.expires_at is None:
-            expires, expires_ms = "", ""
-        else:
-            expires, expires_ms = repr(record.expires_at), str(int(record.expires_at * 1000))
-        return [where, expires, expires_ms, str(len(keys)), *keys]
-
-    def _new_args(self, stored: SessionRecord) -> list[str]:
-        fields = self._fields(stored)
-        fields.update(
-            {
-                "head": str(stored.head),
-                "version": "1",
-                "deleted": "0",
-                "children": "0",
-                "parent_id": stored.parent.session_id if stored.parent else "",
-                "parent_seq": str(stored.parent.seq) if stored.parent else "0",
-            }
-        )
-        where, expires, expires_ms, *keys = self._placement(stored)
-        head = [stored.id, repr(stored.created_at), expires, expires_ms, where, *keys]
-        return head + [x for pair in fields.items() for x in pair]
+            return "", ""
+        return repr(record.expires_at), str(int(record.expires_at * 1000))
 
     def _record(self, raw: dict[bytes, bytes], session_id: str) -> SessionRecord:
         try:
@@ -796,12 +616,78 @@ class RedisStore:
             raise ConflictError(session_id, expected, int(result[1]), what)
         return code
 
+    async def _intent(self, stored: SessionRecord, stamp: str) -> _Change:
+        """Create and fork, index step: list the new incarnation and mark it due."""
+        member = member_of(stored.id, stamp)
+        expires, _ = self._expiry(stored)
+        parent = stored.parent.session_id if stored.parent else ""
+        args = [member, repr(stored.created_at), expires, parent, self._grace]
+        t, due = await self._script("intent", args, [*self._fixed, *self._index_keys(stored)])
+        return _Change(member, _text(t), _text(due))
+
+    async def _create_record(self, stored: SessionRecord, stamp: str, t: str) -> int:
+        """Create and fork, commit: 1 written, 0 the id is taken, -6 too late."""
+        fields = self._fields(stored)
+        fields.update(
+            {
+                "head": str(stored.head),
+                "version": "1",
+                "deleted": "0",
+                "stamp": stamp,
+                "parent_id": stored.parent.session_id if stored.parent else "",
+                "parent_seq": str(stored.parent.seq) if stored.parent else "0",
+            }
+        )
+        _, expires_ms = self._expiry(stored)
+        args = [t, self._grace / 2, expires_ms, *(x for pair in fields.items() for x in pair)]
+        return int((await self._script("create_record", args, self._keys(stored.id)))[0])
+
+    async def _disarm(self, change: _Change) -> None:
+        await self._script("disarm", [change.member, change.due], self._fixed)
+
+    async def _place(
+        self, member: str, due: str, record: SessionRecord, known: Sequence[str] = ()
+    ) -> None:
+        """Make the index entry of ``member`` follow ``record`` (see ``place`` in the scripts)."""
+        listing = self._index_keys(record)
+        expires, _ = self._expiry(record)
+        args = [record.version, repr(record.created_at), expires, due, len(listing)]
+        await self._index_call("place", member, listing, args, known)
+
+    async def _release(self, parent_id: str, member: str) -> bool:
+        """Drop ``member`` from ``parent_id``'s forks, and every tombstone this empties.
+
+        Returns:
+            Whether ``parent_id`` itself went (it was a tombstone and had no
+            other forks).
+        """
+        if not parent_id:
+            return False
+        result = await self._script("release", [member], self._keys(parent_id))
+        if int(result[0]) != 1:
+            return False
+        while True:
+            gone = member_of(parent_id, _text(result[2]))
+            await self._index_call("forget", gone, [], [])
+            parent_id = _text(result[1])
+            if not parent_id:
+                return True
+            result = await self._script("release", [gone], self._keys(parent_id))
+            if int(result[0]) != 1:
+                return True
+
     async def create(self, record: SessionRecord) -> SessionRecord:
         """See :meth:`Store.create`."""
         stored = initial_record(record)
-        result = await self._script("create", [self.prefix, repr(now()), *self._new_args(stored)])
-        if not int(result[0]):
+        stamp = secrets.token_hex(8)
+        change = await self._intent(stored, stamp)
+        code = await self._create_record(stored, stamp, change.t)
+        if code != 1:
+            await self._index_call("forget", change.member, self._index_keys(stored), [])
+            if code == -6:
+                raise self._too_late(f"creating session {stored.id!r}")
             raise SessionExistsError(stored.id)
+        await self._disarm(change)
         return stored
 
     async def get(self, session_id: str) -> SessionRecord:
@@ -814,22 +700,59 @@ class RedisStore:
     async def update(self, record: SessionRecord, expected_version: int) -> SessionRecord:
         """See :meth:`Store.update`."""
         validate_id(record.id)
-        current = await self.get(record.id)
-        new = updated_record(current, record).model_copy(update={"version": expected_version + 1})
+        raw = await self._raw(record.id)
+        self._visible(raw, record.id)
+        current = self._record(raw, record.id)
+        if current.version != expected_version:
+            raise ConflictError(record.id, expected_version, current.version, "version")
+        stamp = _text(raw.get(b"stamp", b""))
+        new = updated_record(current, record)
+        old_keys, new_keys = self._index_keys(current), self._index_keys(new)
+        expires, expires_ms = self._expiry(new)
+        member = member_of(record.id, stamp)
+        args: list[Any] = [member, repr(new.created_at), expires, self._grace]
+        t, due = await self._script("widen", args, [*self._fixed, *new_keys])
         fields = self._fields(new)
         del fields["id"], fields["created_at"]
-        args: list[Any] = [self.prefix, repr(now()), record.id, expected_version]
-        args.extend(self._placement(new))
+        args = [repr(now()), expected_version, stamp, _text(t), self._grace / 2, expires_ms]
         args.extend(x for pair in fields.items() for x in pair)
-        result = await self._script("update", args)
-        self._status(result, record.id, expected_version, "version")
+        result = await self._script("update_record", args, self._keys(record.id))
+        code = int(result[0])
+        if code < 0:  # nothing was written: put the index entry back as it was
+            await self._place(member, _text(due), current, new_keys)
+            if code == -6:
+                raise self._too_late(f"updating session {record.id!r}")
+            self._status(result, record.id, expected_version, "version")
+        await self._place(member, _text(due), new, old_keys)
         return new.model_copy(update={"head": current.head})
 
     async def delete(self, session_id: str) -> None:
         """See :meth:`Store.delete`."""
         validate_id(session_id)
-        result = await self._script("delete", [self.prefix, repr(now()), session_id])
+        for _ in range(_INDEX_TRIES):  # -7: the session read was replaced before the delete ran
+            raw = await self._raw(session_id)
+            self._visible(raw, session_id)
+            record = self._record(raw, session_id)
+            stamp = _text(raw.get(b"stamp", b""))
+            member = member_of(session_id, stamp)
+            t, _ = await self._script("widen", [member, "", "", self._grace], self._fixed)
+            args = [repr(now()), stamp, _text(t), self._grace / 2]
+            result = await self._script("delete_record", args, self._keys(session_id))
+            code = int(result[0])
+            if code != -7:
+                break
+        if code == -7:
+            raise SessionNotFoundError(session_id)
+        if code == -6:
+            raise self._too_late(f"deleting session {session_id!r}")
         self._status(result, session_id, 0)
+        listing = self._index_keys(record)
+        if code == 1:  # a tombstone, kept for its forks
+            parent = record.parent.session_id if record.parent else ""
+            await self._index_call("bury", member, listing, [parent])
+        else:
+            await self._release(_text(result[1]), member)
+            await self._index_call("forget", member, listing, [])
 
     async def list_sessions(
         self,
@@ -865,17 +788,20 @@ class RedisStore:
         while len(found) < limit and scanned < budget:
             want = min(budget - scanned, max(2 * (limit - len(found)), 50))
             args = (
-                ["+inf", "", want] if position is None else [repr(position[0]), position[1], want]
+                ["+inf", "", want]
+                if position is None
+                else [repr(position[0]), position[1] + MARK, want]
             )
             flat = await self._script("page", args, [index], write=False)
-            members = [(flat[i].decode(), float(flat[i + 1])) for i in range(0, len(flat), 2)]
-            raws = await self._run(partial(self._hgetall_many, ids=[sid for sid, _ in members]))
+            members = [(split_member(flat[i]), float(flat[i + 1])) for i in range(0, len(flat), 2)]
+            ids = [sid for (sid, _), _ in members]
+            raws = await self._run(partial(self._hgetall_many, ids=ids))
             taken = 0
-            for (sid, score), raw in zip(members, raws, strict=True):
+            for ((sid, stamp), score), raw in zip(members, raws, strict=True):
                 taken += 1
                 position = (score, sid)
-                if not raw or raw.get(b"deleted") == b"1":
-                    continue  # removed, or evicted by Redis and not yet purged
+                if not raw or raw.get(b"deleted") == b"1" or raw.get(b"stamp") != stamp.encode():
+                    continue  # half made, removed, or evicted by Redis and not yet purged
                 expires = raw.get(b"expires_at")
                 if expires and float(expires) <= at:
                     continue
@@ -914,7 +840,7 @@ class RedisStore:
         """See :meth:`Store.append`."""
         check_append(events, expected_seq)
         validate_id(session_id)
-        rec, ev, _ = self._keys(session_id)
+        rec, ev, _, _ = self._keys(session_id)
         entries = [
             f"{e.type}{SEP}{e.ts!r}{SEP}{e.turn_id or ''}{SEP}{e.schema_version}{SEP}{e.data}"
             for e in events
@@ -997,7 +923,11 @@ class RedisStore:
         return out
 
     async def fork(self, session_id: str, at_seq: int, new_record: SessionRecord) -> SessionRecord:
-        """See :meth:`Store.fork`."""
+        """See :meth:`Store.fork`.
+
+        Four steps (see the module docstring): the index lists the fork, the
+        parent holds it, its record is written, the index mark is cleared.
+        """
         validate_id(session_id)
         validate_id(new_record.id)
         if isinstance(at_seq, bool) or not isinstance(at_seq, int):
@@ -1008,14 +938,24 @@ class RedisStore:
                 "the session's head"
             )
         stored = initial_record(new_record, ParentRef(session_id=session_id, seq=at_seq))
-        args = [self.prefix, repr(now()), session_id, at_seq, *self._new_args(stored)]
-        result = await self._script("fork", args)
-        code = int(result[0])
-        if code == -4:
-            check_fork_point(session_id, at_seq, int(result[1]))
-        if code == -5:
+        stamp = secrets.token_hex(8)
+        listing = self._index_keys(stored)
+        change = await self._intent(stored, stamp)
+        args = [repr(now()), at_seq, change.member]
+        held = await self._script("hold", args, self._keys(session_id))
+        if int(held[0]) < 0:
+            await self._index_call("forget", change.member, listing, [])
+            if int(held[0]) == -4:
+                check_fork_point(session_id, at_seq, int(held[1]))
+            self._status(held, session_id, 0)
+        code = await self._create_record(stored, stamp, change.t)
+        if code != 1:
+            await self._release(session_id, change.member)
+            await self._index_call("forget", change.member, listing, [])
+            if code == -6:
+                raise self._too_late(f"forking {session_id!r} into {stored.id!r}")
             raise SessionExistsError(stored.id)
-        self._status(result, session_id, 0)
+        await self._disarm(change)
         return stored
 
     # -- blobs -----------------------------------------------------------------
@@ -1024,8 +964,9 @@ class RedisStore:
         """See :meth:`Store.put_blob`."""
         validate_id(session_id)
         blob_id = hashlib.sha256(data).hexdigest()
-        args = [self.prefix, repr(now()), session_id, blob_id, bytes(data)]
-        self._status(await self._script("put_blob", args), session_id, 0)
+        rec, _, blob, _ = self._keys(session_id)
+        args = [repr(now()), blob_id, bytes(data)]
+        self._status(await self._script("put_blob", args, [rec, blob]), session_id, 0)
         return blob_id
 
     async def get_blob(self, session_id: str, blob_id: str) -> bytes:
@@ -1049,18 +990,102 @@ class RedisStore:
     async def purge_expired(self, before: float | None = None) -> int:
         """See :meth:`Store.purge_expired`.
 
-        Reads the ``expiry`` sorted set up to ``before`` in batches of 200, one
-        script each: deletes expired sessions (or makes
-        tombstones of those with forks), drops the index entries of sessions
-        Redis already evicted, and releases their parents.
+        Reads the ``expiry`` set up to ``before`` in batches of 200: deletes
+        expired sessions (or makes tombstones of those with forks), drops the
+        entries of sessions Redis already evicted, and releases their parents.
+        Then it finishes the changes across slots whose marks are due (a crash
+        or a lost reply between steps; see the module docstring) and checks
+        the forks of tombstones. Each step is one script on one slot.
         """
         at = now() if before is None else before
-        count = 0
+        count = skipped = 0
         while True:
-            result = await self._script("purge", [self.prefix, repr(at), _PURGE_BATCH])
-            count += int(result[1])
-            if int(result[0]) < _PURGE_BATCH:
-                return count
+            args = [repr(at), _PURGE_BATCH, skipped]
+            flat = await self._script("expiry_batch", args, self._fixed, write=False)
+            for i in range(0, len(flat), 4):
+                member, score, where = _text(flat[i]), _text(flat[i + 1]), _text(flat[i + 2])
+                done = await self._expire(member, score, where, bool(flat[i + 3]), at)
+                if done is None:
+                    skipped += 1
+                else:
+                    count += done
+            if len(flat) < 4 * _PURGE_BATCH:
+                break
+        await self._settle_due()
+        return count
+
+    async def _expire(
+        self, member: str, score: str, where: str, changing: bool, at: float
+    ) -> int | None:
+        """Purge one member of the expiry set; how many sessions went (None: left for later)."""
+        session_id, stamp = split_member(member)
+        parent, known = where_entry(where)
+        result = await self._script("expire", [stamp, repr(at)], self._keys(session_id))
+        code = int(result[0])
+        if code == 0:  # evicted by Redis, or a create still under way
+            if changing:
+                return None  # its mark settles it once due
+            await self._release(parent, member)
+            await self._index_call("forget", member, [], [], known)
+            return 1 if where else 0
+        if code == 1:
+            await self._release(_text(result[1]), member)
+            await self._index_call("forget", member, [], [], known)
+            return 1
+        if code in (2, 3):
+            await self._index_call("bury", member, [], [parent], known)
+            return 1 if code == 2 else 0
+        await self._script("reschedule", [member, score, _text(result[1])], self._fixed)
+        return 0
+
+    async def _settle_due(self) -> None:
+        for _ in range(_DUE_BATCHES):
+            flat = await self._script("due_batch", [_PURGE_BATCH], self._fixed, write=False)
+            for i in range(0, len(flat), 3):
+                await self._settle(_text(flat[i]), _text(flat[i + 1]), _text(flat[i + 2]))
+            if len(flat) < 3 * _PURGE_BATCH:
+                return
+
+    async def _settle(self, member: str, score: str, where: str) -> None:
+        """Finish the change marked on ``member``, from what its record says now."""
+        session_id, stamp = split_member(member)
+        parent, known = where_entry(where)
+        raw = await self._raw(session_id)
+        if not raw or _text(raw.get(b"stamp", b"")) != stamp:
+            # never committed, and never will be (the grace is over), or gone since
+            await self._release(parent, member)
+            await self._index_call("forget", member, [], [], known)
+        elif raw.get(b"deleted") == b"1":
+            await self._check_forks(session_id, member, score)
+        else:
+            try:
+                record = self._record(raw, session_id)
+            except CorruptDataError:  # reported by every read of it; look again later
+                await self._script("requeue", [member, score, self._recheck], self._fixed)
+                return
+            await self._place(member, score, record, known)
+
+    async def _check_forks(self, session_id: str, member: str, score: str) -> None:
+        """Drop a tombstone's forks that have no record; the tombstone goes with the last."""
+        rec, _, _, forks = self._keys(session_id)
+        got = await self._script("old_forks", [self._grace, _FORK_CHECK], [rec, forks])
+        if int(got[0]) == 0 and await self._release(session_id, ""):
+            return
+        pairs = [_text(got[i]) for i in range(1, len(got), 2)]
+        if pairs:
+            ids = [split_member(child)[0] for child in pairs]
+            stamps = await self._run(partial(self._stamps, ids=ids))
+            for child, stamp in zip(pairs, stamps, strict=True):
+                if stamp != split_member(child)[1] and await self._release(session_id, child):
+                    return
+        delay = 0.0 if len(pairs) == _FORK_CHECK else self._recheck
+        await self._script("requeue", [member, score, delay], self._fixed)
+
+    async def _stamps(self, r: aioredis.Redis, ids: list[str]) -> list[str]:
+        pipe = r.pipeline(transaction=False)
+        for sid in ids:
+            pipe.hget(self._keys(sid)[0], "stamp")
+        return [_text(x) if x is not None else "" for x in await pipe.execute()]
 
     async def aclose(self) -> None:
         """Close the connection pool. Idempotent."""
