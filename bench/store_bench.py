@@ -55,8 +55,13 @@ How storage is measured:
   over the tables of the schema.
 - memory://: not measured.
 
-On Redis and PostgreSQL the floor is measured in the same run, interleaved
-with the store's own operations so that both see the same background load:
+On SQLite, Redis and PostgreSQL a floor is measured in the same run,
+interleaved with the store's own operations so that both see the same
+background load. On SQLite (no target names one; it shows what this machine
+can do at all) it is bare ``sqlite3`` on the event loop's thread, in a
+scratch file of the same table shape: one transaction inserting the turn's
+two rows, one ``SELECT ... fetchall()`` of the N rows from a new connection.
+On Redis and PostgreSQL it is
 one bare round trip that stores a turn (``RPUSH`` of the two events' JSON to a
 scratch list; one ``INSERT`` statement of two rows into a scratch table
 ``(id bigint, seq bigint, data jsonb)``, i.e. one implicit transaction) and
@@ -500,8 +505,75 @@ class PostgresFloor:
             await self.conn.close()
 
 
+class SQLiteFloor:
+    """Bare ``sqlite3`` on the event loop's thread, in a scratch file beside the store's.
+
+    The same table shape as the store's ``events`` (``WITHOUT ROWID``, keyed by
+    session and seq), WAL and ``synchronous=NORMAL`` like the store's default:
+    one ``INSERT`` of the turn's two rows in one transaction; one ``SELECT`` of
+    the rows (``fetchall``). No worker thread, no row objects: the least any
+    Python code can pay for the same rows on this machine.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path.with_name(path.name + ".floor")
+        self.db: sqlite3.Connection | None = None
+        self.seq = 0
+
+    def _rows(self, start: int, events: list[NewEvent]) -> list[tuple[Any, ...]]:
+        return [
+            (1, start + k + 1, e.type, e.ts, e.turn_id, e.data, e.schema_version)
+            for k, e in enumerate(events)
+        ]
+
+    async def setup(self, events: list[NewEvent]) -> None:
+        """Create the scratch file and insert the history."""
+        db = self.db = sqlite3.connect(self.path, isolation_level=None)
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = NORMAL")
+        db.execute(
+            "CREATE TABLE events (session_pk INTEGER NOT NULL, seq INTEGER NOT NULL, "
+            "type TEXT NOT NULL, ts REAL NOT NULL, turn_id TEXT, data TEXT NOT NULL, "
+            "v INTEGER NOT NULL, PRIMARY KEY (session_pk, seq)) WITHOUT ROWID"
+        )
+        db.execute("BEGIN")
+        db.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?)", self._rows(0, events))
+        db.execute("COMMIT")
+        self.seq = len(events)
+
+    async def append(self, turn: list[NewEvent]) -> None:
+        """One transaction inserting the turn's two rows."""
+        assert self.db is not None
+        rows = self._rows(self.seq, turn)
+        self.seq += len(rows)
+        self.db.execute("BEGIN")
+        self.db.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+        self.db.execute("COMMIT")
+
+    async def read(self) -> int:
+        """One SELECT of the history's rows, in seq order, from a new connection."""
+        db = sqlite3.connect(self.path)
+        try:
+            rows = db.execute(
+                "SELECT seq, type, ts, turn_id, data, v FROM events "
+                "WHERE session_pk = 1 AND seq > 0 ORDER BY seq"
+            ).fetchall()
+        finally:
+            db.close()
+        return len(rows)
+
+    async def close(self) -> None:
+        """Remove the scratch file."""
+        if self.db is not None:
+            self.db.close()
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+
+
 def floor_for(backend: Backend, store: Store) -> Floor | None:
-    """The floor for ``backend`` (Redis and PostgreSQL only)."""
+    """The floor for ``backend`` (SQLite, Redis and PostgreSQL)."""
+    if backend.kind == "sqlite":
+        return SQLiteFloor(Path(store.path))  # type: ignore[attr-defined]
     if backend.kind == "redis":
         return RedisFloor(backend.driver_url(), store.prefix)  # type: ignore[attr-defined]
     if backend.kind == "postgres":
