@@ -12,6 +12,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -119,8 +120,8 @@ async def migrations_done(schema: str) -> list[tuple[str, Any]]:
     return [(r[0], r[1]) for r in rows]
 
 
-async def read_all(store: Store, session_id: str) -> list[StoredEvent]:
-    return [r async for b in store.read(session_id) for r in b]
+async def read_all(store: Store, session_id: str, **window: int) -> list[StoredEvent]:
+    return [r async for b in store.read(session_id, **window) for r in b]
 
 
 async def test_an_older_schema_is_upgraded(schema: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -146,26 +147,55 @@ async def test_an_older_schema_is_upgraded(schema: str, monkeypatch: pytest.Monk
     assert column[0][0] == 1
 
 
-async def make_previous_schema(
-    schema: str, monkeypatch: pytest.MonkeyPatch, payloads: list[str]
-) -> None:
+async def make_database_at(schema: str, migrations: int, payloads: list[str]) -> None:
+    """A database as an older version left it: the first ``migrations`` applied,
+    session ``old`` with ``payloads`` as events 1.. (kept as the column takes them),
+    and ``fork``, a fork of it at seq 2. Made by SQL: this version's store needs
+    its own schema."""
+    s = f'"{schema}"'
+    conn = await asyncpg.connect(POSTGRES_URL)
+    try:
+        async with conn.transaction():
+            await conn.execute(f"CREATE SCHEMA {s}")
+            await conn.execute(
+                f"CREATE TABLE {s}.chatsession_migrations "
+                "(name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            for name, migration in MIGRATIONS[:migrations]:
+                for statement in migration(s):
+                    await conn.execute(statement)
+                await conn.execute(
+                    f"INSERT INTO {s}.chatsession_migrations (name) VALUES ($1)", name
+                )
+            await conn.execute(
+                f"INSERT INTO {s}.sessions (id, state, created_at, updated_at, head, children) "
+                "VALUES ('old', 'active', 1, 1, $1, 1)",
+                len(payloads),
+            )
+            await conn.execute(
+                f"INSERT INTO {s}.sessions (id, state, created_at, updated_at, head, parent_pk, "
+                f"parent_seq) SELECT 'fork', 'active', 2, 2, 2, pk, 2 FROM {s}.sessions"
+            )
+            for seq, text in enumerate(payloads, 1):
+                await conn.execute(
+                    f"INSERT INTO {s}.events (session_pk, seq, type, ts, v, data) "
+                    f"SELECT pk, $1, 'message', 1.0, 1, $2 FROM {s}.sessions WHERE id = 'old'",
+                    seq,
+                    text,
+                )
+    finally:
+        await conn.close()
+
+
+async def make_previous_schema(schema: str, payloads: list[str]) -> None:
     """A database as the version before JSONB made it: ``data`` text, kept verbatim."""
-    with monkeypatch.context() as patch:
-        patch.setattr(pg_store, "MIGRATIONS", MIGRATIONS[:1])
-        async with open_store(f"{POSTGRES_URL}?schema={schema}") as store:
-            await store.create(SessionRecord(id="old"))
-            await store.append("old", [ev(n) for n in range(len(payloads))], 0)
-            await store.fork("old", 2, SessionRecord(id="fork"))
+    await make_database_at(schema, 1, payloads)
     assert await column_type(schema) == "text"
-    for seq, text in enumerate(payloads, 1):  # the text exactly as an older version kept it
-        await pg(f'UPDATE "{schema}".events SET data = $1 WHERE seq = $2', text, seq)
 
 
-async def test_text_payloads_of_the_previous_schema_become_jsonb_once(
-    schema: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_text_payloads_of_the_previous_schema_become_jsonb_once(schema: str) -> None:
     sent = ['{"n": 0}', '{ "z" : [1, 2.50 ,"x"],\n "a":{"k":null} }', '{"n":2,"n":3}']
-    await make_previous_schema(schema, monkeypatch, sent)
+    await make_previous_schema(schema, sent)
     url = f"{POSTGRES_URL}?schema={schema}"
     async with open_store(url) as store:
         rows = await read_all(store, "old")
@@ -182,9 +212,9 @@ async def test_text_payloads_of_the_previous_schema_become_jsonb_once(
 
 
 async def test_a_payload_that_is_not_json_stops_the_upgrade_and_changes_nothing(
-    schema: str, monkeypatch: pytest.MonkeyPatch
+    schema: str,
 ) -> None:
-    await make_previous_schema(schema, monkeypatch, ['{"n": 0}', "not json", '{"n": 2}'])
+    await make_previous_schema(schema, ['{"n": 0}', "not json", '{"n": 2}'])
     store = open_store(f"{POSTGRES_URL}?schema={schema}")
     try:
         for _ in range(2):  # every call says so; never "not found", never an outage
@@ -205,6 +235,73 @@ async def test_a_payload_that_is_not_json_stops_the_upgrade_and_changes_nothing(
     assert await column_type(schema) == "jsonb"
 
 
+async def test_a_database_made_at_migration_002_is_upgraded_once(schema: str) -> None:
+    url = f"{POSTGRES_URL}?schema={schema}"
+    await make_database_at(schema, 2, [json.dumps({"n": n}) for n in (1, 2, 3)])
+    assert await column_type(schema) == "jsonb"
+    old_rows = f'SELECT session_pk, seq, data::text FROM "{schema}".events ORDER BY 1, 2 LIMIT 3'
+    before = await pg(old_rows)
+    stores = [open_store(url) for _ in range(4)]  # opened at once: 003 runs once
+    try:
+        heads = await asyncio.gather(*(s.get("old") for s in stores))
+        assert {r.head for r in heads} == {3}
+        store = stores[0]
+        assert [json.loads(r.data)["n"] for r in await read_all(store, "old")] == [1, 2, 3]
+        assert await store.append("old", [NewEvent("tool", AS_TEXT[0], 1.0)], 3) == 4
+        assert await store.append("fork", [NewEvent("tool", AS_TEXT[1], 1.0), ev(9)], 2) == 4
+        assert (await read_all(store, "old"))[3].data == AS_TEXT[0]
+        fork = await read_all(store, "fork")
+        assert [r.data for r in fork[:2]] == [r.data for r in (await read_all(store, "old"))[:2]]
+        assert fork[2].data == AS_TEXT[1]
+    finally:
+        for s in stores:
+            await s.aclose()
+    after = await pg(old_rows)
+    assert after == before  # the old rows are untouched
+    done = await migrations_done(schema)
+    assert [name for name, _ in done] == [name for name, _ in MIGRATIONS]
+    assert done[-1][0] == "003_events_data_text"
+    options = await pg(
+        "SELECT reloptions FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = $1 AND c.relname = 'sessions'",
+        schema,
+    )
+    assert options[0][0] == ["fillfactor=80"]
+    async with open_store(url) as store:
+        assert (await store.get("old")).head == 4
+    assert await migrations_done(schema) == done
+
+
+async def test_moving_the_head_keeps_the_session_row_on_its_page(schema: str) -> None:
+    """Fillfactor 80 leaves room on each page, so the head UPDATE can stay HOT."""
+
+    async def block(session_id: str) -> int:
+        rows = await pg(
+            f'SELECT (ctid::text::point)[0]::int FROM "{schema}".sessions WHERE id = $1',
+            session_id,
+        )
+        return int(rows[0][0])
+
+    async with open_store(f"{POSTGRES_URL}?schema={schema}") as store:
+        ids = [f"s{i:03}" for i in range(150)]  # a few pages, filled to 80 %
+        for session_id in ids:
+            await store.create(SessionRecord(id=session_id))
+        first = await block(ids[0])
+        assert await block(ids[-1]) > first  # more than one page
+        assert await store.append(ids[0], [ev(1), ev(2)], 0) == 2
+        assert await block(ids[0]) == first
+        # without the room (fillfactor 100) a row on a full page moves
+        await pg(f'ALTER TABLE "{schema}".sessions SET (fillfactor = 100)')
+        full = [f"f{i:03}" for i in range(150)]
+        for session_id in full:
+            await store.create(SessionRecord(id=session_id))
+        victim = full[0]
+        was = await block(victim)
+        assert await block(full[-1]) > was
+        assert await store.append(victim, [ev(1)], 0) == 1
+        assert await block(victim) != was
+
+
 async def test_payloads_are_jsonb_equal_json_and_bad_ones_are_refused(schema: str) -> None:
     async with open_store(f"{POSTGRES_URL}?schema={schema}") as store:
         await store.create(SessionRecord(id="s"))
@@ -217,11 +314,167 @@ async def test_payloads_are_jsonb_equal_json_and_bad_ones_are_refused(schema: st
             f"SELECT data->>'role' FROM \"{schema}\".events WHERE data @> '{{\"a\": 100}}'"
         )
         assert [r[0] for r in rows] == ["user"]  # queryable in place
-        for bad in ("not json", json.dumps({"t": "a\x00b"}), '"\\ud800"', 5):
-            with pytest.raises(UsageError, match="jsonb"):
+        bad_ones = ["not json", '{"a": NaN}', '"\x00"', "not json \\u0000", "[1e131072", 5]
+        for bad in bad_ones:  # the last ones would be kept as text, but are not JSON either
+            with pytest.raises(UsageError, match="JSON text"):
                 await store.append("s", [ev(2), NewEvent("message", bad, 1.0)], 1)  # type: ignore[arg-type]
+        with pytest.raises(UsageError, match="out of range"):
+            await store.append("s", [NewEvent("message", "{}", 1.0, None, 70_000)], 1)
         assert [r.seq for r in await read_all(store, "s")] == [1]  # nothing written
         assert await store.append("s", [ev(2)], 1) == 2
+
+
+#: JSON texts jsonb cannot hold: kept as text, read back byte for byte.
+AS_TEXT = [
+    '{"out": "a\\u0000b",  "n": 1}',  # NUL
+    '"\\ud800"',  # a lone high surrogate
+    '["\\uDC00", "x"]',  # a lone low surrogate (upper-case hex)
+    '"\\ud83d\\u0041"',  # a high surrogate followed by no low one
+    '"\\ude00\\ud83d"',  # a pair in the wrong order
+    '"\\\\\\u0000"',  # an escaped backslash, then a real NUL
+    '{"big": 1e131072}',  # beyond numeric (found by the server, sent again as text)
+    '[1e-16384, "\\u0000"]',
+]
+#: Look-alikes that jsonb does hold: kept as jsonb.
+AS_JSONB = [
+    '"\\ud83d\\ude00"',  # a surrogate pair (an emoji)
+    '"\\\\u0000"',  # an escaped backslash before u0000: no NUL
+    '"\\\\ud800"',
+    '"\\u0001 \\u00e9"',
+    "[1e131071, 1e-16383]",
+]
+
+
+def exact_json(text: str) -> Any:
+    """``text`` parsed with numbers as ``Decimal`` (jsonb writes 1e131071 out in full)."""
+    return json.loads(text, parse_int=Decimal, parse_float=Decimal)
+
+
+async def kept_as(schema: str, session_id: str) -> dict[int, str]:
+    """seq -> which column holds the payload ("data" or "data_text")."""
+    rows = await pg(
+        f'SELECT e.seq, e.data IS NULL AS is_text FROM "{schema}".events e '
+        f'JOIN "{schema}".sessions s ON s.pk = e.session_pk WHERE s.id = $1',
+        session_id,
+    )
+    return {r[0]: "data_text" if r[1] else "data" for r in rows}
+
+
+def test_the_client_tells_what_jsonb_cannot_hold_like_the_server() -> None:
+    for text in AS_TEXT[:6]:
+        assert pg_store._needs_text(text), text
+    for text in AS_JSONB:
+        assert not pg_store._needs_text(text), text
+    assert not pg_store._fits_numeric(AS_TEXT[6])
+    assert pg_store._fits_numeric(AS_JSONB[-1])
+    assert pg_store._fits_numeric("not json")  # the server judges it
+
+
+async def test_the_escape_scan_agrees_with_the_server_on_every_mix() -> None:
+    pieces = ["\\u0000", "\\ud800", "\\uDBFF", "\\udc00", "\\uDfFf", "\\\\", "\\n", "a", "\\u0041"]
+    texts = ['"' + "".join(mix) + '"' for mix in itertools.product(pieces, repeat=3)]
+    conn = await asyncpg.connect(POSTGRES_URL)
+    try:
+        for text in texts:
+            try:
+                await conn.fetchval("SELECT $1::text::jsonb", text)
+                held = True
+            except (pgerr.UntranslatableCharacterError, pgerr.InvalidTextRepresentationError):
+                held = False
+            assert pg_store._needs_text(text) is not held, text
+    finally:
+        await conn.close()
+
+
+async def test_payloads_jsonb_cannot_hold_are_kept_as_exact_text(schema: str) -> None:
+    async with open_store(f"{POSTGRES_URL}?schema={schema}") as store:
+        await store.create(SessionRecord(id="s"))
+        head = 0
+        for text in AS_TEXT + AS_JSONB:  # one at a time: the VALUES form, then the text form
+            head = await store.append("s", [NewEvent("tool", text, 2.5, "t1")], head)
+        rows = await read_all(store, "s")
+        assert [r.data for r in rows[: len(AS_TEXT)]] == AS_TEXT  # byte for byte
+        assert [(r.type, r.ts, r.turn_id, r.schema_version) for r in rows] == [
+            ("tool", 2.5, "t1", 1)
+        ] * len(rows)
+        for sent, back in zip(AS_JSONB, rows[len(AS_TEXT) :], strict=True):
+            assert exact_json(back.data) == exact_json(sent)
+        where = await kept_as(schema, "s")
+        assert [where[seq] for seq in range(1, head + 1)] == ["data_text"] * len(AS_TEXT) + [
+            "data"
+        ] * len(AS_JSONB)
+        assert json.loads(rows[0].to_json())["data"] == {"out": "a\x00b", "n": 1}
+
+
+@pytest.mark.parametrize("size", [2, 16, 17, 40])
+async def test_mixed_batches_keep_order_and_each_payload_where_it_fits(
+    schema: str, size: int
+) -> None:
+    async with open_store(f"{POSTGRES_URL}?schema={schema}") as store:
+        await store.create(SessionRecord(id="s"))
+        await store.append("s", [ev(0)], 0)
+        texts = [
+            AS_TEXT[i % len(AS_TEXT)] if i % 3 == 1 else json.dumps({"n": i}) for i in range(size)
+        ]
+        batch = [
+            NewEvent("message", t, float(i), None if i % 2 else f"t{i}")
+            for i, t in enumerate(texts)
+        ]
+        with pytest.raises(ConflictError) as info:  # stale: nothing written, in every form
+            await store.append("s", batch, 0)
+        assert info.value.actual == 1
+        with pytest.raises(SessionNotFoundError):
+            await store.append("nope", batch, 0)
+        assert await store.append("s", batch, 1) == size + 1
+        rows = await read_all(store, "s", batch_size=3)
+        assert [r.seq for r in rows] == list(range(1, size + 2))
+        for i, (sent, back) in enumerate(zip(batch, rows[1:], strict=True)):
+            assert (back.ts, back.turn_id) == (sent.ts, sent.turn_id)
+            if i % 3 == 1:
+                assert back.data == sent.data  # kept as text: exact
+            else:
+                assert json.loads(back.data) == json.loads(sent.data)
+        window = await read_all(store, "s", after_seq=1, upto_seq=3)
+        assert [r.data for r in window] == [r.data for r in rows[1:3]]
+        where = await kept_as(schema, "s")
+        assert sum(v == "data_text" for v in where.values()) == len(range(1, size, 3))
+
+
+async def test_text_payloads_read_across_forks(schema: str) -> None:
+    nul, lone = AS_TEXT[0], AS_TEXT[1]
+    async with open_store(f"{POSTGRES_URL}?schema={schema}") as store:
+        await store.create(SessionRecord(id="p"))
+        await store.append("p", [ev(1), NewEvent("tool", nul, 1.0), ev(3)], 0)
+        await store.fork("p", 2, SessionRecord(id="f"))
+        await store.append("f", [NewEvent("tool", lone, 1.0)], 2)
+        await store.fork("f", 3, SessionRecord(id="g"))
+        await store.append("g", [ev(4), NewEvent("tool", AS_TEXT[6], 1.0)], 3)
+        await store.delete("p")  # its events stay for the forks
+        await store.delete("f")
+        rows = await read_all(store, "g")
+        assert [r.seq for r in rows] == [1, 2, 3, 4, 5]
+        assert [rows[1].data, rows[2].data, rows[4].data] == [nul, lone, AS_TEXT[6]]
+        assert [r.data for r in await read_all(store, "g", after_seq=1, upto_seq=3)] == [nul, lone]
+
+
+async def test_exactly_one_payload_column_is_set_and_text_sessions_are_marked(
+    schema: str,
+) -> None:
+    async with open_store(f"{POSTGRES_URL}?schema={schema}") as store:
+        for session_id in ("plain", "text"):
+            await store.create(SessionRecord(id=session_id))
+            await store.append(session_id, [ev(1)], 0)
+        await store.append("text", [NewEvent("tool", AS_TEXT[0], 1.0)], 1)
+        await store.fork("text", 1, SessionRecord(id="fork"))  # inherits only jsonb rows
+    marks = await pg(f'SELECT id, text_payloads FROM "{schema}".sessions ORDER BY id')
+    assert [tuple(r) for r in marks] == [("fork", False), ("plain", False), ("text", True)]
+    insert = (
+        f'INSERT INTO "{schema}".events (session_pk, seq, type, ts, v, data, data_text) '
+        f"SELECT pk, 9, 'm', 1, 1, $1::jsonb, $2 FROM \"{schema}\".sessions WHERE id = 'plain'"
+    )
+    for data, text in (("{}", "{}"), (None, None)):
+        with pytest.raises(pgerr.CheckViolationError, match="events_data_or_data_text"):
+            await pg(insert, data, text)
 
 
 async def test_events_past_the_head_are_corrupt_data_not_an_endless_conflict(schema: str) -> None:

@@ -17,28 +17,51 @@ URL: a libpq-style URL (user, password, host, port, database, and
     How long a call or a connection attempt waits before the store reports
     itself unavailable.
 
-Tables ``sessions`` (the records; ``body`` is JSONB), ``events`` (primary key
-``(session_pk, seq)``; the payload ``data`` is JSONB, so it can be queried
-and indexed in place), ``blobs``. Schema changes are named migrations
+Tables ``sessions`` (the records; ``body`` is JSONB; ``text_payloads`` is
+true once a session has a payload kept as text, see below), ``events``
+(primary key ``(session_pk, seq)``; the payload is in ``data``, JSONB, so it
+can be queried and indexed in place, or, for the rare payloads JSONB cannot
+hold, in ``data_text`` as the exact text, with ``data`` NULL; a CHECK keeps
+exactly one of the two set), ``blobs``. Schema changes are named migrations
 recorded in ``chatsession_migrations``, applied once under an advisory lock,
 so processes starting at once are safe. Migration ``002_events_data_jsonb``
 converts the payloads of a database made by an earlier version (it rewrites
 the events table under an exclusive lock: on a big table the first store to
 open waits for it, and so do the others). A payload that is not valid JSON
 stops it with :class:`~chatsession.errors.CorruptDataError` and changes
-nothing.
+nothing. Migration ``003_events_data_text`` adds ``data_text``, the CHECK,
+``sessions.text_payloads`` and ``fillfactor = 80`` on ``sessions``: no
+rewrite, one scan of the events table to check the constraint.
 
-Payloads come back as *equal JSON*, not byte for byte as appended (the
-other backends keep the bytes): JSONB drops insignificant whitespace, orders
-object keys (shorter keys first), keeps only the last of duplicate keys and
-writes numbers in plain decimal (``1e16`` comes back as
-``10000000000000000``, which ``json.loads`` reads as an ``int``). JSONB
-cannot hold ``\\u0000`` or an unpaired surrogate escape: appending such a
-payload, or one that is not JSON at all, raises
-:class:`~chatsession.errors.UsageError` and writes nothing.
+Payloads kept as JSONB come back as *equal JSON*, not byte for byte as
+appended (the other backends keep the bytes): JSONB drops insignificant
+whitespace, orders object keys (shorter keys first), keeps only the last of
+duplicate keys and writes numbers in plain decimal (``1e16`` comes back as
+``10000000000000000``, which ``json.loads`` reads as an ``int``).
+
+JSONB cannot hold a ``\\u0000`` escape, an unpaired surrogate escape (a
+``\\ud800``-``\\udbff`` not followed by a ``\\udc00``-``\\udfff``, or the
+latter alone) or a number beyond ``numeric`` (more than 131072 digits before
+the point or 16383 after: ``1e131072``). Such a payload is kept in
+``data_text`` exactly as appended and comes back byte for byte. The client
+finds the escapes (a substring test for ``\\u``, about 30 ns a payload, then
+a scan of the escapes of the payloads that have one); the server finds the
+numbers: the statement fails having written nothing and is sent once more
+with those payloads as text, the only append that takes two round trips.
+Text is checked as JSON by the server (``::json``, which keeps it as is). A
+payload that is not JSON text (in either column) raises
+:class:`~chatsession.errors.UsageError` and writes nothing. A session whose
+``text_payloads`` is false (nearly all) reads ``data`` as before; one that
+is true reads ``COALESCE(data_text, data::text)``; a fork reads each
+ancestor's part by that ancestor's flag.
 
 An append is one SQL statement (so one transaction and one round trip): it
-moves the head only if it is still ``expected_seq`` and inserts the events.
+moves the head only if it is still ``expected_seq`` (which locks the
+session's row, so it cannot race a delete) and inserts the events: up to 16
+events, none kept as text, as one ``VALUES`` row each, otherwise as
+``unnest`` of arrays. The
+``sessions`` fillfactor leaves room on each page so that moving the head is a
+HOT update (no index entries written) on pages filled since migration 003.
 Expiry is the ``expires_at`` column, checked on every read; ``purge_expired``
 deletes in bounded batches that skip sessions locked by other calls.
 
@@ -69,6 +92,7 @@ import random
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from decimal import Decimal
 from functools import partial
 from typing import Any, NoReturn, Self, TypeAlias, TypeVar
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
@@ -147,6 +171,60 @@ _PURGE_BATCH = 100  # sessions deleted per purge transaction
 _ATTEMPTS = 3  # tries of a call the server aborted as a deadlock or serialization failure
 _MIGRATION_TIMEOUT = 3600.0  # seconds a migration statement (or the wait for one) may take
 _SCHEMA_RE = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+_VALUES_MAX = 16  # appends of up to this many events (all jsonb) send one VALUES row each
+#: Every backslash escape of a JSON text, in order; group 1 is the hex of a
+#: ``\\u0000`` or surrogate escape (``\\\\`` is one escape, so ``\\\\u0000`` is none).
+_ESCAPE_RE = re.compile(r"\\(?:u(0000|[dD][89a-fA-F][0-9a-fA-F]{2})|.)", re.DOTALL)
+_FIRST_RE = re.compile(r"\\u(?:0000|[dD][89a-fA-F])")
+_NUMERIC_INT_DIGITS = 131072  # PostgreSQL numeric (so jsonb): digits before the point
+_NUMERIC_SCALE = 16383  # and after it
+
+
+def _needs_text(data: str) -> bool:
+    """Whether JSON text ``data`` has a string jsonb cannot hold.
+
+    That is a ``\\u0000`` escape or an unpaired surrogate escape (a high one
+    not followed by a low one, or a low one alone); an escaped backslash
+    before ``u`` is not an escape.
+    """
+    if _FIRST_RE.search(data) is None:
+        return False
+    high_end = -1  # where the last high surrogate escape ended, if one waits for its pair
+    for match in _ESCAPE_RE.finditer(data):
+        code = match.group(1)
+        if high_end >= 0:
+            if match.start() != high_end or code is None or code[1] not in "cdefCDEF":
+                return True
+            high_end = -1
+        elif code is not None:
+            if code == "0000" or code[1] not in "89abAB":
+                return True
+            high_end = match.end()
+    return high_end >= 0
+
+
+def _fits_numeric(data: str) -> bool:
+    """Whether every number in JSON text ``data`` fits PostgreSQL's ``numeric``.
+
+    jsonb keeps numbers as ``numeric``: at most 131072 digits before the
+    point and 16383 after (``1e131072`` and ``1e-16384`` do not fit). Text
+    that is not JSON counts as fitting (the server judges it).
+    """
+    fits = True
+
+    def number(text: str) -> None:
+        nonlocal fits
+        value = Decimal(text)
+        exponent = value.as_tuple().exponent
+        assert isinstance(exponent, int)  # finite: JSON has no NaN or Infinity literal here
+        if (value and value.adjusted() >= _NUMERIC_INT_DIGITS) or -exponent > _NUMERIC_SCALE:
+            fits = False
+
+    try:
+        json.loads(data, parse_int=number, parse_float=number)
+    except (ValueError, RecursionError):
+        return True
+    return fits
 
 
 def _migration_1(s: str) -> list[str]:
@@ -199,10 +277,26 @@ def _migration_2(s: str) -> list[str]:
     return [f"ALTER TABLE {s}.events ALTER COLUMN data TYPE jsonb USING data::jsonb"]
 
 
+def _migration_3(s: str) -> list[str]:
+    # Catalog changes only (a new column with a constant default is not written
+    # into existing rows), plus one scan of the events table to check the new
+    # constraint; no rewrite. The fillfactor applies to pages filled from now on.
+    return [
+        f"""ALTER TABLE {s}.events
+            ALTER COLUMN data DROP NOT NULL,
+            ADD COLUMN data_text text,
+            ADD CONSTRAINT events_data_or_data_text CHECK ((data IS NULL) <> (data_text IS NULL))""",
+        f"""ALTER TABLE {s}.sessions
+            ADD COLUMN text_payloads boolean NOT NULL DEFAULT false,
+            SET (fillfactor = 80)""",
+    ]
+
+
 #: Applied in order, each once, recorded by name. Never edit or reorder: append.
 MIGRATIONS: list[tuple[str, Callable[[str], list[str]]]] = [
     ("001_sessions_events_blobs", _migration_1),
     ("002_events_data_jsonb", _migration_2),
+    ("003_events_data_text", _migration_3),
 ]
 
 #: The server or the network is down, refuses service, or did not answer in time.
@@ -243,7 +337,9 @@ class PostgresStore:
 
     Payloads are kept as JSONB: ``read`` returns them as JSON equal to what
     was appended, with whitespace and key order normalised (not byte for
-    byte as the other backends do); see the module docstring for the details.
+    byte as the other backends do). The rare payloads JSONB cannot hold
+    (``\\u0000``, unpaired surrogates, numbers beyond ``numeric``) are kept
+    as text and returned byte for byte; see the module docstring.
     """
 
     def __init__(
@@ -279,9 +375,10 @@ class PostgresStore:
         self._pool: asyncpg.Pool | None = None
         self._pool_lock: asyncio.Lock | None = None
         self._lane: PoolConnectionProxy[asyncpg.Record] | None = None
-        self._lane_lock: asyncio.Lock | None = None
+        self._lane_busy = False  # a call is using the lane (one event loop: a flag suffices)
         self._lane_retry_at = 0.0
         self._closed = False
+        self._append_cache: dict[tuple[int, bool], str] = {}
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> Self:
@@ -490,15 +587,14 @@ class PostgresStore:
             return await fn(conn)
 
     async def _attempt(self, fn: Callable[[Conn], Awaitable[T]], tx: bool) -> T:
-        pool = await self._get_pool()
-        if self._lane_lock is None:
-            self._lane_lock = asyncio.Lock()
-        if not self._lane_lock.locked():
-            async with self._lane_lock:
-                lane = await self._lane_connection(pool)
+        pool = self._pool if self._pool is not None and not self._closed else await self._get_pool()
+        if not self._lane_busy:
+            self._lane_busy = True
+            try:
+                lane = self._lane if self._lane is not None else await self._lane_connection(pool)
                 if lane is not None:
                     try:
-                        result = await self._run(lane, fn, tx)
+                        result = await (self._run(lane, fn, tx) if tx else fn(lane))
                     except BaseException as exc:
                         # cancelled (it may be mid-query), broken, or left in a
                         # transaction: never reuse it; the pool cleans it up
@@ -513,6 +609,8 @@ class PostgresStore:
                     if lane.is_in_transaction():
                         await self._drop_lane(pool)
                     return result
+            finally:
+                self._lane_busy = False
         async with pool.acquire() as conn:
             return await self._run(conn, fn, tx)
 
@@ -538,7 +636,7 @@ class PostgresStore:
     _COLUMNS = (
         "s.pk, s.id, s.user_id, s.agent_id, s.window_id, s.state, s.created_at, s.updated_at, "
         "s.expires_at, p.id AS parent_id, s.parent_seq, s.head, s.version, s.body::text AS body, "
-        "s.deleted, s.children, s.parent_pk"
+        "s.deleted, s.children, s.parent_pk, s.text_payloads"
     )
 
     def _from(self) -> str:
@@ -589,16 +687,18 @@ class PostgresStore:
             raise SessionNotFoundError(session_id, "expired")
         return row
 
-    async def _lineage(self, conn: Conn, pk: int) -> list[tuple[int, int]]:
-        chain: list[tuple[int, int]] = []
+    async def _lineage(self, conn: Conn, pk: int) -> list[tuple[tuple[int, bool], int]]:
+        """``((pk, text_payloads), fork_seq)`` from row ``pk`` up to the root."""
+        chain: list[tuple[tuple[int, bool], int]] = []
         current: int | None = pk
         while current is not None:
             row = await conn.fetchrow(
-                f"SELECT parent_pk, parent_seq FROM {self._s}.sessions WHERE pk = $1", current
+                f"SELECT parent_pk, parent_seq, text_payloads FROM {self._s}.sessions WHERE pk = $1",
+                current,
             )
             if row is None:
                 raise CorruptDataError(f"a fork's ancestor (row {current}) is missing")
-            chain.append((current, row["parent_seq"] or 0))
+            chain.append(((current, row["text_payloads"]), row["parent_seq"] or 0))
             current = row["parent_pk"]
         return chain
 
@@ -737,64 +837,117 @@ class PostgresStore:
 
     # -- events ----------------------------------------------------------------
 
-    def _append_sql(self) -> str:
-        s = self._s
-        return f"""
-        WITH moved AS (
-            UPDATE {s}.sessions SET head = head + $3, updated_at = $4
-            WHERE id = $1 AND head = $2 AND NOT deleted AND (expires_at IS NULL OR expires_at > $4)
-            RETURNING pk
-        ), added AS (
-            INSERT INTO {s}.events (session_pk, seq, type, ts, turn_id, v, data)
-            SELECT moved.pk, $2 + e.ord, e.type, e.ts, e.turn_id, e.v, e.data
-            FROM moved, unnest($5::text[], $6::float8[], $7::text[], $8::int[], $9::jsonb[])
-                WITH ORDINALITY AS e(type, ts, turn_id, v, data, ord)
-            RETURNING 1
-        )
-        SELECT count(*) FROM added
+    def _append_sql(self, n: int, text: bool) -> tuple[str, str]:
+        """The append statement for ``n`` events and the status it answers on success.
+
+        Up to ``_VALUES_MAX`` events, all kept as jsonb: a ``VALUES`` row each,
+        whose parameters are the events' fields in order (cheaper than
+        ``unnest``). Otherwise ``unnest`` of one array per column, with
+        ``data_text`` only when some payload is kept as text.
         """
+        values = n <= _VALUES_MAX and not text
+        key = (n if values else 0, text)
+        sql = self._append_cache.get(key)
+        if sql is None:
+            s = self._s
+            extra = ", data_text" if text else ""
+            # data_text::json checks that it is JSON and gives back the same text
+            head = f"""WITH moved AS (
+                UPDATE {s}.sessions SET head = head + $4, updated_at = $3
+                    {", text_payloads = true" if text else ""}
+                WHERE id = $1 AND head = $2 AND NOT deleted
+                    AND (expires_at IS NULL OR expires_at > $3)
+                RETURNING pk
+            )
+            INSERT INTO {s}.events (session_pk, seq, type, ts, turn_id, v, data{extra})
+            SELECT moved.pk, $2 + e.ord, e.type, e.ts, e.turn_id, e.v, e.data
+                {", e.data_text::json::text" if text else ""}
+            FROM moved, """
+            if values:  # $5... : each event's type, data, ts, turn_id, schema_version
+                rows = ", ".join(
+                    f"({i + 1}, ${5 + 5 * i}::text, ${6 + 5 * i}::jsonb, ${7 + 5 * i}::float8, "
+                    f"${8 + 5 * i}::text, ${9 + 5 * i}::int)"
+                    for i in range(n)
+                )
+                sql = f"{head}(VALUES {rows}) AS e(ord, type, data, ts, turn_id, v)"
+            else:
+                arrays = "$5::text[], $6::jsonb[], $7::float8[], $8::text[], $9::int[]"
+                arrays += ", $10::text[]" if text else ""
+                sql = (
+                    f"{head}unnest({arrays}) "
+                    f"WITH ORDINALITY AS e(type, data, ts, turn_id, v{extra}, ord)"
+                )
+            self._append_cache[key] = sql
+        return sql, f"INSERT 0 {n}"
 
     async def append(self, session_id: str, events: Sequence[NewEvent], expected_seq: int) -> int:
         """See :meth:`Store.append`."""
         check_append(events, expected_seq)
         validate_id(session_id)
-        sql = self._append_sql()
-        args = (
-            session_id,
-            expected_seq,
-            len(events),
-            now(),
-            [e.type for e in events],
-            [e.ts for e in events],
-            [e.turn_id for e in events],
-            [e.schema_version for e in events],
-            [e.data for e in events],
-        )
+        n = len(events)
+        try:  # the substring test costs ~30 ns; only payloads with a \\u escape are scanned
+            as_text = [i for i, e in enumerate(events) if "\\u" in e.data and _needs_text(e.data)]
+        except TypeError:
+            raise UsageError(
+                f"cannot append to session {session_id!r}: event data must be JSON text (a str); "
+                "nothing was written"
+            ) from None
+
+        def arguments(as_text: list[int]) -> tuple[str, str, list[Any]]:
+            sql, status = self._append_sql(n, bool(as_text))
+            args: list[Any] = [session_id, expected_seq, now(), n]
+            if n <= _VALUES_MAX and not as_text:
+                for e in events:
+                    args.extend(e)
+                return sql, status, args
+            data: list[str | None] = [e.data for e in events]
+            args += ([e.type for e in events], data, [e.ts for e in events])
+            args += ([e.turn_id for e in events], [e.schema_version for e in events])
+            if as_text:
+                texts: list[str | None] = [None] * n
+                for i in as_text:
+                    texts[i], data[i] = data[i], None
+                args.append(texts)
+            return sql, status, args
+
+        sql, status, args = arguments(as_text)
 
         async def work(conn: Conn) -> int:
-            try:
-                added = await conn.fetchval(sql, *args)
-            except asyncpg.UniqueViolationError:
-                # the head matched but seq expected_seq + 1 is taken: unless
-                # another writer moved the head since, the log is damaged, and
-                # a conflict would send the caller's retry loop round forever
-                row = await self._visible_row(conn, session_id)
-                if row["head"] != expected_seq:
-                    raise ConflictError(session_id, expected_seq, row["head"]) from None
-                raise CorruptDataError(
-                    f"session {session_id!r}: PostgreSQL holds events after seq {expected_seq} "
-                    f"but the session's head is {expected_seq} (the events and sessions tables "
-                    "disagree, as after a partial restore); restore both from one backup"
-                ) from None
-            except pgerr.DataError as exc:
-                raise UsageError(
-                    f"cannot append to session {session_id!r}: PostgreSQL rejected an event "
-                    f"({_describe(exc)}); data must be JSON text that jsonb accepts (no "
-                    "\\u0000, no unpaired surrogates), type and turn_id strings, ts a number; "
-                    "nothing was written"
-                ) from exc
-            if added == len(events):
-                return expected_seq + len(events)
+            nonlocal sql, status, args
+            for retried in (False, True):
+                try:
+                    if await conn.execute(sql, *args) == status:
+                        return expected_seq + n
+                    break  # the head moved, or the session is gone
+                except asyncpg.UniqueViolationError:
+                    # the head matched but seq expected_seq + 1 is taken: unless
+                    # another writer moved the head since, the log is damaged, and
+                    # a conflict would send the caller's retry loop round forever
+                    row = await self._visible_row(conn, session_id)
+                    if row["head"] != expected_seq:
+                        raise ConflictError(session_id, expected_seq, row["head"]) from None
+                    raise CorruptDataError(
+                        f"session {session_id!r}: PostgreSQL holds events after seq {expected_seq} "
+                        f"but the session's head is {expected_seq} (the events and sessions tables "
+                        "disagree, as after a partial restore); restore both from one backup"
+                    ) from None
+                except pgerr.DataError as exc:
+                    # a number beyond numeric's range, which jsonb cannot hold: the
+                    # statement wrote nothing; send it once more with those payloads as text
+                    more = as_text
+                    if not retried and isinstance(exc, pgerr.NumericValueOutOfRangeError):
+                        more = [
+                            i
+                            for i, e in enumerate(events)
+                            if i in as_text or not _fits_numeric(e.data)
+                        ]
+                    if more == as_text:
+                        raise UsageError(
+                            f"cannot append to session {session_id!r}: PostgreSQL rejected an "
+                            f"event ({_describe(exc)}); data must be JSON text, type and turn_id "
+                            "strings, ts a number, schema_version a small int; nothing was written"
+                        ) from exc
+                    sql, status, args = arguments(more)
             row = await self._visible_row(conn, session_id)
             raise ConflictError(session_id, expected_seq, row["head"])
 
@@ -811,39 +964,42 @@ class PostgresStore:
         """See :meth:`Store.read`.
 
         Payloads come back as JSON equal to what was appended, normalised by
-        JSONB (see the module docstring). A session deleted while it is read
+        JSONB, or byte for byte for those kept as text (see the module docstring). A session deleted while it is read
         raises ``SessionNotFoundError`` at the next batch that misses rows.
         """
         check_read(after_seq, upto_seq, batch_size)
         validate_id(session_id)
 
-        sql = (
-            f"SELECT seq, type, ts, turn_id, data, v FROM {self._s}.events "
-            "WHERE session_pk = $1 AND seq > $2 AND seq <= $3 ORDER BY seq LIMIT $4"
-        )
+        # a session with no payload kept as text (nearly all) reads jsonb as is
+        where = "WHERE session_pk = $1 AND seq > $2 AND seq <= $3 ORDER BY seq LIMIT $4"
+        sql = {
+            False: f"SELECT seq, type, ts, turn_id, data, v FROM {self._s}.events {where}",
+            True: f"SELECT seq, type, ts, turn_id, COALESCE(data_text, data::text), v "
+            f"FROM {self._s}.events {where}",
+        }
         chunk = max(batch_size, _READ_CHUNK)
 
         async def plan(
             conn: Conn,
-        ) -> tuple[int, list[tuple[int, int, int]], list[asyncpg.Record]]:
+        ) -> tuple[int, list[tuple[tuple[int, bool], int, int]], list[asyncpg.Record]]:
             row = await self._visible_row(conn, session_id)
-            lineage = [(row["pk"], row["parent_seq"] or 0)]
+            lineage = [((row["pk"], row["text_payloads"]), row["parent_seq"] or 0)]
             if row["parent_pk"] is not None:
                 lineage += await self._lineage(conn, row["parent_pk"])
             segments = fork_segments(lineage, row["head"], after_seq, upto_seq)
             first: list[asyncpg.Record] = []
             if segments:
-                pk, lo, hi = segments[0]
-                first = await conn.fetch(sql, pk, lo, hi, chunk)
+                (pk, text), lo, hi = segments[0]
+                first = await conn.fetch(sql[text], pk, lo, hi, chunk)
             return row["pk"], segments, first
 
         own_pk, segments, rows = await self._with(plan)
         make = StoredEvent._make
-        for index, (pk, lo, hi) in enumerate(segments):
+        for index, ((pk, text), lo, hi) in enumerate(segments):
             start = lo
             while start < hi:
                 if index or start != lo:
-                    rows = await self._with(partial(_fetch, sql, (pk, start, hi, chunk)))
+                    rows = await self._with(partial(_fetch, sql[text], (pk, start, hi, chunk)))
                 expected = min(chunk, hi - start)
                 if len(rows) != expected or (
                     rows and (rows[0][0] != start + 1 or rows[-1][0] != start + expected)
@@ -911,7 +1067,7 @@ class PostgresStore:
 
         async def work(conn: Conn) -> bytes:
             row = await self._visible_row(conn, session_id)
-            for pk, _ in await self._lineage(conn, row["pk"]):
+            for (pk, _), _ in await self._lineage(conn, row["pk"]):
                 data = await conn.fetchval(
                     f"SELECT data FROM {self._s}.blobs WHERE session_pk = $1 AND id = $2",
                     pk,
