@@ -1027,17 +1027,62 @@ class PostgresStore:
         validate_id(session_id)
         validate_id(new_record.id)
 
-        async def work(conn: Conn) -> SessionRecord:
-            row = await self._visible_row(conn, session_id, lock=True)
-            check_fork_point(session_id, at_seq, row["head"])
-            stored = initial_record(new_record, ParentRef(session_id=session_id, seq=at_seq))
-            await self._insert(conn, stored, row["pk"])
-            await conn.execute(
-                f"UPDATE {self._s}.sessions SET children = children + 1 WHERE pk = $1", row["pk"]
+        if isinstance(at_seq, bool) or not isinstance(at_seq, int) or at_seq < 0:
+            check_fork_point(session_id, at_seq, 0)  # raises ValueError before any I/O
+        stored = initial_record(new_record, ParentRef(session_id=session_id, seq=at_seq))
+        s = self._s
+        # one statement (one round trip, one transaction): lock the parent, insert
+        # the fork if the parent is visible and has the fork point, count the fork
+        sql = f"""
+            WITH parent AS (
+                SELECT pk, head, deleted, expires_at FROM {s}.sessions WHERE id = $1 FOR UPDATE
+            ), ok AS (
+                SELECT pk FROM parent
+                WHERE NOT deleted AND (expires_at IS NULL OR expires_at > $14) AND $10 <= head
+            ), ins AS (
+                INSERT INTO {s}.sessions (id, user_id, agent_id, window_id, state, created_at,
+                    updated_at, expires_at, parent_pk, parent_seq, head, version, body)
+                SELECT $2, $3, $4, $5, $6, $7, $8, $9, ok.pk, $10, $11, $12, $13::jsonb FROM ok
+                RETURNING parent_pk
+            ), counted AS (
+                UPDATE {s}.sessions SET children = children + 1
+                WHERE pk IN (SELECT parent_pk FROM ins)
             )
+            SELECT head, deleted, expires_at, (SELECT count(*) FROM ins) AS made FROM parent
+        """
+
+        async def work(conn: Conn) -> SessionRecord:
+            r = stored
+            try:
+                row = await conn.fetchrow(
+                    sql,
+                    session_id,
+                    r.id,
+                    r.user_id,
+                    r.agent_id,
+                    r.window_id,
+                    r.state,
+                    r.created_at,
+                    r.updated_at,
+                    r.expires_at,
+                    at_seq,
+                    r.head,
+                    r.version,
+                    self._body(r),
+                    now(),
+                )
+            except asyncpg.UniqueViolationError:
+                raise SessionExistsError(r.id) from None
+            if row is None or row["deleted"]:
+                raise SessionNotFoundError(session_id)
+            if row["expires_at"] is not None and row["expires_at"] <= now():
+                raise SessionNotFoundError(session_id, "expired")
+            if not row["made"]:
+                check_fork_point(session_id, at_seq, row["head"])
+                raise SessionNotFoundError(session_id, "expired")  # expired as the call ran
             return stored
 
-        return await self._with(work, tx=True)
+        return await self._with(work)
 
     # -- blobs -----------------------------------------------------------------
 
