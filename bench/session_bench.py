@@ -14,6 +14,8 @@ already in the session):
   (read, decode and fold the whole log), then the first ``get_usage()`` and
   ``get_context_info()`` (usage totals are summed when first read, so they
   are part of the figure); ``resume_open`` is the ``open()`` alone;
+- ``floor_read``: bare ``sqlite3`` reading the session's event rows
+  (``fetchall``, no objects built): what reading the log costs at least;
 - ``resume_memory`` / ``memory_ratio``: bytes held by the resumed session
   (tracemalloc), and against the JSON size of its events.
 
@@ -27,6 +29,7 @@ import argparse
 import asyncio
 import gc
 import json
+import sqlite3
 import statistics
 import sys
 import tempfile
@@ -111,6 +114,23 @@ async def bench_size(url: str, n: int, turns: int) -> list[Row]:
     session_id = f"bench-{n}"
     log(f"[n={n}] filling {n} messages")
     await fill(url, session_id, n)
+
+    log(f"[n={n}] floor: bare sqlite3 read of the events")
+    path = url.removeprefix("sqlite:///")
+    floors = []
+    for _ in range(7 if url.startswith("sqlite:///") else 0):
+        db = sqlite3.connect(path)
+        start = time.perf_counter_ns()
+        got = db.execute(
+            "SELECT seq, type, ts, turn_id, data, v FROM events WHERE session_pk = "
+            "(SELECT pk FROM sessions WHERE id = ?) ORDER BY seq",
+            (session_id,),
+        ).fetchall()
+        floors.append((time.perf_counter_ns() - start) / 1e6)
+        db.close()
+        assert len(got) == n // 2 * 5, len(got)
+    if floors:
+        add("floor_read", statistics.median(floors), "ms")
 
     log(f"[n={n}] resume")
     resumes, opens = [], []
