@@ -59,6 +59,16 @@ local function late(t, limit)
   return clock() - tonumber(t) > tonumber(limit)
 end
 local function ms(v) return string.format('%d', math.floor(tonumber(v) * 1000)) end
+-- with KEYS rec, ev, blob, forks: keep a tombstone while forks still read the
+-- events (returns true), else remove every key of the session (false)
+local function remove_or_keep()
+  if redis.call('ZCARD', KEYS[4]) > 0 then
+    redis.call('HSET', KEYS[1], 'deleted', '1')
+    return true
+  end
+  redis.call('UNLINK', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+  return false
+end
 """
 )
 
@@ -160,11 +170,7 @@ if not r[1] or r[2] == '1' then return {-1} end
 if expired(r[3], ARGV[1]) then return {-2} end
 if r[4] ~= ARGV[2] then return {-7} end
 if late(ARGV[3], ARGV[4]) then return {-6} end
-if redis.call('ZCARD', KEYS[4]) > 0 then
-  redis.call('HSET', KEYS[1], 'deleted', '1')
-  return {1}
-end
-redis.call('UNLINK', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+if remove_or_keep() then return {1} end
 return {0, r[5] or ''}
 """
 )
@@ -179,11 +185,7 @@ local r = redis.call('HMGET', KEYS[1], 'stamp', 'deleted', 'expires_at', 'parent
 if r[1] ~= ARGV[1] then return {0} end
 if r[2] == '1' then return {3} end
 if not expired(r[3], ARGV[2]) then return {4, r[3] or ''} end
-if redis.call('ZCARD', KEYS[4]) > 0 then
-  redis.call('HSET', KEYS[1], 'deleted', '1')
-  return {2}
-end
-redis.call('UNLINK', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+if remove_or_keep() then return {2} end
 return {1, r[4] or ''}
 """
 )
