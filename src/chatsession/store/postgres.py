@@ -704,20 +704,27 @@ class PostgresStore:
 
     # -- records ---------------------------------------------------------------
 
+    @staticmethod
+    def _identity(r: SessionRecord) -> tuple[Any, ...]:
+        """``id, user_id, agent_id, window_id, state, created_at, updated_at, expires_at``."""
+        return (
+            r.id,
+            r.user_id,
+            r.agent_id,
+            r.window_id,
+            r.state,
+            r.created_at,
+            r.updated_at,
+            r.expires_at,
+        )
+
     async def _insert(self, conn: Conn, r: SessionRecord, parent_pk: int | None) -> None:
         try:
             await conn.execute(
                 f"INSERT INTO {self._s}.sessions (id, user_id, agent_id, window_id, state, created_at, "
                 "updated_at, expires_at, parent_pk, parent_seq, head, version, body) "
                 "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13::jsonb)",
-                r.id,
-                r.user_id,
-                r.agent_id,
-                r.window_id,
-                r.state,
-                r.created_at,
-                r.updated_at,
-                r.expires_at,
+                *self._identity(r),
                 parent_pk,
                 r.parent.seq if r.parent else None,
                 r.head,
@@ -1057,14 +1064,7 @@ class PostgresStore:
                 row = await conn.fetchrow(
                     sql,
                     session_id,
-                    r.id,
-                    r.user_id,
-                    r.agent_id,
-                    r.window_id,
-                    r.state,
-                    r.created_at,
-                    r.updated_at,
-                    r.expires_at,
+                    *self._identity(r),
                     at_seq,
                     r.head,
                     r.version,
