@@ -53,6 +53,13 @@ def texts(events: Sequence[object]) -> list[str]:
     return [e.data.text for e in events if isinstance(e, MessageEntry)]  # type: ignore[attr-defined]
 
 
+async def collect_answers(session: ChatSession, answers: list[str]) -> None:
+    """Run ``session.events()`` to its end, keeping each turn's final text."""
+    async for event in session.events():
+        if isinstance(event, StopEvent):
+            answers.append(event.text)
+
+
 def statuses(events: Sequence[object]) -> list[str]:
     return [e.data.status for e in events if isinstance(e, TurnEndEntry)]  # type: ignore[attr-defined]
 
@@ -478,13 +485,7 @@ async def test_message_sources(url: str) -> None:
 async def test_send_and_close(url: str) -> None:
     async with ChatSession(Agent(ScriptedLLM()), "s", store=url) as session:
         answers: list[str] = []
-
-        async def listen() -> None:
-            async for event in session.events():
-                if isinstance(event, StopEvent):
-                    answers.append(event.text)
-
-        listener = asyncio.create_task(listen())
+        listener = asyncio.create_task(collect_answers(session, answers))
         await session.send("hello")
         await session.send("world")
         while len(answers) < 2:
@@ -617,13 +618,7 @@ async def test_close_ends_events_waiting_on_a_queue_source(url: str) -> None:
     queue: asyncio.Queue[str | None] = asyncio.Queue()
     session = ChatSession(Agent(ScriptedLLM()), "s", store=url, message_source=queue)
     answers: list[str] = []
-
-    async def listen() -> None:
-        async for event in session.events():
-            if isinstance(event, StopEvent):
-                answers.append(event.text)
-
-    listener = asyncio.create_task(listen())
+    listener = asyncio.create_task(collect_answers(session, answers))
     await queue.put("hello")
     while not answers:
         await asyncio.sleep(0.01)

@@ -659,21 +659,19 @@ class ConversationState:
     @property
     def usage(self) -> UsageTotals:
         """Usage totals over every model call (do not modify)."""
-        return self._usage_totals()[1]
+        return self._usage_totals()[0]
 
     @property
     def usage_by_model(self) -> dict[str, UsageTotals]:
         """Usage totals per model (do not modify)."""
-        return self._usage_totals()[2]
+        return self._usage_totals()[1]
 
     @property
     def usage_by_level(self) -> dict[str, UsageTotals]:
         """Usage totals per agent level (do not modify)."""
-        return self._usage_totals()[3]
+        return self._usage_totals()[2]
 
-    def _usage_totals(
-        self,
-    ) -> tuple[int, UsageTotals, dict[str, UsageTotals], dict[str, UsageTotals]]:
+    def _usage_totals(self) -> tuple[UsageTotals, dict[str, UsageTotals], dict[str, UsageTotals]]:
         usages = self.usages
         cache = self._usage_cache
         if cache is None or cache[0] is not usages or cache[1] > len(usages):
@@ -703,7 +701,7 @@ class ConversationState:
                 by_level.setdefault(level, UsageTotals()).merge(part)
             cache = (usages, len(usages), total, by_model, by_level)
             self._usage_cache = cache
-        return len(usages), total, by_model, by_level
+        return total, by_model, by_level
 
     def copy(self) -> ConversationState:
         """An independent copy: containers and JSON values copied, frozen events shared."""
