@@ -107,7 +107,7 @@ iterator or generator, or an ``asyncio.Queue`` (``None`` in the queue ends it)."
 
 Consistency = Literal["warn", "strict", "ignore"]
 
-_END = object()  # ends the internal message queue
+_END = object()  # the end of a turn's events, or of the incoming messages
 _CLOSING = object()  # wakes a running turn when the session is closed
 T = TypeVar("T")
 
@@ -917,15 +917,9 @@ class ChatSession:
         return self._inbox
 
     async def _incoming(self) -> AsyncGenerator[ChatMessage, None]:
-        source = self._message_source
-        if source is None:
-            inbox = self._queue()
-            while True:
-                item = await inbox.get()
-                if item is _END:
-                    return
-                yield item
-        elif isinstance(source, asyncio.Queue):
+        # without a message_source, send() feeds the session's own queue
+        source = self._message_source if self._message_source is not None else self._queue()
+        if isinstance(source, asyncio.Queue):
             while True:
                 item = await self._unless_closed(source.get())
                 if item is None or item is _END:
@@ -1294,9 +1288,7 @@ class ChatSession:
         if self._closed:
             return
         self._closed = True
-        if self._inbox is not None:
-            self._inbox.put_nowait(_END)
-        if self._closing is not None:
+        if self._closing is not None:  # ends events(), whatever feeds it
             self._closing.set()
         lock = self._turn_lock
         if lock is not None and lock.locked():
