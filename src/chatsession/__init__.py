@@ -31,6 +31,7 @@ from chatsession.errors import (
     ConflictError,
     ConsistencyError,
     CorruptDataError,
+    InvalidArgumentError,
     InvalidIdError,
     InvalidURLError,
     MissingDependencyError,
@@ -43,6 +44,7 @@ from chatsession.errors import (
     StoreRepairWarning,
     StoreUnavailableError,
     ToolError,
+    UnsupportedValueError,
     UsageError,
 )
 from chatsession.session import ChatSession, ContextInfo, ModelUsage, UsageSummary
@@ -75,6 +77,7 @@ __all__ = [
     "CorruptDataError",
     "ErrorEvent",
     "FunctionLLM",
+    "InvalidArgumentError",
     "InvalidIdError",
     "InvalidURLError",
     "MissingDependencyError",
@@ -104,6 +107,7 @@ __all__ = [
     "ToolContext",
     "ToolError",
     "ToolResultEvent",
+    "UnsupportedValueError",
     "UsageError",
     "UsageEvent",
     "UsageSummary",

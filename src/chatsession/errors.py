@@ -5,7 +5,9 @@ failures (the world did something: a conflict, an outage, a corrupt file)::
 
     ChatSessionError
     ├── UsageError                      the calling code is wrong
-    │   ├── InvalidIdError              an id unsafe as a file name or key
+    │   ├── InvalidArgumentError        a bad argument value (range, type, cursor)
+    │   │   ├── InvalidIdError          an id unsafe as a file name or key
+    │   │   └── UnsupportedValueError   a value no store can keep exactly (refused, nothing written)
     │   ├── InvalidURLError             a store URL that cannot be used
     │   ├── MissingDependencyError      an optional extra is not installed
     │   └── ChatSessionClosedError      a closed session was used
@@ -41,6 +43,7 @@ __all__ = [
     "ConflictError",
     "ConsistencyError",
     "CorruptDataError",
+    "InvalidArgumentError",
     "InvalidIdError",
     "InvalidURLError",
     "MissingDependencyError",
@@ -53,6 +56,7 @@ __all__ = [
     "StoreRepairWarning",
     "StoreUnavailableError",
     "ToolError",
+    "UnsupportedValueError",
     "UsageError",
 ]
 
@@ -65,7 +69,27 @@ class UsageError(ChatSessionError):
     """Raised when the calling code uses chatsession wrongly; fix the call."""
 
 
-class InvalidIdError(UsageError, ValueError):
+class InvalidArgumentError(UsageError, ValueError):
+    """Raised before any I/O when an argument has a bad value or type.
+
+    For example a negative ``expected_seq``, a page size outside 1..1000, a
+    listing cursor this library did not make, or a fork point past the head.
+    """
+
+
+class UnsupportedValueError(InvalidArgumentError):
+    """Raised before anything is written when a value cannot be stored exactly.
+
+    Every backend gives back exactly what it acknowledged, so values it could
+    not give back are refused instead: anything that is not JSON (sets,
+    tuples, objects, keys that are not strings), NaN and infinite floats, lone
+    UTF-16 surrogates, NUL in names and ids, nesting deeper than
+    :data:`~chatsession.store.base.MAX_JSON_DEPTH` levels, and payloads over
+    the size limits. The message says which value and why.
+    """
+
+
+class InvalidIdError(InvalidArgumentError):
     """Raised before any I/O when a session, blob or checkpoint id is unsafe.
 
     Ids must be 1-128 characters of letters, digits, ``-``, ``_`` and ``.``,
@@ -156,18 +180,21 @@ class ConflictError(StoreError):
 
 
 class SessionBusyError(ConflictError):
-    """Raised when another turn holds the session's lease (one turn at a time)."""
+    """Raised when a session cannot take a turn now because another writer is using it.
+
+    ``holder`` says who, when known. Wait for that writer to finish, then retry.
+    """
 
     def __init__(self, session_id: str, holder: str | None = None) -> None:
         self.session_id = session_id
         self.expected = 0
         self.actual = None
         self.holder = holder
-        by = f" by {holder}" if holder else ""
+        by = f" ({holder})" if holder else ""
         StoreError.__init__(
             self,
-            f"session {session_id!r} is busy: a turn is already running{by}; "
-            "wait for it to finish or retry later",
+            f"session {session_id!r} is busy: another writer is using it{by}; "
+            "wait for it to finish, then retry",
         )
 
 

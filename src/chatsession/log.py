@@ -160,6 +160,9 @@ class Message(BaseModel):
         is_error: For a tool message, whether the tool failed.
         partial: For an assistant message, whether it was cut short
             (interrupted, timeout, error) before the model finished.
+        truncated: For an assistant message, whether the model stopped at
+            its output limit (``finish_reason="length"``): complete as sent,
+            but not the whole answer.
     """
 
     model_config = _FROZEN
@@ -170,6 +173,7 @@ class Message(BaseModel):
     name: str | None = None
     is_error: bool = False
     partial: bool = False
+    truncated: bool = False
 
     @property
     def text(self) -> str:

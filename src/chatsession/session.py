@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import json
 import math
@@ -118,13 +119,18 @@ INTERRUPTED = "interrupted"
 
 @dataclass(frozen=True)
 class ModelUsage:
-    """Token usage of one model or one level."""
+    """Token usage of one model or one level.
+
+    ``estimated`` is True when any of the counted calls was a local estimate
+    (the server reported no usage, or the call timed out or was cut off).
+    """
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
     cost: float = 0.0
     calls: int = 0
+    estimated: bool = False
 
     @classmethod
     def of(cls, totals: UsageTotals) -> ModelUsage:
@@ -135,16 +141,18 @@ class ModelUsage:
             totals.total_tokens,
             totals.cost,
             totals.calls,
+            totals.estimated,
         )
 
     def minus(self, other: ModelUsage) -> ModelUsage:
-        """This usage without ``other`` (for a fork's own figures)."""
+        """This usage without ``other`` (for a fork's own figures; ``estimated`` is kept)."""
         return ModelUsage(
             self.prompt_tokens - other.prompt_tokens,
             self.completion_tokens - other.completion_tokens,
             self.total_tokens - other.total_tokens,
             self.cost - other.cost,
             self.calls - other.calls,
+            self.estimated,
         )
 
 
@@ -162,6 +170,8 @@ class UsageSummary:
         total_tokens: Both.
         total_cost: US dollars, from the price table (0 where unknown).
         calls: Model calls made.
+        estimated: True when some of the own figures are local estimates
+            (see :attr:`ModelUsage.estimated`).
         by_model: Own usage per model.
         by_level: Own usage per agent level (main, subagent, compaction, ...).
         inherited: Usage of the history shared with the parent (forks only).
@@ -173,6 +183,7 @@ class UsageSummary:
     total_tokens: int
     total_cost: float
     calls: int
+    estimated: bool
     by_model: dict[str, ModelUsage]
     by_level: dict[str, ModelUsage]
     inherited: ModelUsage = ModelUsage()
@@ -1139,23 +1150,33 @@ class ChatSession:
         """Token usage and cost; correct through resume, fork, clear and rewind."""
         await self._open_for_reading()
         c = self.conversation
+        # usages are in log order: the inherited ones (a fork's) come first
+        own_usages = c.usages[self._inherited.calls :]
+        estimated_models = {u.model for u in own_usages if u.estimated}
+        estimated_levels = {u.level for u in own_usages if u.estimated}
+
+        def own(totals: UsageTotals, inherited: UsageTotals | None, estimated: bool) -> ModelUsage:
+            mine = ModelUsage.of(totals).minus(ModelUsage.of(inherited or UsageTotals()))
+            return dataclasses.replace(mine, estimated=estimated)
+
         own_by_model = {
-            k: ModelUsage.of(v).minus(ModelUsage.of(self._inherited_by_model.get(k, UsageTotals())))
+            k: own(v, self._inherited_by_model.get(k), k in estimated_models)
             for k, v in c.usage_by_model.items()
         }
         own_by_level = {
-            k: ModelUsage.of(v).minus(ModelUsage.of(self._inherited_by_level.get(k, UsageTotals())))
+            k: own(v, self._inherited_by_level.get(k), k in estimated_levels)
             for k, v in c.usage_by_level.items()
         }
         total = ModelUsage.of(c.usage)
         inherited = ModelUsage.of(self._inherited)
-        own = total.minus(inherited)
+        own_total = own(c.usage, self._inherited, bool(estimated_models))
         return UsageSummary(
-            total_prompt_tokens=own.prompt_tokens,
-            total_completion_tokens=own.completion_tokens,
-            total_tokens=own.total_tokens,
-            total_cost=own.cost,
-            calls=own.calls,
+            total_prompt_tokens=own_total.prompt_tokens,
+            total_completion_tokens=own_total.completion_tokens,
+            total_tokens=own_total.total_tokens,
+            total_cost=own_total.cost,
+            calls=own_total.calls,
+            estimated=own_total.estimated,
             by_model={k: v for k, v in own_by_model.items() if v.calls},
             by_level={k: v for k, v in own_by_level.items() if v.calls},
             inherited=inherited,

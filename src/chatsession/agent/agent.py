@@ -124,6 +124,19 @@ class Agent:
             )
         return usage.model_copy(update={"level": self.level, "cost": self.prices.cost(usage)})
 
+    def estimated_usage(self, messages: Sequence[Message], partial: str = "") -> Usage:
+        """An estimate of a model call that never reported usage (timed out, killed, failed).
+
+        Args:
+            messages: The context the call was sent (the system prompt is added).
+            partial: The text the model produced before it stopped.
+
+        Returns:
+            A :class:`Usage` marked ``estimated``, with this agent's level and price.
+        """
+        message = Message(role="assistant", content=partial)
+        return self._usage(Completion(message), self._with_system(messages))
+
     # -- the loop --------------------------------------------------------------
 
     async def _call_model(self, context: list[Message]) -> AsyncIterator[TextEvent | Completion]:

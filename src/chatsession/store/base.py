@@ -15,20 +15,26 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import re
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Literal, NamedTuple, Protocol, Self, TypeVar, runtime_checkable
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from chatsession.errors import InvalidIdError
+from chatsession.errors import InvalidArgumentError, InvalidIdError, UnsupportedValueError
 
 __all__ = [
     "DEFAULT_READ_BATCH",
     "EDITABLE_FIELDS",
     "EVENT_SCHEMA_VERSION",
+    "MAX_BLOB_BYTES",
+    "MAX_FIELD_LENGTH",
     "MAX_ID_LENGTH",
+    "MAX_JSON_DEPTH",
+    "MAX_PAYLOAD_BYTES",
     "NewEvent",
     "Page",
     "ParentRef",
@@ -37,14 +43,21 @@ __all__ = [
     "Store",
     "StoredEvent",
     "check_append",
+    "check_blob",
+    "check_event",
     "check_fork_point",
+    "check_json_value",
     "check_limit",
+    "check_payload",
     "check_read",
+    "check_record",
+    "check_text",
     "decode_cursor",
     "encode_cursor",
     "fork_segments",
     "initial_record",
     "now",
+    "redact_url",
     "updated_record",
     "validate_id",
 ]
@@ -58,6 +71,26 @@ DEFAULT_READ_BATCH = 2000
 
 #: The longest id accepted for sessions, blobs and the like.
 MAX_ID_LENGTH = 128
+
+#: The deepest nesting of arrays and objects accepted in a stored JSON value
+#: (an event payload, a record's metadata or fingerprint). State, metadata and
+#: checkpoint values sit 2 to 3 levels inside their event's payload.
+MAX_JSON_DEPTH = 128
+
+#: The largest event payload (UTF-8 bytes of its JSON text); larger tool
+#: outputs belong in blobs, which ``ChatSession`` makes on its own.
+MAX_PAYLOAD_BYTES = 16 * 1024 * 1024
+
+#: The largest blob accepted by ``put_blob``.
+MAX_BLOB_BYTES = 256 * 1024 * 1024
+
+#: The longest ``user_id``, ``agent_id``, ``window_id``, ``title``, event
+#: ``turn_id`` or media type accepted.
+MAX_FIELD_LENGTH = 1024
+
+_EVENT_TYPE_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
+_ESCAPED_SURROGATE_RE = re.compile(r"\\u[dD][89a-fA-F]")
+_LINE_BREAKS = ("\n", "\r")
 
 _ID_RE = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]*")
 
@@ -229,14 +262,17 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
     """Parse a cursor made by :func:`encode_cursor`.
 
     Raises:
-        ValueError: If the cursor was not made by this library.
+        InvalidArgumentError: If the cursor was not made by this library.
     """
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created_at, session_id = json.loads(raw)
         return float(created_at), validate_id(session_id)
-    except (ValueError, TypeError, InvalidIdError) as exc:
-        raise ValueError(f"bad listing cursor {cursor[:40]!r}: pass back a next_cursor") from exc
+    except (ValueError, TypeError) as exc:
+        shown = cursor[:40] if isinstance(cursor, str) else cursor
+        raise InvalidArgumentError(
+            f"bad listing cursor {shown!r}: pass back a next_cursor from list_sessions"
+        ) from exc
 
 
 def fork_segments(
@@ -278,10 +314,11 @@ EDITABLE_FIELDS = frozenset(
 def initial_record(record: SessionRecord, parent: ParentRef | None = None) -> SessionRecord:
     """The record as ``create`` (or ``fork``, with ``parent``) stores it.
 
-    Validates the id, stamps ``created_at``/``updated_at`` when unset, sets
-    ``version`` to 1 and ``head`` to the fork point (0 for a new session).
+    Checks the record (:func:`check_record`), stamps ``created_at``/``updated_at``
+    when unset, sets ``version`` to 1 and ``head`` to the fork point (0 for a
+    new session).
     """
-    validate_id(record.id)
+    check_record(record)
     at = now()
     created = record.created_at or at
     return record.model_copy(
@@ -296,43 +333,325 @@ def initial_record(record: SessionRecord, parent: ParentRef | None = None) -> Se
 
 
 def updated_record(current: SessionRecord, changes: SessionRecord) -> SessionRecord:
-    """``current`` with the editable fields of ``changes``, a new version and ``updated_at``."""
+    """``current`` with the editable fields of ``changes``, a new version and ``updated_at``.
+
+    ``changes`` is checked (:func:`check_record`); stores also check it before any I/O.
+    """
+    check_record(changes)
     update = {name: getattr(changes, name) for name in EDITABLE_FIELDS}
     update["version"] = current.version + 1
     update["updated_at"] = now()
     return current.model_copy(update=update)
 
 
+def _unsupported(what: str, why: str) -> UnsupportedValueError:
+    return UnsupportedValueError(f"{what} cannot be stored exactly: {why}")
+
+
+def _is_int(value: object) -> bool:
+    return type(value) is int
+
+
+def check_text(
+    value: object,
+    what: str,
+    *,
+    optional: bool = False,
+    controls: bool = True,
+    limit: int = MAX_FIELD_LENGTH,
+) -> None:
+    """Refuse a name or id field that some backend could not give back exactly.
+
+    Args:
+        value: The candidate: a ``str`` (or None when ``optional``).
+        what: What it names, for the message.
+        optional: Whether None is allowed.
+        controls: Whether control characters other than NUL are allowed
+            (ids such as ``user_id`` and ``turn_id`` allow none).
+        limit: The most characters allowed.
+
+    Raises:
+        UnsupportedValueError: Not a plain ``str``, too long, or holding NUL,
+            a lone surrogate or (when refused) a control character.
+    """
+    if value is None and optional:
+        return
+    if type(value) is not str:
+        kind = "a string or None" if optional else "a string"
+        raise _unsupported(what, f"it must be {kind}, not {type(value).__name__}")
+    if len(value) > limit:
+        raise _unsupported(what, f"it is {len(value)} characters long; the limit is {limit}")
+    if "\x00" in value:
+        raise _unsupported(what, "it contains NUL (\\x00)")
+    if not controls and any(ord(c) < 32 or c == "\x7f" for c in value):
+        raise _unsupported(what, "it contains control characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _unsupported(
+            what, "it contains a lone UTF-16 surrogate (not valid unicode)"
+        ) from None
+
+
+def _render_path(path: tuple[Any, ...] | None) -> str:
+    parts: list[str] = []
+    while path is not None:
+        path, key = path
+        parts.append(f"[{key}]" if isinstance(key, int) else f"[{key!r}]")
+    return "".join(reversed(parts))
+
+
+def check_json_value(value: object, what: str, *, max_depth: int = MAX_JSON_DEPTH) -> None:
+    """Refuse a value that JSON cannot carry back exactly.
+
+    Accepted: ``dict`` with ``str`` keys, ``list``, ``str``, ``int``, finite
+    ``float``, ``bool`` and None, nested at most ``max_depth`` levels. Refused:
+    everything else (tuples and sets, which would come back as lists or not
+    at all; subclasses such as enums; NaN and infinities; lone surrogates;
+    integers over 4,000 digits).
+
+    Raises:
+        UnsupportedValueError: Names the offending place, e.g. ``metadata['a'][2]``.
+    """
+    stack: list[tuple[object, int, tuple[Any, ...] | None]] = [(value, 0, None)]
+    while stack:
+        item, depth, path = stack.pop()
+        kind = type(item)
+        if kind is str:
+            try:
+                item.encode("utf-8")  # type: ignore[attr-defined]
+            except UnicodeEncodeError:
+                raise _unsupported(
+                    what + _render_path(path), "a string holds a lone UTF-16 surrogate"
+                ) from None
+        elif item is None or kind is bool:
+            continue
+        elif kind is int:
+            if item.bit_length() > 13_000:  # type: ignore[attr-defined]
+                raise _unsupported(what + _render_path(path), "an integer has over 4,000 digits")
+        elif kind is float:
+            if not math.isfinite(item):  # type: ignore[arg-type]
+                raise _unsupported(
+                    what + _render_path(path), f"{item!r} is not a JSON number (NaN or infinite)"
+                )
+        elif kind is dict or kind is list:
+            if depth >= max_depth:
+                raise _unsupported(
+                    what + _render_path(path),
+                    f"it nests deeper than {max_depth} levels of objects and arrays",
+                )
+            if kind is dict:
+                for key, sub in item.items():  # type: ignore[attr-defined]
+                    if type(key) is not str:
+                        raise _unsupported(
+                            what + _render_path(path),
+                            f"key {key!r} is a {type(key).__name__}; JSON keys are strings",
+                        )
+                    stack.append((key, depth + 1, path))
+                    stack.append((sub, depth + 1, (path, key)))
+            else:
+                for index, sub in enumerate(item):  # type: ignore[arg-type]
+                    stack.append((sub, depth + 1, (path, index)))
+        else:
+            raise _unsupported(
+                what + _render_path(path),
+                f"a {kind.__name__} is not JSON; use dict (str keys), list, str, int, "
+                "float, bool or None",
+            )
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"the number {text[:40]} is out of range for a float")
+    return value
+
+
+def check_payload(text: object, what: str = "event data") -> None:
+    """Refuse an event payload that some backend could not give back exactly.
+
+    A payload is compact JSON text (no line breaks outside strings, as
+    ``json.dumps`` and ``model_dump_json`` write it) of at most
+    :data:`MAX_PAYLOAD_BYTES`, nested at most :data:`MAX_JSON_DEPTH` levels,
+    with finite numbers and valid unicode only.
+
+    Raises:
+        UnsupportedValueError: What is wrong with it.
+    """
+    if type(text) is not str:
+        raise _unsupported(what, f"it must be JSON text (a str), not {type(text).__name__}")
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise _unsupported(what, "it holds a lone UTF-16 surrogate (not valid unicode)") from None
+    if size > MAX_PAYLOAD_BYTES:
+        raise _unsupported(
+            what, f"it is {size} bytes; the limit is {MAX_PAYLOAD_BYTES} (keep large data in blobs)"
+        )
+    if any(c in text for c in _LINE_BREAKS):
+        raise _unsupported(what, "it holds a line break; write compact one-line JSON")
+    try:
+        value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except (ValueError, RecursionError) as exc:
+        reason = "it nests too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
+        raise _unsupported(what, f"it is not valid JSON ({reason})") from None
+    # a payload with few brackets cannot nest deeply, nor hide an escaped surrogate without "\u"
+    deep = text.count("[") + text.count("{") > MAX_JSON_DEPTH
+    if deep or ("\\u" in text and _ESCAPED_SURROGATE_RE.search(text) is not None):
+        check_json_value(value, what)
+
+
+def check_event(event: object, index: int = 0) -> None:
+    """Refuse a :class:`NewEvent` some backend could not give back exactly.
+
+    Raises:
+        UnsupportedValueError: A bad ``type``, ``data``, ``ts``, ``turn_id``
+            or ``schema_version``.
+    """
+    if not isinstance(event, NewEvent):
+        raise InvalidArgumentError(
+            f"events[{index}] must be a NewEvent (see chatsession.log.encode), "
+            f"not {type(event).__name__}"
+        )
+    kind, data, ts, turn_id, version = event
+    what = f"events[{index}]"
+    if type(kind) is not str or _EVENT_TYPE_RE.fullmatch(kind) is None:
+        raise _unsupported(
+            f"{what}.type {kind!r}"[:120], "use 1-64 characters of a-z, 0-9 and '_', a letter first"
+        )
+    if type(ts) not in (float, int) or not math.isfinite(ts):
+        raise _unsupported(f"{what}.ts", f"{ts!r} is not a finite number of seconds")
+    if turn_id is not None:
+        check_text(turn_id, f"{what}.turn_id", controls=False)
+    if not _is_int(version) or version < 0:
+        raise _unsupported(f"{what}.schema_version", f"{version!r} is not an int >= 0")
+    check_payload(data, f"{what}.data")
+
+
+def check_record(record: SessionRecord) -> None:
+    """Refuse a record some backend could not give back exactly.
+
+    ``user_id``, ``agent_id`` and ``window_id`` are free strings without
+    control characters; ``title`` without NUL; times are finite; ``metadata``
+    and ``fingerprint`` are JSON objects (see :func:`check_json_value`).
+
+    Raises:
+        InvalidIdError: A bad session id.
+        UnsupportedValueError: Any other field that cannot be stored exactly.
+    """
+    if not isinstance(record, SessionRecord):
+        raise InvalidArgumentError(f"expected a SessionRecord, not {type(record).__name__}")
+    validate_id(record.id)
+    for name in ("user_id", "agent_id", "window_id"):
+        check_text(getattr(record, name), name, optional=True, controls=False)
+    check_text(record.title, "title", optional=True)
+    if record.state not in ("active", "idle", "archived", "expired"):
+        raise _unsupported("state", f"{record.state!r} is not active, idle, archived or expired")
+    for name in ("created_at", "updated_at", "expires_at"):
+        value = getattr(record, name)
+        if value is None and name == "expires_at":
+            continue
+        if type(value) not in (float, int) or not math.isfinite(value):
+            raise _unsupported(name, f"{value!r} is not a finite number of seconds")
+    if type(record.metadata) is not dict:
+        raise _unsupported("metadata", f"it must be a dict, not {type(record.metadata).__name__}")
+    check_json_value(record.metadata, "metadata")
+    if record.fingerprint is not None:
+        if type(record.fingerprint) is not dict:
+            raise _unsupported("fingerprint", "it must be a dict or None")
+        check_json_value(record.fingerprint, "fingerprint")
+    if record.parent is not None and not isinstance(record.parent, ParentRef):
+        raise InvalidArgumentError("parent must be a ParentRef or None")
+
+
+def check_blob(data: object, media_type: object) -> None:
+    """Refuse a blob that is not ``bytes`` of at most :data:`MAX_BLOB_BYTES`, or a bad media type.
+
+    Raises:
+        UnsupportedValueError: What is wrong with it.
+    """
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise _unsupported("blob", f"it must be bytes, not {type(data).__name__}")
+    if len(data) > MAX_BLOB_BYTES:
+        raise _unsupported("blob", f"it is {len(data)} bytes; the limit is {MAX_BLOB_BYTES}")
+    check_text(media_type, "media_type", controls=False, limit=255)
+
+
+_SECRET_KEYS = ("password", "passwd", "pwd", "secret", "token", "api_key", "apikey", "auth")
+
+
+def redact_url(url: object) -> str:
+    """``url`` safe to show: its password and secret-looking query values replaced by ``***``.
+
+    Used in every message, ``repr`` and log line that shows a store or model URL.
+    """
+    if not isinstance(url, str):
+        return repr(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<a URL that cannot be parsed>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hosts = netloc.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        if colon:
+            netloc = f"{user}:***@{hosts}"
+    query = parts.query
+    if query and any(key in query.lower() for key in _SECRET_KEYS):
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode(
+            [(k, "***" if any(s in k.lower() for s in _SECRET_KEYS) else v) for k, v in pairs],
+            safe="/:,*",
+        )
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
 def check_append(events: Sequence[NewEvent], expected_seq: int) -> None:
-    """Reject an empty batch or a negative ``expected_seq`` before any I/O."""
-    if not events:
-        raise ValueError("append needs at least one event")
-    if isinstance(expected_seq, bool) or not isinstance(expected_seq, int) or expected_seq < 0:
-        raise ValueError(f"expected_seq must be an int >= 0, got {expected_seq!r}")
+    """Reject a bad batch or ``expected_seq`` before any I/O (see :func:`check_event`).
+
+    Raises:
+        InvalidArgumentError: An empty batch, or ``expected_seq`` not an int >= 0.
+        UnsupportedValueError: An event no backend could give back exactly.
+    """
+    if isinstance(events, str | bytes) or not isinstance(events, Sequence) or not events:
+        raise InvalidArgumentError("append needs a non-empty list of NewEvent")
+    if not _is_int(expected_seq) or expected_seq < 0:
+        raise InvalidArgumentError(f"expected_seq must be an int >= 0, got {expected_seq!r}")
+    for index, event in enumerate(events):
+        check_event(event, index)
 
 
 def check_fork_point(session_id: str, at_seq: int, head: int) -> None:
-    """Reject a fork point outside ``0..head``."""
-    if isinstance(at_seq, bool) or not isinstance(at_seq, int) or not 0 <= at_seq <= head:
-        raise ValueError(f"cannot fork {session_id!r} at seq {at_seq!r}: its events are 1..{head}")
+    """Reject a fork point outside ``0..head``.
+
+    Raises:
+        InvalidArgumentError: ``at_seq`` is not an int in ``0..head``.
+    """
+    if not _is_int(at_seq) or not 0 <= at_seq <= head:
+        raise InvalidArgumentError(
+            f"cannot fork {session_id!r} at seq {at_seq!r}: its events are 1..{head}"
+        )
 
 
 def check_limit(limit: int) -> None:
-    """Reject a page size outside 1..1000."""
-    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
-        raise ValueError(f"limit must be an int from 1 to 1000, got {limit!r}")
+    """Reject a page size outside 1..1000 (:class:`InvalidArgumentError`)."""
+    if not _is_int(limit) or not 1 <= limit <= 1000:
+        raise InvalidArgumentError(f"limit must be an int from 1 to 1000, got {limit!r}")
 
 
 def check_read(after_seq: int, upto_seq: int | None, batch_size: int) -> None:
-    """Reject a bad read range or batch size before any I/O."""
-    if isinstance(after_seq, bool) or not isinstance(after_seq, int) or after_seq < 0:
-        raise ValueError(f"after_seq must be an int >= 0, got {after_seq!r}")
-    if upto_seq is not None and (
-        isinstance(upto_seq, bool) or not isinstance(upto_seq, int) or upto_seq < 0
-    ):
-        raise ValueError(f"upto_seq must be None or an int >= 0, got {upto_seq!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    """Reject a bad read range or batch size before any I/O (:class:`InvalidArgumentError`)."""
+    if not _is_int(after_seq) or after_seq < 0:
+        raise InvalidArgumentError(f"after_seq must be an int >= 0, got {after_seq!r}")
+    if upto_seq is not None and (not _is_int(upto_seq) or upto_seq < 0):
+        raise InvalidArgumentError(f"upto_seq must be None or an int >= 0, got {upto_seq!r}")
+    if not _is_int(batch_size) or batch_size < 1:
+        raise InvalidArgumentError(f"batch_size must be an int >= 1, got {batch_size!r}")
 
 
 @runtime_checkable
