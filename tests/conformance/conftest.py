@@ -8,7 +8,9 @@ defaults); an unreachable server fails the tests, it never skips them.
 
 from __future__ import annotations
 
+import json
 import os
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -17,6 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 
 from chatsession import Store, open_store
+from chatsession.store.base import ParentRef
 
 REDIS_URL = os.environ.get("CHATSESSION_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 POSTGRES_URL = os.environ.get(
@@ -114,3 +117,88 @@ async def durable_url(durable_backend: str, tmp_path: Path) -> AsyncIterator[str
 def writer_script() -> Iterator[Path]:
     """The child-process writer used by the concurrency and crash tests."""
     yield Path(__file__).with_name("writer.py")
+
+
+# --------------------------------------------------------------------------
+# damage made by hand, one helper per backend (the owners of redis and
+# postgres fill in their branches)
+
+
+def sqlite_path(url: str) -> Path:
+    """The database file a ``sqlite:///`` test URL names."""
+    return Path(urlsplit(url).path[1:])
+
+
+def file_root(url: str) -> Path:
+    """The folder a ``file://`` test URL names."""
+    return Path(urlsplit(url).path)
+
+
+async def make_fork_cycle(backend: str, store: Store, url: str, root_id: str, fork_id: str) -> None:
+    """Make the fork chain loop: ``root_id`` (a root) gets ``fork_id`` as its parent, at seq 1.
+
+    The test has created ``root_id`` with at least one event and forked
+    ``fork_id`` from it at seq 1 or later. Afterwards each of the two is the
+    other's ancestor, as a bad hand edit or a bad restore could leave them.
+    Edits the backend's storage directly (behind ``store``'s back, as another
+    program would); ``store`` is the open store object, for in-process backends.
+    """
+    if backend == "memory":
+        entry = store._entries[root_id]  # type: ignore[attr-defined]
+        entry.record = entry.record.model_copy(
+            update={"parent": ParentRef(session_id=fork_id, seq=1)}
+        )
+        return
+    if backend == "sqlite":
+        db = sqlite3.connect(sqlite_path(url))
+        try:
+            db.execute(
+                "UPDATE sessions SET parent_pk = (SELECT pk FROM sessions WHERE id = ?), "
+                "parent_seq = 1 WHERE id = ?",
+                (fork_id, root_id),
+            )
+            db.commit()
+        finally:
+            db.close()
+        return
+    if backend == "file":
+        header_path = file_root(url) / root_id / "session.json"
+        header = json.loads(header_path.read_text())
+        header["parent"] = {"session_id": fork_id, "seq": 1}
+        header_path.write_text(json.dumps(header))
+        return
+    if backend in ("redis", "postgres"):
+        raise NotImplementedError(
+            f"make_fork_cycle has no {backend} branch yet: the {backend} store's owner writes "
+            f"one here (tests/conformance/conftest.py) that points {root_id!r}'s parent at "
+            f"{fork_id!r} (seq 1) in the server, the way the sqlite and file branches do"
+        )
+    raise AssertionError(f"make_fork_cycle knows no backend {backend!r}: add a branch")
+
+
+async def damage_record(backend: str, store: Store, url: str, session_id: str) -> None:
+    """Damage the stored record of ``session_id`` so that it cannot be read back.
+
+    Afterwards ``store.get(session_id)`` must raise ``CorruptDataError`` and
+    ``list_sessions`` must skip the session (logging a warning), while every
+    other session stays readable and listed. Only for durable backends: an
+    in-process ``memory://`` store keeps objects, not bytes that can rot.
+    """
+    if backend == "sqlite":
+        db = sqlite3.connect(sqlite_path(url))
+        try:
+            db.execute("UPDATE sessions SET body = '{\"title\": [' WHERE id = ?", (session_id,))
+            db.commit()
+        finally:
+            db.close()
+        return
+    if backend == "file":
+        (file_root(url) / session_id / "session.json").write_text('["a list, not a record"]')
+        return
+    if backend in ("redis", "postgres"):
+        raise NotImplementedError(
+            f"damage_record has no {backend} branch yet: the {backend} store's owner writes "
+            f"one here (tests/conformance/conftest.py) that leaves {session_id!r}'s record "
+            "unreadable in the server (e.g. a field of the wrong type or bad JSON)"
+        )
+    raise AssertionError(f"damage_record knows no backend {backend!r}: add a branch")
