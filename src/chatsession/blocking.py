@@ -55,12 +55,10 @@ class _Portal:
             )
         if not self.loop.is_running():
             raise UsageError("this SyncChatSession is closed")
-        holder: dict[str, asyncio.Task[T]] = {}
+        holder: dict[str, asyncio.Task[Any] | None] = {}
 
         async def start() -> T:
-            task = asyncio.current_task()
-            assert task is not None
-            holder["task"] = task
+            holder["task"] = asyncio.current_task()
             return await make()
 
         future = asyncio.run_coroutine_threadsafe(start(), self.loop)

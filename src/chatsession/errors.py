@@ -144,12 +144,18 @@ class SessionNotFoundError(StoreError, KeyError):
 
 
 class SessionExistsError(StoreError):
-    """Raised by ``create``/``fork`` when the new session id is already taken."""
+    """Raised by ``create``/``fork`` when the new session id is already taken.
 
-    def __init__(self, session_id: str) -> None:
+    Also raised when opening an id that a deleted session still holds for its
+    forks: such an id cannot be reused.
+    """
+
+    def __init__(self, session_id: str, detail: str = "") -> None:
         self.session_id = session_id
         super().__init__(
-            f"session {session_id!r} already exists; choose another id or open the existing one"
+            f"session id {session_id!r} is taken: {detail}"
+            if detail
+            else f"session {session_id!r} already exists; choose another id or open the existing one"
         )
 
 

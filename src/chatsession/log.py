@@ -14,7 +14,7 @@ type             data
 ``rewind``       :class:`Rewind`: the context returns to an earlier seq
 ``checkpoint``   :class:`Checkpoint`: a named point with optional data
 ``metadata``     :class:`Metadata`: key-values about the session (None deletes)
-``state``        :class:`StateChange`: the agent's own key-values (None deletes)
+``state``        :class:`StateChange`: the agent's key-values (set or removed)
 ``offload``      :class:`Offload`: a large tool output kept as a blob
 ``compaction``   :class:`Compaction`: a summary replacing older turns in context
 ===============  ==============================================================
@@ -37,8 +37,9 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic_core import PydanticSerializationError
 
-from chatsession.errors import CorruptDataError
+from chatsession.errors import CorruptDataError, UnsupportedValueError
 from chatsession.store.base import EVENT_SCHEMA_VERSION, NewEvent, StoredEvent, now
 
 __all__ = [
@@ -78,6 +79,7 @@ __all__ = [
     "decode_payloads",
     "encode",
     "fold",
+    "fold_rows",
     "upgrade_payload",
 ]
 
@@ -97,7 +99,9 @@ EventType = Literal[
 Role = Literal["system", "user", "assistant", "tool"]
 TurnStatus = Literal["completed", "interrupted", "timeout", "error", "cancelled"]
 
-_FROZEN = ConfigDict(frozen=True, extra="forbid")
+# a non-finite float is written as NaN/Infinity, which is not JSON, so the store
+# refuses the event (instead of pydantic's default: null, a silent change)
+_FROZEN = ConfigDict(frozen=True, extra="forbid", ser_json_inf_nan="constants")
 
 # --------------------------------------------------------------------------
 # payloads
@@ -252,10 +256,12 @@ class Metadata(BaseModel):
 
 
 class StateChange(BaseModel):
-    """The agent's own key-values (todo lists, caches), merged; None deletes."""
+    """The agent's own key-values (todo lists, caches): ``values`` are set
+    (None included), then the keys in ``removed`` are deleted."""
 
     model_config = _FROZEN
-    values: dict[str, Any]
+    values: dict[str, Any] = Field(default_factory=dict)
+    removed: tuple[str, ...] = ()
 
 
 class Offload(BaseModel):
@@ -383,7 +389,23 @@ LogEvent: TypeAlias = Annotated[
 ]
 """Any event; ``event.type`` tells which."""
 
-_EVENT_LIST: TypeAdapter[list[LogEvent]] = TypeAdapter(list[LogEvent])
+#: event type -> its entry class
+_ENTRIES: dict[str, type[_EventBase]] = {
+    cls.model_fields["type"].default: cls
+    for cls in (
+        MessageEntry,
+        UsageEntry,
+        TurnStartEntry,
+        TurnEndEntry,
+        ResetEntry,
+        RewindEntry,
+        CheckpointEntry,
+        MetadataEntry,
+        StateEntry,
+        OffloadEntry,
+        CompactionEntry,
+    )
+}
 _KNOWN_TYPES = frozenset(EventType.__args__)  # type: ignore[attr-defined]
 
 # --------------------------------------------------------------------------
@@ -394,10 +416,20 @@ def encode(event: LogEvent) -> NewEvent:
     """The stored form of an event (its seq is given by the store on append).
 
     Default-valued fields are left out of the JSON to keep the log small.
+
+    Raises:
+        UnsupportedValueError: The payload holds a value JSON cannot carry
+            (the store refuses non-finite numbers and lone surrogates too).
     """
+    try:
+        data = event.data.model_dump_json(exclude_defaults=True)
+    except (PydanticSerializationError, ValueError, TypeError, RecursionError) as exc:
+        raise UnsupportedValueError(
+            f"a {event.type} event cannot be stored: its data is not JSON ({exc})"
+        ) from None
     return NewEvent(
         type=event.type,
-        data=event.data.model_dump_json(exclude_defaults=True),
+        data=data,
         ts=event.ts or now(),
         turn_id=event.turn_id,
         schema_version=EVENT_SCHEMA_VERSION,
@@ -423,8 +455,41 @@ def _upgrade_v0(event_type: str, data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def _upgrade_v1(event_type: str, data: dict[str, Any]) -> dict[str, Any]:
+    # version 1 wrote a removed state key as a None value, so a key set to None
+    # could not be kept; version 2 lists removed keys in "removed"
+    if event_type != "state":
+        return data
+    values = data.get("values", {})
+    if not isinstance(values, dict):
+        return data  # invalid either way: validation reports it
+    return {
+        **data,
+        "values": {k: v for k, v in values.items() if v is not None},
+        "removed": [k for k, v in values.items() if v is None],
+    }
+
+
 #: ``version -> function(type, data) -> data`` upgrading that version to the next.
-_UPGRADES: dict[int, Callable[[str, dict[str, Any]], dict[str, Any]]] = {0: _upgrade_v0}
+_UPGRADES: dict[int, Callable[[str, dict[str, Any]], dict[str, Any]]] = {
+    0: _upgrade_v0,
+    1: _upgrade_v1,
+}
+#: ``version -> the event types its upgrade changes`` (None: any type).
+_UPGRADED_TYPES: dict[int, frozenset[str] | None] = {0: None, 1: frozenset({"state"})}
+
+
+def _changed_by_upgrade(event_type: str, version: int) -> bool:
+    """Whether a payload of this type and version differs from the current format."""
+    if version == EVENT_SCHEMA_VERSION:
+        return False
+    if not 0 <= version < EVENT_SCHEMA_VERSION:
+        return True  # upgrade_payload reports it
+    for step in range(version, EVENT_SCHEMA_VERSION):
+        kinds = _UPGRADED_TYPES.get(step)
+        if kinds is None or event_type in kinds:
+            return True
+    return False
 
 
 def upgrade_payload(event_type: str, data: dict[str, Any], version: int) -> dict[str, Any]:
@@ -449,42 +514,22 @@ def upgrade_payload(event_type: str, data: dict[str, Any], version: int) -> dict
     return data
 
 
-def decode(rows: Sequence[StoredEvent], session_id: str = "?") -> list[LogEvent]:
-    """Turn stored rows into events, upgrading old schema versions.
-
-    Args:
-        rows: Rows as a store's ``read`` yields them.
-        session_id: For error messages.
-
-    Raises:
-        CorruptDataError: A row's type is unknown or its payload is invalid.
-    """
-    parts: list[str] = []
-    for row in rows:
-        if row.type not in _KNOWN_TYPES:
-            raise CorruptDataError(
-                f"session {session_id!r}, seq {row.seq}: unknown event type {row.type!r}"
-            )
-        if row.schema_version != EVENT_SCHEMA_VERSION:
-            try:
-                data = json.loads(row.data)
-            except ValueError as exc:
-                raise CorruptDataError(
-                    f"session {session_id!r}, seq {row.seq}: payload is not JSON ({exc})"
-                ) from exc
-            data = upgrade_payload(row.type, data, row.schema_version)
-            row = row._replace(data=json.dumps(data), schema_version=EVENT_SCHEMA_VERSION)
-        parts.append(row.to_json())
+def _upgraded_text(row: StoredEvent, session_id: str) -> str:
+    """The payload text of an older row, upgraded to the current format."""
+    where = f"session {session_id!r}, seq {row[0]}"
     try:
-        return _EVENT_LIST.validate_json("[" + ",".join(parts) + "]")
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = first["loc"][0] if first["loc"] else 0
-        seq = rows[where].seq if isinstance(where, int) and where < len(rows) else "?"
-        raise CorruptDataError(
-            f"session {session_id!r}, seq {seq}: stored event is invalid: "
-            f"{first['msg']} at {'.'.join(map(str, first['loc'][1:]))}"
-        ) from exc
+        raw = json.loads(row[4])
+    except (ValueError, RecursionError) as exc:
+        raise CorruptDataError(f"{where}: payload is not JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise CorruptDataError(f"{where}: payload is a {type(raw).__name__}, not an object")
+    try:
+        upgraded = upgrade_payload(row[1], raw, row[5])
+    except CorruptDataError as exc:
+        raise CorruptDataError(f"{where}: {exc}") from None
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise CorruptDataError(f"{where}: cannot upgrade the payload ({exc})") from None
+    return json.dumps(upgraded)
 
 
 _PAYLOADS: dict[str, TypeAdapter[list[Any]]] = {
@@ -507,8 +552,8 @@ _EMPTY: dict[str, Any] = {"turn_start": TurnStart(), "turn_end": TurnEnd(), "res
 def decode_payloads(rows: Sequence[StoredEvent], session_id: str = "?") -> list[Any]:
     """The typed payloads of stored rows, in order, without building event envelopes.
 
-    The fast path of :func:`decode` for folding a long log: payloads of each
-    type are validated in one call. Older schema versions are upgraded.
+    Payloads of each type are validated in one call. Older schema versions
+    are upgraded.
 
     Raises:
         CorruptDataError: A row's type is unknown or its payload is invalid.
@@ -518,21 +563,6 @@ def decode_payloads(rows: Sequence[StoredEvent], session_id: str = "?") -> list[
     current = EVENT_SCHEMA_VERSION
     for i, row in enumerate(rows):
         kind, data = row[1], row[4]
-        if row[5] != current:
-            if kind not in _KNOWN_TYPES:
-                raise CorruptDataError(
-                    f"session {session_id!r}, seq {row[0]}: unknown event type {kind!r}"
-                )
-            try:
-                raw = json.loads(data)
-            except ValueError as exc:
-                raise CorruptDataError(
-                    f"session {session_id!r}, seq {row[0]}: payload is not JSON ({exc})"
-                ) from exc
-            data = json.dumps(upgrade_payload(kind, raw, row[5]))
-        elif data == "{}" and kind in _EMPTY:
-            out[i] = _EMPTY[kind]
-            continue
         group = groups.get(kind)
         if group is None:
             if kind not in _KNOWN_TYPES:
@@ -540,9 +570,16 @@ def decode_payloads(rows: Sequence[StoredEvent], session_id: str = "?") -> list[
                     f"session {session_id!r}, seq {row[0]}: unknown event type {kind!r}"
                 )
             group = groups[kind] = ([], [])
+        if row[5] != current and _changed_by_upgrade(kind, row[5]):
+            data = _upgraded_text(row, session_id)
+        elif data == "{}" and kind in _EMPTY:
+            out[i] = _EMPTY[kind]
+            continue
         group[0].append(i)
         group[1].append(data)
     for kind, (indexes, texts) in groups.items():
+        if not indexes:
+            continue
         try:
             values = _PAYLOADS[kind].validate_json("[" + ",".join(texts) + "]")
         except ValidationError as exc:
@@ -556,6 +593,49 @@ def decode_payloads(rows: Sequence[StoredEvent], session_id: str = "?") -> list[
         for i, value in zip(indexes, values, strict=True):
             out[i] = value
     return out
+
+
+def decode(rows: Sequence[StoredEvent], session_id: str = "?") -> list[LogEvent]:
+    """Turn stored rows into events, upgrading old schema versions.
+
+    The payloads are validated by :func:`decode_payloads` (one call per event
+    type); the envelopes come from the rows as the store gave them.
+
+    Args:
+        rows: Rows as a store's ``read`` yields them.
+        session_id: For error messages.
+
+    Raises:
+        CorruptDataError: A row's type is unknown or its payload is invalid.
+    """
+    payloads = decode_payloads(rows, session_id)
+    return [
+        _entry(row[1], row[0], row[2], row[3], payload)
+        for row, payload in zip(rows, payloads, strict=True)
+    ]
+
+
+_ENVELOPE_FIELDS = frozenset({"seq", "ts", "turn_id", "data"})
+_new_object = object.__new__
+_set = object.__setattr__
+
+
+def _entry(kind: str, seq: int, ts: float, turn_id: str | None, payload: Any) -> LogEvent:
+    """An event from a checked row and its validated payload, without validating again.
+
+    What ``model_construct`` does, four times faster (a resume of a long log
+    builds one per event); ``tests/test_log.py`` checks the result equals a
+    validated event.
+    """
+    cls = _ENTRIES[kind]
+    event = _new_object(cls)
+    _set(
+        event, "__dict__", {"seq": seq, "ts": ts, "turn_id": turn_id, "type": kind, "data": payload}
+    )
+    _set(event, "__pydantic_fields_set__", _ENVELOPE_FIELDS)
+    _set(event, "__pydantic_extra__", None)
+    _set(event, "__pydantic_private__", None)
+    return event  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------
@@ -610,6 +690,8 @@ class ConversationState:
         state: The agent's key-values as of the current context.
         metadata: Session key-values.
         turns: How many turns ended, by status.
+        steps: Model calls made by the turns that ended (their ``steps``).
+        turn_seconds: Time those turns took, summed.
         turn_ends: Turn id → the seq of its ``turn_end`` (for forks and
             rewinds to a turn).
         open_turn: The id of a turn that started and has not ended (after a
@@ -626,6 +708,8 @@ class ConversationState:
     state: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
     turns: dict[str, int] = field(default_factory=dict)
+    steps: int = 0
+    turn_seconds: float = 0.0
     turn_ends: dict[str, int] = field(default_factory=dict)
     open_turn: str | None = None
     offloads: dict[str, Offload] = field(default_factory=dict)
@@ -635,6 +719,8 @@ class ConversationState:
     # (seq, type, data) of every event besides messages that shapes context or
     # state, for rewind (messages are replayed from ``history``)
     _timeline: list[tuple[int, str, Any]] = field(default_factory=list, repr=False)
+    # tool calls in the context without a result yet (kept as messages are folded in)
+    _unanswered: dict[str, ToolCall] = field(default_factory=dict, repr=False)
     _messages: tuple[list[tuple[int, Message]], int, list[Message]] | None = field(
         default=None, repr=False, compare=False
     )
@@ -718,6 +804,8 @@ class ConversationState:
             state=copy.deepcopy(self.state),
             metadata=copy.deepcopy(self.metadata),
             turns=dict(self.turns),
+            steps=self.steps,
+            turn_seconds=self.turn_seconds,
             turn_ends=dict(self.turn_ends),
             open_turn=self.open_turn,
             offloads=dict(self.offloads),
@@ -725,18 +813,23 @@ class ConversationState:
             rewinds=self.rewinds,
             compactions=self.compactions,
             _timeline=list(self._timeline),
+            _unanswered=dict(self._unanswered),
         )
 
     def dangling_tool_calls(self) -> list[ToolCall]:
-        """Tool calls in the context that have no tool result after them."""
-        answered = {m.tool_call_id for _, m in self.context if m.role == "tool"}
-        return [
-            call
-            for _, m in self.context
-            if m.role == "assistant"
-            for call in m.tool_calls
-            if call.id not in answered
-        ]
+        """Tool calls in the context that have no tool result after them.
+
+        Kept up to date as events are folded in: the cost does not grow with
+        the context.
+        """
+        return list(self._unanswered.values())
+
+    def _recount_unanswered(self) -> None:
+        """Rebuild the unanswered tool calls from the context (after it was replaced)."""
+        unanswered: dict[str, ToolCall] = {}
+        for _, message in self.context:
+            _track_tool_calls(unanswered, message)
+        self._unanswered = unanswered
 
     def apply(self, event: LogEvent) -> None:
         """Fold one event in, in place (what :func:`fold` does for each event)."""
@@ -747,34 +840,44 @@ class ConversationState:
     def apply_stored(self, rows: Sequence[StoredEvent], payloads: Sequence[Any]) -> None:
         """Fold in stored rows whose payloads :func:`decode_payloads` decoded.
 
-        The same as :meth:`apply` for each row; the commonest kinds are inlined,
-        since a resume folds every event of the log.
+        The same as :meth:`apply` for each row, without building events.
         """
+        self._fold_items((row[0], row[1], row[3], p) for row, p in zip(rows, payloads, strict=True))
+
+    def _fold_items(self, items: Iterable[tuple[int, str, str | None, Any]]) -> None:
+        """Fold in ``(seq, type, turn_id, payload)`` items: :meth:`apply`, with the
+        commonest kinds inlined, since a resume folds every event of the log."""
         handlers = _APPLY
         history = self.history
         turns = self.turns
         turn_ends = self.turn_ends
         usages = self.usages
-        for row, payload in zip(rows, payloads, strict=True):
-            kind = row[1]
+        head = self.head
+        for seq, kind, turn_id, payload in items:
+            if seq:
+                head = seq
             if kind == "message":
-                item = (row[0], payload)
+                item = (seq, payload)
                 history.append(item)
                 self.context.append(item)
+                if payload.tool_calls or payload.tool_call_id is not None:
+                    _track_tool_calls(self._unanswered, payload)
             elif kind == "turn_start":
-                self.open_turn = row[3] or f"seq-{row[0]}"
+                self.open_turn = turn_id or f"seq-{seq}"
             elif kind == "turn_end":
                 status = payload.status
                 turns[status] = turns.get(status, 0) + 1
-                if row[3] is not None:
-                    turn_ends[row[3]] = row[0]
+                if turn_id is not None:
+                    turn_ends[turn_id] = seq
                 self.open_turn = None
+                self.steps += payload.steps or 0
+                self.turn_seconds += payload.duration or 0.0
             elif kind == "usage":
                 usages.append(payload)
             else:
-                handlers[kind](self, row[0], row[3], payload)
-        if rows:
-            self.head = rows[-1][0]
+                self.head = head  # handlers may read it
+                handlers[kind](self, seq, turn_id, payload)
+        self.head = head
 
     def _replay(self, upto: int) -> tuple[list[tuple[int, Message]], dict[str, Any]]:
         """Context and agent state as they were right after seq ``upto``.
@@ -798,10 +901,20 @@ class ConversationState:
         return past.context, past.state
 
 
+def _track_tool_calls(unanswered: dict[str, ToolCall], message: Message) -> None:
+    if message.role == "assistant":
+        for call in message.tool_calls:
+            unanswered[call.id] = call
+    elif message.role == "tool" and message.tool_call_id is not None:
+        unanswered.pop(message.tool_call_id, None)
+
+
 def _apply_message(state: ConversationState, seq: int, turn_id: str | None, data: Any) -> None:
     item = (seq, data)
     state.history.append(item)
     state.context.append(item)
+    if data.tool_calls or data.tool_call_id is not None:
+        _track_tool_calls(state._unanswered, data)
 
 
 def _apply_usage(state: ConversationState, seq: int, turn_id: str | None, data: Any) -> None:
@@ -817,11 +930,14 @@ def _apply_turn_end(state: ConversationState, seq: int, turn_id: str | None, dat
     if turn_id is not None:
         state.turn_ends[turn_id] = seq
     state.open_turn = None
+    state.steps += data.steps or 0
+    state.turn_seconds += data.duration or 0.0
 
 
 def _apply_reset(state: ConversationState, seq: int, turn_id: str | None, data: Any) -> None:
     state.resets += 1
     state.context = []
+    state._unanswered = {}
     if data.clear_state:
         state.state = {}
     state._timeline.append((seq, "reset", data))
@@ -830,6 +946,7 @@ def _apply_reset(state: ConversationState, seq: int, turn_id: str | None, data: 
 def _apply_rewind(state: ConversationState, seq: int, turn_id: str | None, data: Any) -> None:
     state.rewinds += 1
     state.context, state.state = state._replay(min(data.to_seq, seq - 1))
+    state._recount_unanswered()
     state._timeline.append((seq, "rewind", data))
 
 
@@ -842,7 +959,10 @@ def _apply_metadata(state: ConversationState, seq: int, turn_id: str | None, dat
 
 
 def _apply_state(state: ConversationState, seq: int, turn_id: str | None, data: Any) -> None:
-    _merge(state.state, data.values)
+    for key, value in data.values.items():
+        state.state[key] = copy.deepcopy(value)
+    for key in data.removed:
+        state.state.pop(key, None)
     state._timeline.append((seq, "state", data))
 
 
@@ -855,6 +975,7 @@ def _apply_compaction(state: ConversationState, seq: int, turn_id: str | None, d
     summary = Message(role="user", content="Summary of the earlier conversation:\n" + data.summary)
     kept = [(s, m) for s, m in state.context if s > data.upto_seq]
     state.context = [(seq, summary), *kept]
+    state._recount_unanswered()
     state._timeline.append((seq, "compaction", data))
 
 
@@ -892,6 +1013,25 @@ def fold(events: Iterable[LogEvent], initial: ConversationState | None = None) -
         A new :class:`ConversationState`.
     """
     state = initial.copy() if initial is not None else ConversationState()
-    for event in events:
-        state.apply(event)
+    state._fold_items((e.seq, e.type, e.turn_id, e.data) for e in events)
+    return state
+
+
+def fold_rows(
+    rows: Sequence[StoredEvent],
+    initial: ConversationState | None = None,
+    *,
+    session_id: str = "?",
+) -> ConversationState:
+    """Fold stored rows (as a store's ``read`` yields them) into a conversation state.
+
+    The same result as ``fold(decode(rows), initial)``, the way ``ChatSession``
+    resumes: payloads are validated one event type at a time and no event
+    objects are built. Pure: ``initial`` is not changed.
+
+    Raises:
+        CorruptDataError: A row's type is unknown or its payload is invalid.
+    """
+    state = initial.copy() if initial is not None else ConversationState()
+    state.apply_stored(rows, decode_payloads(rows, session_id))
     return state

@@ -20,14 +20,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import dataclasses
-import gc
 import json
+import logging
 import math
+import re
 import time
 import uuid
 import warnings
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterable, Iterator, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Generator,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal, Self, TypeAlias, TypeVar
@@ -47,9 +58,13 @@ from chatsession.errors import (
     ChatSessionClosedError,
     ConflictError,
     ConsistencyError,
+    CorruptDataError,
+    ModelError,
     SessionBusyError,
+    SessionExistsError,
     SessionNotFoundError,
     SessionTimeoutError,
+    UnsupportedValueError,
     UsageError,
 )
 from chatsession.log import (
@@ -85,8 +100,16 @@ from chatsession.log import (
     encode,
 )
 from chatsession.store import Store, open_store
-from chatsession.store.base import SessionRecord, validate_id
-from chatsession.transfer import ExportFormat, read_snapshot, write_export
+from chatsession.store.base import SessionRecord, check_json_value, check_text, validate_id
+from chatsession.transfer import (
+    IMPORTING,
+    ExportFormat,
+    ExportWriter,
+    export_header,
+    import_into_store,
+    opened_for_writing,
+)
+from chatsession.values import STATE_DEPTH, AgentState, check_state
 
 __all__ = [
     "ChatMessage",
@@ -107,6 +130,8 @@ MessageSource: TypeAlias = (
 iterator or generator, or an ``asyncio.Queue`` (``None`` in the queue ends it)."""
 
 Consistency = Literal["warn", "strict", "ignore"]
+
+_logger = logging.getLogger("chatsession.session")
 
 _END = object()  # the end of a turn's events, or of the incoming messages
 _CLOSING = object()  # wakes a running turn when the session is closed
@@ -215,15 +240,30 @@ class ContextInfo:
 
 @dataclass
 class _Turn:
-    """What one running turn has produced so far (for recording an interruption)."""
+    """What one running turn has produced so far (for recording an interruption).
+
+    ``pending`` holds log events not yet stored; ``held`` the agent events
+    that describe them, yielded only once they are stored. ``call_open`` is
+    True while a model call is running (its usage is not known yet).
+    """
 
     turn_id: str
     started: float
     start_seq: int = 0
     pending: list[LogEvent] = field(default_factory=list)
+    held: list[AgentEvent] = field(default_factory=list)
     partial_text: list[str] = field(default_factory=list)
     steps: int = 0
     final_text: str = ""
+    call_open: bool = False
+    finished: bool = False
+    error: BaseException | None = None
+
+    def release(self, *more: AgentEvent) -> list[AgentEvent]:
+        """The held events (now stored) followed by ``more``."""
+        out, self.held = self.held, []
+        out.extend(more)
+        return out
 
 
 async def _read_ahead(batches: AsyncIterator[T]) -> AsyncIterator[T]:
@@ -235,6 +275,9 @@ async def _read_ahead(batches: AsyncIterator[T]) -> AsyncIterator[T]:
             try:
                 batch = await pending
             except StopAsyncIteration:
+                # drop the finished task: its exception's traceback holds this frame
+                # (a reference cycle keeping the last batch alive until a gc run)
+                pending = None
                 return
             pending = asyncio.ensure_future(anext(iterator))
             yield batch
@@ -257,17 +300,68 @@ def _remaining(deadline: float | None) -> float | None:
     return None if deadline is None else deadline - time.monotonic()
 
 
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def _strings(message: Message) -> Iterator[str]:
+    """Every text field of a message (content, parts, tool calls, ids, names)."""
+    if isinstance(message.content, str):
+        yield message.content
+    else:
+        for part in message.content:
+            yield from (v for v in vars(part).values() if isinstance(v, str))
+    for call in message.tool_calls:
+        yield from (call.id, call.name, call.arguments)
+    yield from (v for v in (message.tool_call_id, message.name) if v is not None)
+
+
+def _storable(message: Message) -> Message:
+    """``message`` with lone surrogates replaced by U+FFFD.
+
+    Models and tools can produce them (a JSON ``\\ud800`` escape, a file name
+    decoded with ``surrogateescape``); they are not valid unicode, so no store
+    keeps them.
+    """
+    if not any(_SURROGATES.search(text) for text in _strings(message)):
+        return message
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, str):
+            return _SURROGATES.sub("\ufffd", value)
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [clean(v) for v in value]
+        return value
+
+    return Message.model_validate(clean(message.model_dump()))
+
+
+def _json_key(value: Any) -> str:
+    """A value as JSON, to compare state values by type as well as by value."""
+    return json.dumps(value, sort_keys=True)
+
+
 def _user_message(message: ChatMessage) -> Message:
     if isinstance(message, Message):
         if message.role != "user":
             raise UsageError(f"send user messages, not {message.role!r} messages")
-        return message
-    if isinstance(message, str):
-        return Message(role="user", content=message)
-    parts = list(message)
-    if not parts or not all(isinstance(p, TextPart | ImagePart) for p in parts):
-        raise UsageError("a message is a str, a Message, or a non-empty list of TextPart/ImagePart")
-    return Message(role="user", content=parts)
+        user = message
+    elif isinstance(message, str):
+        user = Message(role="user", content=message)
+    else:
+        parts = list(message)
+        if not parts or not all(isinstance(p, TextPart | ImagePart) for p in parts):
+            raise UsageError(
+                "a message is a str, a Message, or a non-empty list of TextPart/ImagePart"
+            )
+        user = Message(role="user", content=parts)
+    if any(_SURROGATES.search(text) for text in _strings(user)):
+        raise UnsupportedValueError(
+            "the message cannot be stored exactly: it holds a lone UTF-16 surrogate "
+            "(not valid unicode); decode the text properly before sending it"
+        )
+    return user
 
 
 def estimate_tokens(messages: Iterable[Message]) -> int:
@@ -362,7 +456,7 @@ class ChatSession:
         self._inherited_by_model: dict[str, UsageTotals] = {}
         self._inherited_by_level: dict[str, UsageTotals] = {}
         self._saved_state: dict[str, Any] = {}
-        self.state: dict[str, Any] = {}
+        self._state = AgentState()
         self.consistency_warnings: list[str] = []
         self._last_usage_seq = 0
         self._last_usage: Usage | None = None
@@ -378,13 +472,26 @@ class ChatSession:
     ) -> Self:
         """Open an existing session; it must exist (never silently starts a new one).
 
-        The conversation state is restored from the log on first use (or by
-        ``await session.open()``). Options are those of :class:`ChatSession`.
+        Await the result to open it at once, so that a missing session is
+        reported right there::
+
+            try:
+                session = await ChatSession.resume(agent, "chat-42", store=url)
+            except SessionNotFoundError:
+                session = await ChatSession(agent, "chat-42", store=url)
+
+        Without ``await`` the session is opened (and a missing one reported)
+        on first use. Options are those of :class:`ChatSession`.
 
         Raises:
-            SessionNotFoundError: On first use, if there is no such session.
+            SessionNotFoundError: When awaited (or on first use), if there is no
+                such visible session.
         """
         return cls(agent, session_id, store=store, must_exist=True, **options)
+
+    def __await__(self) -> Generator[Any, None, Self]:
+        """``await session``: open (load or create) it now and return it; see :meth:`open`."""
+        return self.open().__await__()
 
     async def open(self) -> Self:
         """Load (or create) the session now instead of on first use. Idempotent.
@@ -404,39 +511,59 @@ class ChatSession:
                 self._opened = True
         return self
 
-    async def _load(self) -> None:
+    async def _get_or_create(self) -> SessionRecord | None:
+        """The existing record, or None after creating the session (race-free).
+
+        Two processes opening the same new id at once both succeed: the one
+        whose ``create`` loses the race opens what the other created.
+        """
         try:
-            record = await self.store.get(self.session_id)
+            return await self.store.get(self.session_id)
         except SessionNotFoundError:
             if self._must_exist:
                 raise
-            fingerprint = self.agent.fingerprint()
-            record = await self.store.create(
+        fingerprint = self.agent.fingerprint()
+        try:
+            self.record = await self.store.create(
                 self._new_record.model_copy(update={"fingerprint": fingerprint})
             )
-            self.record = record
+            return None
+        except SessionExistsError:
+            pass  # created meanwhile by another writer: open it
+        try:
+            return await self.store.get(self.session_id)
+        except SessionNotFoundError:
+            # taken but invisible: a deleted session kept for its forks (or one that
+            # expired or was deleted again in between)
+            raise SessionExistsError(
+                self.session_id,
+                "it belonged to a session that was deleted or has expired, whose forks "
+                "still read its history; open it under another id",
+            ) from None
+
+    async def _load(self) -> None:
+        record = await self._get_or_create()
+        if record is None:
             return
+        if IMPORTING in record.metadata:
+            raise CorruptDataError(
+                f"session {self.session_id!r} is an import that did not finish; import the "
+                "file again under the same id (that replaces it), or delete the session"
+            )
         self.record = record
         fork_seq = record.parent.seq if record.parent else 0
-        was_enabled = gc.isenabled()
-        gc.disable()  # folding creates many small objects at once
-        try:
-            async for batch in _read_ahead(self.store.read(self.session_id, batch_size=5000)):
-                payloads = decode_payloads(batch, self.session_id)
-                if batch[0].seq <= fork_seq <= batch[-1].seq:
-                    cut = fork_seq - batch[0].seq + 1
-                    self.conversation.apply_stored(batch[:cut], payloads[:cut])
-                    self._snapshot_inherited()
-                    self.conversation.apply_stored(batch[cut:], payloads[cut:])
-                else:
-                    self.conversation.apply_stored(batch, payloads)
-        finally:
-            if was_enabled:
-                gc.enable()
+        async for batch in _read_ahead(self.store.read(self.session_id, batch_size=5000)):
+            payloads = decode_payloads(batch, self.session_id)
+            if batch[0].seq <= fork_seq <= batch[-1].seq:
+                cut = fork_seq - batch[0].seq + 1
+                self.conversation.apply_stored(batch[:cut], payloads[:cut])
+                self._snapshot_inherited()
+                self.conversation.apply_stored(batch[cut:], payloads[cut:])
+            else:
+                self.conversation.apply_stored(batch, payloads)
         if fork_seq and not self._inherited.calls and self.conversation.head <= fork_seq:
             self._snapshot_inherited()
-        self._saved_state = json.loads(json.dumps(self.conversation.state))
-        self.state = json.loads(json.dumps(self.conversation.state))
+        self._reset_state()
         self._check_fingerprint(record)
 
     def _snapshot_inherited(self) -> None:
@@ -464,6 +591,14 @@ class ChatSession:
             UserWarning,
             stacklevel=3,
         )
+
+    def _loaded_record(self) -> SessionRecord:
+        """The record read or made by :meth:`open` (call after opening)."""
+        if self.record is None:
+            raise ChatSessionClosedError(
+                f"session {self.session_id!r} is not open: await session.open() first"
+            )
+        return self.record
 
     def _check_open(self) -> None:
         if self._closed:
@@ -502,12 +637,16 @@ class ChatSession:
             except ConflictError:
                 await self._catch_up()
                 continue
+            if new_head != head + len(rows):
+                raise CorruptDataError(
+                    f"session {self.session_id!r}: the store acknowledged {len(rows)} events "
+                    f"after seq {head} but reports head {new_head}"
+                )
             for offset, event in enumerate(events, start=head + 1):
                 stamped = event.model_copy(update={"seq": offset, "ts": rows[offset - head - 1].ts})
                 self.conversation.apply(stamped)
                 if isinstance(stamped, UsageEntry):
                     self._last_usage_seq, self._last_usage = stamped.seq, stamped.data
-            assert new_head == self.conversation.head
             return
         raise SessionBusyError(self.session_id, "other writers (20 conflicts in a row)")
 
@@ -516,14 +655,45 @@ class ChatSession:
             for event in decode(batch, self.session_id):
                 self.conversation.apply(event)
 
+    @property
+    def state(self) -> AgentState:
+        """The agent's own key-values, saved with each turn (and by :meth:`save_state`).
+
+        A ``dict`` of JSON values; assigning a value no store can keep exactly
+        raises :class:`UnsupportedValueError` at once (see :class:`AgentState`).
+        """
+        return self._state
+
+    @state.setter
+    def state(self, values: Mapping[str, Any]) -> None:
+        self._state = AgentState(values)
+
+    def _reset_state(self) -> None:
+        """Make :attr:`state` and the saved copy what the log says now."""
+        self._saved_state = copy.deepcopy(self.conversation.state)
+        self._state = AgentState()
+        self._state.restore(self._saved_state)
+
     def _state_changes(self) -> StateEntry | None:
-        current = json.loads(json.dumps(self.state))
-        if current == self._saved_state:
+        """The state event that saves :attr:`state`, or None when nothing changed.
+
+        Raises:
+            UnsupportedValueError: A value changed in place cannot be stored;
+                nothing is saved (fix the value, or it is undone at turn end).
+        """
+        check_state(self._state)
+        saved = self._saved_state
+        # compared as JSON: 1, 1.0 and True are equal in Python but not when stored
+        changed = {
+            key: value
+            for key, value in self._state.items()
+            if key not in saved or _json_key(saved[key]) != _json_key(value)
+        }
+        removed = tuple(key for key in saved if key not in self._state)
+        if not changed and not removed:
             return None
-        values: dict[str, Any] = {k: v for k, v in current.items() if self._saved_state.get(k) != v}
-        values.update({k: None for k in self._saved_state if k not in current})
-        self._saved_state = current
-        return StateEntry(data=StateChange(values=values))
+        self._saved_state = self._state.snapshot()
+        return StateEntry(data=StateChange(values=copy.deepcopy(changed), removed=removed))
 
     # ------------------------------------------------------------------
     # turns
@@ -585,11 +755,28 @@ class ChatSession:
         return lock is None or not lock.locked() or self._turn_abandoned
 
     async def query(self, message: ChatMessage, *, timeout: float | None = None) -> str:
-        """Run one turn and return the final text (see :meth:`query_stream`)."""
+        """Run one turn and return the final text (see :meth:`query_stream`).
+
+        Raises:
+            ModelError: The model call failed (the turn is recorded as ``error``
+                with what was produced; the session can continue).
+            SessionTimeoutError: The turn ran past its timeout.
+            SessionBusyError: Another turn of this session object is running.
+        """
         text = ""
-        async for event in self.query_stream(message, timeout=timeout):
-            if isinstance(event, StopEvent):
-                text = event.text
+        failure: BaseException | None = None
+        async with contextlib.aclosing(self.query_stream(message, timeout=timeout)) as stream:
+            async for event in stream:
+                if isinstance(event, ErrorEvent):
+                    failure = event.exception or ModelError(event.error)
+                elif isinstance(event, StopEvent):
+                    text = event.text
+                    if event.reason == "error":
+                        failure = failure or ModelError(
+                            f"session {self.session_id!r}: the model call failed"
+                        )
+        if failure is not None:
+            raise failure
         return text
 
     async def _run_turn(
@@ -602,7 +789,7 @@ class ChatSession:
             [TurnStartEntry(turn_id=turn.turn_id), MessageEntry(turn_id=turn.turn_id, data=user)]
         )
         deadline = None if timeout is None else time.monotonic() + timeout
-        queue: asyncio.Queue[AgentEvent | BaseException | object] = asyncio.Queue()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
         self._turn_queue = queue
         producer: asyncio.Task[None] | None = None
         status: TurnStatus = "completed"
@@ -621,6 +808,7 @@ class ChatSession:
                 except TimeoutError:
                     raise timed_out() from None
             context = self.conversation.messages
+            turn.call_open = True
             producer = asyncio.create_task(self._produce(turn, context, queue))
             while True:
                 if self._closed:
@@ -638,20 +826,24 @@ class ChatSession:
                     raise _SessionClosing
                 if isinstance(item, BaseException):
                     raise item
-                assert not isinstance(item, BaseException) and item is not _END
-                event: AgentEvent = item  # type: ignore[assignment]
-                flushed = await self._record(turn, event)
+                event: AgentEvent = item
                 if isinstance(event, StopEvent):
                     if event.reason == "error":
                         status = "error"
                         error = error or "the model call failed"
                     await self._finish(turn, status, error)
-                    yield event
+                    for ready in turn.release(event):
+                        yield ready
                     return
                 if isinstance(event, ErrorEvent):
                     error = event.error
-                if flushed is not None:
-                    yield flushed
+                    turn.error = event.exception
+                for ready in await self._record(turn, event):
+                    yield ready
+            # the agent ended without a StopEvent: end the turn all the same
+            await self._finish(turn, status, error)
+            for ready in turn.release():
+                yield ready
         except SessionTimeoutError:
             await self._stop_producer(producer)
             await self._finish(turn, "timeout", f"the turn ran past its timeout of {timeout} s")
@@ -691,15 +883,34 @@ class ChatSession:
     async def _produce(
         self, turn: _Turn, context: list[Message], queue: asyncio.Queue[Any]
     ) -> None:
-        async def offload(message: Message) -> Message:
-            return await self._maybe_offload(turn, message)
+        state = self._state
+        last_good = state.snapshot()
+
+        async def on_tool_result(message: Message) -> Message:
+            # a value changed in place by the tool is checked as the tool returns:
+            # refused, the tool's state changes are undone and the model is told
+            nonlocal last_good
+            try:
+                check_state(state)
+            except UnsupportedValueError as exc:
+                state.restore(last_good)
+                message = message.model_copy(
+                    update={
+                        "content": f"Error: UnsupportedValueError: {exc} (the tool's changes "
+                        "to the session state were undone)",
+                        "is_error": True,
+                    }
+                )
+            else:
+                last_good = state.snapshot()
+            return await self._maybe_offload(turn, _storable(message))
 
         try:
             tool_context = ToolContext(
-                state=self.state, session_id=self.session_id, turn_id=turn.turn_id
+                state=state, session_id=self.session_id, turn_id=turn.turn_id
             )
             async for event in self.agent.run(
-                context, on_tool_result=offload, tool_context=tool_context
+                context, on_tool_result=on_tool_result, tool_context=tool_context
             ):
                 await queue.put(event)
         except asyncio.CancelledError:
@@ -717,33 +928,48 @@ class ChatSession:
         with contextlib.suppress(BaseException):
             await producer
 
-    async def _record(self, turn: _Turn, event: AgentEvent) -> AgentEvent | None:
-        """Persist what ``event`` completes; return the event to yield (None: held back)."""
+    async def _record(self, turn: _Turn, event: AgentEvent) -> list[AgentEvent]:
+        """Persist what ``event`` completes; return the events now safe to yield.
+
+        An event that describes a step is yielded only once that step is
+        stored: an assistant message and its usage wait for each other (and,
+        for the final answer, for the turn's end, written in one append).
+        """
         tid = turn.turn_id
         if isinstance(event, TextEvent):
             turn.partial_text.append(event.content)
-            return event
+            return [event]
         if isinstance(event, AssistantMessageEvent):
+            message = _storable(event.message)
+            if message is not event.message:
+                event = AssistantMessageEvent(message)
             turn.partial_text.clear()
+            turn.call_open = False
             turn.steps += 1
             turn.final_text = event.message.text
             turn.pending.append(MessageEntry(turn_id=tid, data=event.message))
-            if event.message.tool_calls:
-                await self._flush(turn)
-            return event
+            turn.held.append(event)
+            return []
         if isinstance(event, UsageEvent):
             turn.pending.append(UsageEntry(turn_id=tid, data=event.usage))
+            turn.held.append(event)
             if any(isinstance(e, MessageEntry) and e.data.tool_calls for e in turn.pending):
                 await self._flush(turn)
-            return event
+                return turn.release()
+            return []  # the final answer: stored with the turn's end
+        if isinstance(event, ErrorEvent):
+            turn.held.append(event)  # yielded once the turn's end records it
+            return []
         if isinstance(event, ToolCallEvent):
             await self._flush(turn)
-            return event
+            return turn.release(event)
         if isinstance(event, ToolResultEvent):
             turn.pending.append(MessageEntry(turn_id=tid, data=event.message))
             await self._flush(turn)
-            return event
-        return event
+            turn.call_open = True  # the agent calls the model again next
+            return turn.release(event)
+        await self._flush(turn)
+        return turn.release(event)
 
     async def _flush(self, turn: _Turn) -> None:
         if turn.pending:
@@ -751,12 +977,25 @@ class ChatSession:
             await self._append(pending)
 
     async def _finish(self, turn: _Turn, status: TurnStatus, error: str | None) -> None:
-        """Write everything the turn still holds, repairs, state changes and ``turn_end``."""
+        """Write everything the turn still holds, repairs, state changes and ``turn_end``.
+
+        Runs once per turn: a consumer that stops reading after the end was
+        written does not end the turn twice.
+        """
+        if turn.finished:
+            return
+        turn.finished = True
         await self._settle()
         tid = turn.turn_id
         events: list[LogEvent] = list(turn.pending)
         turn.pending = []
         partial = "".join(turn.partial_text)
+        if turn.call_open and (status in ("timeout", "cancelled", "interrupted") or partial):
+            # the model was answering when the turn stopped: its tokens were spent
+            sent = [*self.conversation.messages]
+            sent.extend(e.data for e in events if isinstance(e, MessageEntry))
+            usage = self.agent.estimated_usage(sent, partial)
+            events.append(UsageEntry(turn_id=tid, data=usage))
         if status != "completed" and partial:
             events.append(
                 MessageEntry(
@@ -764,7 +1003,16 @@ class ChatSession:
                 )
             )
         events.extend(self._answers_for_dangling(tid, events, status, turn.start_seq))
-        state = self._state_changes()
+        try:
+            state = self._state_changes()
+        except UnsupportedValueError as exc:
+            # changed in place outside a tool (tools are checked as they return):
+            # keep the turn, undo the change
+            _logger.warning(
+                "session %r: %s; the state is back to its last saved value", self.session_id, exc
+            )
+            self._state.restore(self._saved_state)
+            state = None
         if state is not None:
             events.append(state.model_copy(update={"turn_id": tid}))
         duration = time.monotonic() - turn.started
@@ -815,17 +1063,38 @@ class ChatSession:
         ]
 
     async def _repair_interrupted(self) -> None:
-        """Close a turn left open by a crashed process, so the history stays valid."""
-        if self.conversation.open_turn is None:
+        """Make the context valid for the next model call before a turn starts.
+
+        Closes a turn left open by a crashed process (recorded as interrupted)
+        and answers, with an error result, every tool call in the context that
+        has none (a crash, a rewind to the middle of a turn, an imported log),
+        so the model is never sent a tool call without its result.
+        """
+        open_turn = self.conversation.open_turn
+        dangling = self.conversation.dangling_tool_calls()
+        if open_turn is None and not dangling:
             return
-        tid = self.conversation.open_turn
-        events = self._answers_for_dangling(tid, [], "interrupted")
-        events.append(
-            TurnEndEntry(
-                turn_id=tid,
-                data=TurnEnd(status="interrupted", error="the process stopped during the turn"),
+        status = "interrupted" if open_turn is not None else "not answered"
+        events: list[LogEvent] = [
+            MessageEntry(
+                turn_id=open_turn,
+                data=Message(
+                    role="tool",
+                    tool_call_id=call.id,
+                    name=call.name,
+                    is_error=True,
+                    content=f"tool call not completed: the turn ended ({status}) before it returned",
+                ),
             )
-        )
+            for call in dangling
+        ]
+        if open_turn is not None:
+            events.append(
+                TurnEndEntry(
+                    turn_id=open_turn,
+                    data=TurnEnd(status="interrupted", error="the process stopped during the turn"),
+                )
+            )
         await self._append(events)
 
     async def _maybe_offload(self, turn: _Turn, message: Message) -> Message:
@@ -1051,10 +1320,9 @@ class ChatSession:
         """
         self._check_open()
         seq = await self._resolve_seq(at)
-        assert self.record is not None
         fork_id = session_id or uuid.uuid4().hex
-        new = self.record.model_copy(
-            update={"id": fork_id, "created_at": 0.0, "updated_at": 0.0, "title": self.record.title}
+        new = self._loaded_record().model_copy(
+            update={"id": fork_id, "created_at": 0.0, "updated_at": 0.0}
         )
         await self.store.fork(self.session_id, seq, new)
         fork = type(self)(
@@ -1082,6 +1350,8 @@ class ChatSession:
         """
         if not isinstance(name, str) or not name.strip():
             raise UsageError("a checkpoint needs a non-empty name")
+        check_text(name, "checkpoint name")
+        check_json_value(data, "checkpoint data", max_depth=STATE_DEPTH)
         await self.open()
         await self._append([CheckpointEntry(data=Checkpoint(name=name, data=data))])
         return self.conversation.head
@@ -1098,8 +1368,7 @@ class ChatSession:
         seq = await self._resolve_seq(to)
         name = to if isinstance(to, str) else None
         await self._append([RewindEntry(data=Rewind(to_seq=seq, checkpoint=name))])
-        self._saved_state = json.loads(json.dumps(self.conversation.state))
-        self.state = json.loads(json.dumps(self.conversation.state))
+        self._reset_state()
         return seq
 
     async def clear_history(self, *, clear_state: bool = False) -> None:
@@ -1107,8 +1376,7 @@ class ChatSession:
         await self.open()
         await self._append([ResetEntry(data=Reset(clear_state=clear_state))])
         if clear_state:
-            self.state = {}
-            self._saved_state = {}
+            self._reset_state()
 
     async def save_state(self) -> None:
         """Persist changes to :attr:`state` made outside a turn."""
@@ -1118,7 +1386,12 @@ class ChatSession:
             await self._append([change])
 
     async def set_metadata(self, **values: Any) -> None:
-        """Record session key-values (None deletes a key)."""
+        """Record session key-values (None deletes a key).
+
+        Raises:
+            UnsupportedValueError: A value cannot be stored exactly (nothing is written).
+        """
+        check_state(values, "metadata")
         await self.open()
         await self._append([MetadataEntry(data=Metadata(values=values))])
 
@@ -1235,6 +1508,9 @@ class ChatSession:
     async def export(self, dest: str | Path | IO[str], format: ExportFormat = "json") -> None:
         """Write the whole session (every event, even cleared ones) to a file.
 
+        The events are streamed from the store batch by batch: memory does not
+        grow with the session's length.
+
         Args:
             dest: A path or a writable text file.
             format: ``json`` (a snapshot: history, agent config, tool schema
@@ -1243,14 +1519,25 @@ class ChatSession:
         The snapshot holds the state as saved (changes since the last turn or
         :meth:`save_state` are not in it) and the fingerprint of the agent
         recorded on the session.
+
+        Raises:
+            UsageError: An unknown format.
         """
-        events = await self.read_events()
-        assert self.record is not None
+        await self._open_for_reading()
         record = await self.store.get(self.session_id)
+        if record.head > self.conversation.head:
+            await self._catch_up()  # another writer added events: the summary covers them
+        head = self.conversation.head
         # the agent that wrote the session (its recorded fingerprint), and the
         # saved state: what an import rebuilds from the events
         agent = dict(record.fingerprint or self.agent.fingerprint())
-        write_export(dest, record, events, format=format, agent=agent, state=None)
+        header = export_header(record, self.conversation, agent=agent)
+        with opened_for_writing(dest) as out:
+            writer = ExportWriter(out, format)
+            writer.begin(header)
+            async for batch in self.store.read(self.session_id, upto_seq=head):
+                writer.write(decode(batch, self.session_id))
+            writer.end()
 
     @classmethod
     async def import_session(
@@ -1265,6 +1552,9 @@ class ChatSession:
     ) -> Self:
         """Create a session from a JSON or JSONL export, in any store.
 
+        All or nothing, and streamed (see :func:`chatsession.transfer.import_into_store`);
+        the session is then opened, holding its history as any open session does.
+
         Args:
             source: A path or a readable text file made by :meth:`export`.
             agent: The agent for the imported session.
@@ -1273,29 +1563,18 @@ class ChatSession:
             user_id: Its owner (default: the exported owner).
 
         Raises:
-            CorruptDataError: The file is not a chatsession export.
-            SessionExistsError: ``session_id`` is taken.
+            CorruptDataError: The file is not a chatsession export, is damaged,
+                or holds values no store could keep (it names the line).
+            SessionExistsError: ``session_id`` is taken by a complete session.
         """
-        snapshot = read_snapshot(source)
         new_id = validate_id(session_id) if session_id else uuid.uuid4().hex
-        session = cls(agent, new_id, store=store, **options)
-        exported = snapshot.record
-        record = exported.model_copy(
-            update={
-                "id": new_id,
-                "parent": None,
-                "user_id": user_id if user_id is not None else exported.user_id,
-                "created_at": 0.0,
-                "updated_at": 0.0,
-                "metadata": {**exported.metadata, "imported_from": exported.id},
-            }
-        )
-        await session.store.create(record)
-        rows = [encode(e) for e in snapshot.events]
-        for start in range(0, len(rows), 1000):
-            await session.store.append(new_id, rows[start : start + 1000], start)
-        session._must_exist = True
-        await session.open()
+        session = cls(agent, new_id, store=store, must_exist=True, **options)
+        try:
+            await import_into_store(source, session.store, session_id=new_id, user_id=user_id)
+            await session.open()
+        except BaseException:
+            await session.close()
+            raise
         return session
 
     # ------------------------------------------------------------------

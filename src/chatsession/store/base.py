@@ -64,7 +64,7 @@ __all__ = [
 
 #: The version of the event payload format this code writes. ``chatsession.log``
 #: upgrades older versions when it reads them.
-EVENT_SCHEMA_VERSION = 1
+EVENT_SCHEMA_VERSION = 2
 
 #: How many events ``Store.read`` yields per batch unless told otherwise.
 DEFAULT_READ_BATCH = 2000
