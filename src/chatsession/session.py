@@ -100,7 +100,7 @@ from chatsession.log import (
     encode,
 )
 from chatsession.store import Store, open_store
-from chatsession.store.base import SessionRecord, check_json_value, check_text, validate_id
+from chatsession.store.base import SessionRecord, check_json_value, validate_id
 from chatsession.transfer import (
     IMPORTING,
     ExportFormat,
@@ -828,6 +828,8 @@ class ChatSession:
                     raise item
                 event: AgentEvent = item
                 if isinstance(event, StopEvent):
+                    if _SURROGATES.search(event.text):  # the text as it is stored
+                        event = StopEvent(event.reason, _SURROGATES.sub("\ufffd", event.text))
                     if event.reason == "error":
                         status = "error"
                         error = error or "the model call failed"
@@ -1350,7 +1352,7 @@ class ChatSession:
         """
         if not isinstance(name, str) or not name.strip():
             raise UsageError("a checkpoint needs a non-empty name")
-        check_text(name, "checkpoint name")
+        check_json_value(name, "checkpoint name")
         check_json_value(data, "checkpoint data", max_depth=STATE_DEPTH)
         await self.open()
         await self._append([CheckpointEntry(data=Checkpoint(name=name, data=data))])
@@ -1535,7 +1537,7 @@ class ChatSession:
         with opened_for_writing(dest) as out:
             writer = ExportWriter(out, format)
             writer.begin(header)
-            async for batch in self.store.read(self.session_id, upto_seq=head):
+            async for batch in self.store.read(self.session_id, upto_seq=head, batch_size=500):
                 writer.write(decode(batch, self.session_id))
             writer.end()
 
