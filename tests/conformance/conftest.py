@@ -167,6 +167,23 @@ async def make_fork_cycle(backend: str, store: Store, url: str, root_id: str, fo
         header["parent"] = {"session_id": fork_id, "seq": 1}
         header_path.write_text(json.dumps(header))
         return
+    if backend == "postgres":  # the root's row names the fork's row as its parent
+        from urllib.parse import parse_qsl
+
+        import asyncpg
+
+        schema = dict(parse_qsl(urlsplit(url).query))["schema"]
+        conn = await asyncpg.connect(POSTGRES_URL)
+        try:
+            await conn.execute(
+                f'UPDATE "{schema}".sessions SET parent_pk = '
+                f'(SELECT pk FROM "{schema}".sessions WHERE id = $1), parent_seq = 1 WHERE id = $2',
+                fork_id,
+                root_id,
+            )
+        finally:
+            await conn.close()
+        return
     if backend in ("redis", "postgres"):
         raise NotImplementedError(
             f"make_fork_cycle has no {backend} branch yet: the {backend} store's owner writes "
@@ -194,6 +211,22 @@ async def damage_record(backend: str, store: Store, url: str, session_id: str) -
         return
     if backend == "file":
         (file_root(url) / session_id / "session.json").write_text('["a list, not a record"]')
+        return
+    if backend == "postgres":  # the record's body kept as text, cut short
+        from urllib.parse import parse_qsl
+
+        import asyncpg
+
+        schema = dict(parse_qsl(urlsplit(url).query))["schema"]
+        conn = await asyncpg.connect(POSTGRES_URL)
+        try:
+            await conn.execute(
+                f'UPDATE "{schema}".sessions SET body = NULL, body_text = \'{{"title": [\' '
+                "WHERE id = $1",
+                session_id,
+            )
+        finally:
+            await conn.close()
         return
     if backend in ("redis", "postgres"):
         raise NotImplementedError(

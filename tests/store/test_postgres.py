@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import math
 import os
 import re
 import sys
@@ -33,9 +34,10 @@ from chatsession import (
     StoredEvent,
     StoreError,
     StoreUnavailableError,
-    UsageError,
+    UnsupportedValueError,
     open_store,
 )
+from chatsession.store.base import EVENT_SCHEMA_VERSION
 from chatsession.store.postgres import MIGRATIONS, PostgresStore
 from tests.store.tcp_proxy import TCPProxy
 
@@ -65,22 +67,136 @@ def test_options_and_masking() -> None:
     )
     assert isinstance(store, PostgresStore)
     assert (store.schema, store.synchronous_commit) == ("app", "off")
-    assert "secret" not in store.url
-    for bad in (
-        "postgresql://127.0.0.1/test?schema=Bad-Name",
-        "postgresql://127.0.0.1/test?pool=3",
-        "postgresql://127.0.0.1/test?synchronous_commit=maybe",
-        "postgresql://127.0.0.1/test?max_size=many",
+    assert "secret" not in store.url and "secret" not in repr(store)
+    settings = store._settings  # type: ignore[attr-defined]
+    assert (settings.max_size, settings.min_size, settings.password) == (3, 1, "secret")
+    # keyword options override the URL's; a password may be an option too
+    store = open_store(
+        "postgresql://u@h/db?max_size=3&password=p%40ss%26sslmode%3Ddisable",
+        max_size=5,
+        command_timeout=2,
+    )
+    settings = store._settings  # type: ignore[attr-defined]
+    assert (settings.max_size, settings.command_timeout) == (5, 2.0)
+    assert settings.password == "p@ss&sslmode=disable"  # decoded, and nothing more
+    assert settings.sslmode is None
+    assert "p%40ss" not in store.url and "***" in store.url
+    assert store.synchronous_commit is None  # not asked for: the server's setting applies
+
+
+#: Each is refused by open_store with InvalidURLError, before any I/O.
+BAD_URLS = [
+    "postgresql://127.0.0.1/test?schema=Bad-Name",
+    "postgresql://127.0.0.1/test?pool=3",  # unknown option
+    "postgresql://127.0.0.1/test?host=/tmp",  # a libpq parameter not taken from the URL
+    "postgresql://127.0.0.1/test?synchronous_commit=maybe",
+    "postgresql://127.0.0.1/test?max_size=many",
+    "postgresql://127.0.0.1/test?max_size=0",
+    "postgresql://127.0.0.1/test?max_size=1_0",
+    "postgresql://127.0.0.1/test?min_size=5&max_size=2",
+    "postgresql://127.0.0.1/test?command_timeout=nan",
+    "postgresql://127.0.0.1/test?connect_timeout=inf",
+    "postgresql://127.0.0.1/test?connect_timeout=-1",
+    "postgresql://127.0.0.1/test?sslmode=bogus",
+    "postgresql://127.0.0.1/test?sslmode=require&sslmode=disable",  # repeated
+    "postgresql://127.0.0.1/test?schema=a&schema=b",
+    "postgresql://127.0.0.1/test?application_name=%0Aevil",
+    "postgresql://127.0.0.1/test?application_name=" + "x" * 64,
+    "postgresql://127.0.0.1/test?schema",  # not name=value
+    "postgresql://127.0.0.1/test?&schema=a",
+    "postgresql://127.0.0.1:port/test",  # a port that is not a number
+    "postgresql://127.0.0.1:0/test",
+    "postgresql://127.0.0.1:65536/test",
+    "postgresql://127.0.0.1:/test",
+    "postgresql://[::1/test",
+    "postgresql://h1:5432,/test",
+    "postgresql://u@127.0.0.1/te%00st",
+    "postgresql://127.0.0.1/test#frag",
+]
+#: Passwords written without %-encoding their '/', '?' or '#': refused, never shown.
+CUT_PASSWORDS = [
+    "postgresql://alice:ab/cd@127.0.0.1/test",
+    "postgresql://alice:12/cd@127.0.0.1/test",  # would parse as host alice, port 12
+    "postgresql://alice:ab?cd@127.0.0.1/test",
+    "postgresql://alice:ab#cd@127.0.0.1/test",
+]
+
+
+@pytest.mark.parametrize("url", BAD_URLS)
+def test_bad_urls_are_refused_without_showing_the_password(url: str) -> None:
+    with_password = url.replace("://", "://alice:s3cr%2Ft@", 1) if "@" not in url else url
+    with pytest.raises(InvalidURLError) as info:
+        open_store(with_password)
+    assert "s3cr" not in str(info.value)
+    with pytest.raises(InvalidURLError) as info:
+        open_store(url + ("&" if "?" in url else "?") + "password=hunter2")
+    assert "hunter2" not in str(info.value)
+
+
+@pytest.mark.parametrize("url", CUT_PASSWORDS)
+def test_a_password_cut_short_by_a_reserved_character_is_not_shown(url: str) -> None:
+    with pytest.raises(InvalidURLError) as info:
+        PostgresStore.from_url(url)
+    assert "cd" not in str(info.value).replace("encod", "")
+
+
+def test_bad_keyword_options_are_refused() -> None:
+    url = "postgresql://127.0.0.1/test"
+    for options in (
+        {"pool": 3},
+        {"max_size": "3x"},
+        {"max_size": True},
+        {"max_size": 2.5},
+        {"command_timeout": math.nan},
+        {"command_timeout": "soon"},
+        {"sslmode": 1},
+        {"password": 5},
+        {"schema": "Bad"},
     ):
         with pytest.raises(InvalidURLError):
-            open_store(bad)
+            open_store(url, **options)
+    with pytest.raises(InvalidURLError, match="given twice") as info:
+        open_store("postgresql://u:first@127.0.0.1/test?password=second")
+    assert "first" not in str(info.value) and "second" not in str(info.value)
 
 
-async def test_synchronous_commit_off_is_applied(schema: str) -> None:
-    async with open_store(f"{POSTGRES_URL}?schema={schema}&synchronous_commit=off") as store:
-        await store.create(SessionRecord(id="s"))
-        value = await store._with(lambda conn: conn.fetchval("SHOW synchronous_commit"))  # type: ignore[attr-defined]
-    assert value == "off"
+async def test_an_encoded_ampersand_cannot_inject_connection_parameters(schema: str) -> None:
+    """``sslmode=require`` must not silently become plaintext through another option's value."""
+    injected = "x%26sslmode%3Ddisable%26host%3Dnowhere"
+    # this server has no TLS: a store that really requires TLS cannot connect
+    store = open_store(
+        f"{POSTGRES_URL}?schema={schema}&sslmode=require&application_name={injected}"
+    )
+    try:
+        with pytest.raises(StoreUnavailableError, match="SSL"):
+            await store.get("s")
+    finally:
+        await store.aclose()
+    store = open_store(f"{POSTGRES_URL}?schema={schema}&application_name={injected}")
+    try:
+        shown = await store._with(lambda conn: conn.fetchval("SHOW application_name"))  # type: ignore[attr-defined]
+        assert shown == "x&sslmode=disable&host=nowhere"  # one value, as written
+    finally:
+        await store.aclose()
+
+
+async def test_passwords_never_appear_in_urls_reprs_or_errors(schema: str) -> None:
+    target = urlsplit(POSTGRES_URL)
+    server = f"{target.hostname}:{target.port or 5432}"
+    for url in (
+        f"postgresql://no_such_role_cs:pw%3Dtopsecret@{server}/test?schema={schema}",
+        f"postgresql://no_such_role_cs@{server}/test?schema={schema}&password=topsecret",
+        "postgresql://no_such_role_cs:topsecret@127.0.0.1:1/test?connect_timeout=2",
+    ):
+        store = open_store(url)
+        try:
+            assert "topsecret" not in store.url and "topsecret" not in repr(store)
+            with pytest.raises((InvalidURLError, StoreUnavailableError)) as info:
+                await store.get("s")
+            for exc in (info.value, info.value.__cause__):
+                assert "topsecret" not in str(exc)
+        finally:
+            await store.aclose()
 
 
 async def test_migrations_once_with_eight_stores_starting_together(schema: str) -> None:
@@ -260,7 +376,7 @@ async def test_a_database_made_at_migration_002_is_upgraded_once(schema: str) ->
     assert after == before  # the old rows are untouched
     done = await migrations_done(schema)
     assert [name for name, _ in done] == [name for name, _ in MIGRATIONS]
-    assert done[-1][0] == "003_events_data_text"
+    assert [name for name, _ in done[2:]] == ["003_events_data_text", "004_sessions_body_text"]
     options = await pg(
         "SELECT reloptions FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
         "WHERE n.nspname = $1 AND c.relname = 'sessions'",
@@ -305,44 +421,75 @@ async def test_moving_the_head_keeps_the_session_row_on_its_page(schema: str) ->
 async def test_payloads_are_jsonb_equal_json_and_bad_ones_are_refused(schema: str) -> None:
     async with open_store(f"{POSTGRES_URL}?schema={schema}") as store:
         await store.create(SessionRecord(id="s"))
-        sent = '{"role":"user",   "content":"hi \\u00e9", "a":1e2}'
+        sent = '{"role":"user",   "content":"hi \\u00e9", "a":100, "f":1.50}'
         assert await store.append("s", [NewEvent("message", sent, 1.0)], 0) == 1
         (row,) = await read_all(store, "s")
-        assert row.data == '{"a": 100, "role": "user", "content": "hi é"}'
-        assert json.loads(row.data) == json.loads(sent)
+        assert row.data == '{"a": 100, "f": 1.50, "role": "user", "content": "hi é"}'
+        assert same_json(json.loads(row.data), json.loads(sent))
         rows = await pg(
             f"SELECT data->>'role' FROM \"{schema}\".events WHERE data @> '{{\"a\": 100}}'"
         )
         assert [r[0] for r in rows] == ["user"]  # queryable in place
         bad_ones = ["not json", '{"a": NaN}', '"\x00"', "not json \\u0000", "[1e131072", 5]
-        for bad in bad_ones:  # the last ones would be kept as text, but are not JSON either
-            with pytest.raises(UsageError, match="JSON text"):
+        for bad in bad_ones + REFUSED:  # refused by the checks, before any I/O
+            with pytest.raises(UnsupportedValueError, match="cannot be stored exactly"):
                 await store.append("s", [ev(2), NewEvent("message", bad, 1.0)], 1)  # type: ignore[arg-type]
-        with pytest.raises(UsageError, match="out of range"):
+        with pytest.raises(UnsupportedValueError, match="smallint"):
             await store.append("s", [NewEvent("message", "{}", 1.0, None, 70_000)], 1)
         assert [r.seq for r in await read_all(store, "s")] == [1]  # nothing written
+        assert (await store.get("s")).head == 1
         assert await store.append("s", [ev(2)], 1) == 2
 
 
-#: JSON texts jsonb cannot hold: kept as text, read back byte for byte.
-AS_TEXT = [
+#: Escapes jsonb cannot hold (what the client scan must find). A lone surrogate
+#: is not unicode, so the checks refuse those payloads before they get here.
+ESCAPES_JSONB_CANNOT_HOLD = [
     '{"out": "a\\u0000b",  "n": 1}',  # NUL
     '"\\ud800"',  # a lone high surrogate
     '["\\uDC00", "x"]',  # a lone low surrogate (upper-case hex)
     '"\\ud83d\\u0041"',  # a high surrogate followed by no low one
     '"\\ude00\\ud83d"',  # a pair in the wrong order
     '"\\\\\\u0000"',  # an escaped backslash, then a real NUL
-    '{"big": 1e131072}',  # beyond numeric (found by the server, sent again as text)
-    '[1e-16384, "\\u0000"]',
 ]
-#: Look-alikes that jsonb does hold: kept as jsonb.
+#: Beyond numeric: a plain decimal with more than 16383 digits after the point.
+#: The client does not look for it; the server finds it and the append is sent
+#: again with it as text.
+BIG_FRACTION = '{"tiny": 0.' + "0" * 16383 + "1}"
+#: JSON texts jsonb cannot hold, or would give back as other types: kept as
+#: text, read back byte for byte.
+AS_TEXT = [
+    '{"out": "a\\u0000b",  "n": 1}',  # NUL
+    '"\\\\\\u0000"',  # an escaped backslash, then a real NUL
+    '[1e-16384, "\\u0000"]',  # beyond numeric (found by the client)
+    BIG_FRACTION,  # beyond numeric (found by the server)
+    '{"f": 1e16}',  # jsonb writes 10000000000000000: an int
+    "[-0.0, 1.5e1, -0e3, 2E+2]",  # 0.0, 15, 0, 200: a lost sign, ints
+]
+#: Look-alikes that jsonb gives back as the same values and types: kept as jsonb.
 AS_JSONB = [
     '"\\ud83d\\ude00"',  # a surrogate pair (an emoji)
     '"\\\\u0000"',  # an escaped backslash before u0000: no NUL
     '"\\\\ud800"',
     '"\\u0001 \\u00e9"',
-    "[1e131071, 1e-16383]",
+    "[1.5, 1e-7, 12.5e-1, 100, -0, -0.5, 123456789012345678901234567890, 1e-16383]",
+    '"1e16 and -0.0 in a string"',
 ]
+#: Refused before any I/O (UnsupportedValueError): lone surrogates are not
+#: unicode, and these numbers are infinite as floats.
+REFUSED = [*ESCAPES_JSONB_CANNOT_HOLD[1:5], '{"big": 1e131072}', "[1e131071]"]
+
+
+def same_json(a: Any, b: Any) -> bool:
+    """Equal JSON values of the same types (``1.0`` is not ``1``; ``-0.0`` is not ``0.0``)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same_json(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(same_json(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float):
+        return a == b and math.copysign(1.0, a) == math.copysign(1.0, b)
+    return bool(a == b)
 
 
 def exact_json(text: str) -> Any:
@@ -361,12 +508,16 @@ async def kept_as(schema: str, session_id: str) -> dict[int, str]:
 
 
 def test_the_client_tells_what_jsonb_cannot_hold_like_the_server() -> None:
-    for text in AS_TEXT[:6]:
+    for text in ESCAPES_JSONB_CANNOT_HOLD:
         assert pg_store._needs_text(text), text
     for text in AS_JSONB:
         assert not pg_store._needs_text(text), text
-    assert not pg_store._fits_numeric(AS_TEXT[6])
-    assert pg_store._fits_numeric(AS_JSONB[-1])
+        assert not pg_store._jsonb_changes(text), text
+    for text in AS_TEXT:
+        assert pg_store._jsonb_changes(text) is (text != BIG_FRACTION), text
+    assert not pg_store._fits_numeric('{"big": 1e131072}')
+    assert not pg_store._fits_numeric(BIG_FRACTION)
+    assert pg_store._fits_numeric("[1e131071, 1e-16383]")
     assert pg_store._fits_numeric("not json")  # the server judges it
 
 
@@ -395,15 +546,22 @@ async def test_payloads_jsonb_cannot_hold_are_kept_as_exact_text(schema: str) ->
         rows = await read_all(store, "s")
         assert [r.data for r in rows[: len(AS_TEXT)]] == AS_TEXT  # byte for byte
         assert [(r.type, r.ts, r.turn_id, r.schema_version) for r in rows] == [
-            ("tool", 2.5, "t1", 1)
+            ("tool", 2.5, "t1", EVENT_SCHEMA_VERSION)
         ] * len(rows)
         for sent, back in zip(AS_JSONB, rows[len(AS_TEXT) :], strict=True):
             assert exact_json(back.data) == exact_json(sent)
+            assert same_json(json.loads(back.data), json.loads(sent)), (sent, back.data)
         where = await kept_as(schema, "s")
         assert [where[seq] for seq in range(1, head + 1)] == ["data_text"] * len(AS_TEXT) + [
             "data"
         ] * len(AS_JSONB)
         assert json.loads(rows[0].to_json())["data"] == {"out": "a\x00b", "n": 1}
+        assert same_json(json.loads(rows[5].data), [-0.0, 15.0, -0.0, 200.0])
+        for text in REFUSED:  # lone surrogates, infinite floats: refused, nothing written
+            with pytest.raises(UnsupportedValueError):
+                await store.append("s", [ev(0), NewEvent("tool", text, 2.5)], head)
+        assert (await store.get("s")).head == head
+        assert len(await read_all(store, "s")) == head
 
 
 @pytest.mark.parametrize("size", [2, 16, 17, 40])
@@ -433,7 +591,7 @@ async def test_mixed_batches_keep_order_and_each_payload_where_it_fits(
             if i % 3 == 1:
                 assert back.data == sent.data  # kept as text: exact
             else:
-                assert json.loads(back.data) == json.loads(sent.data)
+                assert same_json(json.loads(back.data), json.loads(sent.data))
         window = await read_all(store, "s", after_seq=1, upto_seq=3)
         assert [r.data for r in window] == [r.data for r in rows[1:3]]
         where = await kept_as(schema, "s")
@@ -441,20 +599,21 @@ async def test_mixed_batches_keep_order_and_each_payload_where_it_fits(
 
 
 async def test_text_payloads_read_across_forks(schema: str) -> None:
-    nul, lone = AS_TEXT[0], AS_TEXT[1]
+    nul, floats = AS_TEXT[0], AS_TEXT[4]
     async with open_store(f"{POSTGRES_URL}?schema={schema}") as store:
         await store.create(SessionRecord(id="p"))
         await store.append("p", [ev(1), NewEvent("tool", nul, 1.0), ev(3)], 0)
         await store.fork("p", 2, SessionRecord(id="f"))
-        await store.append("f", [NewEvent("tool", lone, 1.0)], 2)
+        await store.append("f", [NewEvent("tool", floats, 1.0)], 2)
         await store.fork("f", 3, SessionRecord(id="g"))
-        await store.append("g", [ev(4), NewEvent("tool", AS_TEXT[6], 1.0)], 3)
+        await store.append("g", [ev(4), NewEvent("tool", BIG_FRACTION, 1.0)], 3)
         await store.delete("p")  # its events stay for the forks
         await store.delete("f")
         rows = await read_all(store, "g")
         assert [r.seq for r in rows] == [1, 2, 3, 4, 5]
-        assert [rows[1].data, rows[2].data, rows[4].data] == [nul, lone, AS_TEXT[6]]
-        assert [r.data for r in await read_all(store, "g", after_seq=1, upto_seq=3)] == [nul, lone]
+        assert [rows[1].data, rows[2].data, rows[4].data] == [nul, floats, BIG_FRACTION]
+        window = [r.data for r in await read_all(store, "g", after_seq=1, upto_seq=3)]
+        assert window == [nul, floats]
 
 
 async def test_exactly_one_payload_column_is_set_and_text_sessions_are_marked(
@@ -555,7 +714,6 @@ async def test_a_refused_login_or_a_missing_database_is_a_bad_url_not_an_outage(
             "refused the login",
         ),
         (f"postgresql://{user}@{server}/no_such_database_cs?schema={schema}", "does not exist"),
-        (f"{POSTGRES_URL}?schema={schema}&sslmode=bogus", "cannot be used"),
     ):
         store = open_store(url)
         try:
