@@ -87,6 +87,10 @@ class _Portal:
     def stop(self) -> None:
         self.users -= 1
         if self.users <= 0 and self.loop.is_running():
+            # as asyncio.run does: finish async generators (adapters close clients there)
+            shutdown = asyncio.run_coroutine_threadsafe(self.loop.shutdown_asyncgens(), self.loop)
+            with contextlib.suppress(Exception):
+                shutdown.result(timeout=10)
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=10)
             self.loop.close()

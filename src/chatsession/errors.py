@@ -251,7 +251,16 @@ class SessionTimeoutError(AgentError, TimeoutError):
 
 
 class ModelError(AgentError):
-    """Raised when the LLM call fails (HTTP error, bad response, missing key)."""
+    """Raised when the LLM call fails (HTTP error, bad response, missing key).
+
+    Attributes:
+        status_code: The HTTP status the model's server answered, or None when
+            there was no HTTP answer (connection refused, stream cut, a local model).
+    """
+
+    def __init__(self, message: str = "", *, status_code: int | None = None) -> None:
+        self.status_code = status_code
+        super().__init__(message)
 
 
 class ToolError(AgentError):

@@ -35,6 +35,7 @@ __all__ = [
     "MAX_ID_LENGTH",
     "MAX_JSON_DEPTH",
     "MAX_PAYLOAD_BYTES",
+    "MAX_SCHEMA_VERSION",
     "NewEvent",
     "Page",
     "ParentRef",
@@ -43,8 +44,11 @@ __all__ = [
     "Store",
     "StoredEvent",
     "check_append",
+    "check_before",
     "check_blob",
     "check_event",
+    "check_filters",
+    "check_fork_at",
     "check_fork_point",
     "check_json_value",
     "check_limit",
@@ -52,6 +56,7 @@ __all__ = [
     "check_read",
     "check_record",
     "check_text",
+    "check_version",
     "decode_cursor",
     "encode_cursor",
     "fork_segments",
@@ -83,6 +88,9 @@ MAX_PAYLOAD_BYTES = 16 * 1024 * 1024
 
 #: The largest blob accepted by ``put_blob``.
 MAX_BLOB_BYTES = 256 * 1024 * 1024
+
+#: The highest event ``schema_version`` a store keeps (PostgreSQL's ``smallint``).
+MAX_SCHEMA_VERSION = 32767
 
 #: The longest ``user_id``, ``agent_id``, ``window_id``, ``title``, event
 #: ``turn_id`` or media type accepted.
@@ -471,6 +479,14 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def _check_time(value: object, what: str) -> None:
+    """A time is a finite int or float; ``-0.0`` is refused (SQLite gives it back as 0.0)."""
+    if type(value) not in (float, int) or not math.isfinite(value):  # type: ignore[arg-type]
+        raise _unsupported(what, f"{value!r} is not a finite number of seconds")
+    if value == 0 and math.copysign(1.0, value) < 0:
+        raise _unsupported(what, "-0.0 is not kept as such by every store; use 0.0")
+
+
 def check_payload(text: object, what: str = "event data") -> None:
     """Refuse an event payload that some backend could not give back exactly.
 
@@ -523,12 +539,13 @@ def check_event(event: object, index: int = 0) -> None:
         raise _unsupported(
             f"{what}.type {kind!r}"[:120], "use 1-64 characters of a-z, 0-9 and '_', a letter first"
         )
-    if type(ts) not in (float, int) or not math.isfinite(ts):
-        raise _unsupported(f"{what}.ts", f"{ts!r} is not a finite number of seconds")
+    _check_time(ts, f"{what}.ts")
     if turn_id is not None:
         check_text(turn_id, f"{what}.turn_id", controls=False)
-    if not _is_int(version) or version < 0:
-        raise _unsupported(f"{what}.schema_version", f"{version!r} is not an int >= 0")
+    if not _is_int(version) or not 0 <= version <= MAX_SCHEMA_VERSION:
+        raise _unsupported(
+            f"{what}.schema_version", f"{version!r} is not an int from 0 to {MAX_SCHEMA_VERSION}"
+        )
     check_payload(data, f"{what}.data")
 
 
@@ -555,8 +572,7 @@ def check_record(record: SessionRecord) -> None:
         value = getattr(record, name)
         if value is None and name == "expires_at":
             continue
-        if type(value) not in (float, int) or not math.isfinite(value):
-            raise _unsupported(name, f"{value!r} is not a finite number of seconds")
+        _check_time(value, name)
     if type(record.metadata) is not dict:
         raise _unsupported("metadata", f"it must be a dict, not {type(record.metadata).__name__}")
     check_json_value(record.metadata, "metadata")
@@ -588,19 +604,23 @@ def redact_url(url: object) -> str:
     """``url`` safe to show: its password and secret-looking query values replaced by ``***``.
 
     Used in every message, ``repr`` and log line that shows a store or model URL.
+    A password holding characters that should have been percent-encoded
+    (``/``, ``?``, ``#``, ``@``) is masked too: everything between ``user:``
+    and the last ``@`` counts as the password.
     """
     if not isinstance(url, str):
         return repr(url)
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<a URL that cannot be parsed>"
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hosts = netloc.rpartition("@")
-        user, colon, _ = userinfo.partition(":")
+    scheme, sep, rest = url.partition("://")
+    at = rest.rfind("@")
+    if sep and at >= 0 and not rest.startswith("/"):
+        user, colon, _ = rest[:at].partition(":")
         if colon:
-            netloc = f"{user}:***@{hosts}"
+            rest = f"{user}:***@{rest[at + 1 :]}"
+    masked = scheme + sep + rest
+    try:
+        parts = urlsplit(masked)
+    except ValueError:
+        return masked.split("?", 1)[0] + ("?***" if "?" in masked else "")
     query = parts.query
     if query and any(key in query.lower() for key in _SECRET_KEYS):
         pairs = parse_qsl(query, keep_blank_values=True)
@@ -608,7 +628,8 @@ def redact_url(url: object) -> str:
             [(k, "***" if any(s in k.lower() for s in _SECRET_KEYS) else v) for k, v in pairs],
             safe="/:,*",
         )
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
+        return urlunsplit(parts._replace(query=query))
+    return masked
 
 
 def check_append(events: Sequence[NewEvent], expected_seq: int) -> None:
@@ -635,6 +656,55 @@ def check_fork_point(session_id: str, at_seq: int, head: int) -> None:
     if not _is_int(at_seq) or not 0 <= at_seq <= head:
         raise InvalidArgumentError(
             f"cannot fork {session_id!r} at seq {at_seq!r}: its events are 1..{head}"
+        )
+
+
+def check_version(expected_version: int) -> None:
+    """Reject an ``update``'s ``expected_version`` that is not an int >= 0 (:class:`InvalidArgumentError`)."""
+    if not _is_int(expected_version) or expected_version < 0:
+        raise InvalidArgumentError(
+            f"expected_version must be an int >= 0 (the record's version), got {expected_version!r}"
+        )
+
+
+def check_fork_at(at_seq: int) -> None:
+    """Reject a fork point that is not an int >= 0, before any I/O (:class:`InvalidArgumentError`).
+
+    Whether it is past the parent's head is checked later, by :func:`check_fork_point`.
+    """
+    if not _is_int(at_seq) or at_seq < 0:
+        raise InvalidArgumentError(f"at_seq must be an int >= 0, got {at_seq!r}")
+
+
+def check_filters(
+    user_id: object = None, agent_id: object = None, window_id: object = None, state: object = None
+) -> None:
+    """Reject ``list_sessions`` filters no session could match exactly.
+
+    Raises:
+        UnsupportedValueError: A filter that is not None or a string a record
+            could hold (see :func:`check_record`).
+        InvalidArgumentError: A ``state`` other than the four.
+    """
+    for name, value in (("user_id", user_id), ("agent_id", agent_id), ("window_id", window_id)):
+        check_text(value, f"the {name} filter", optional=True, controls=False)
+    if state is not None and state not in ("active", "idle", "archived", "expired"):
+        raise InvalidArgumentError(
+            f"state must be None, 'active', 'idle', 'archived' or 'expired', got {state!r}"
+        )
+
+
+def check_before(before: object) -> None:
+    """Reject a ``purge_expired(before=...)`` that is not None or a number (NaN refused).
+
+    Raises:
+        InvalidArgumentError: A bool, a string, NaN or anything but an int or float.
+    """
+    if before is None:
+        return
+    if type(before) not in (int, float) or before != before:
+        raise InvalidArgumentError(
+            f"before must be None or a number of seconds (not NaN), got {before!r}"
         )
 
 
