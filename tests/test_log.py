@@ -44,6 +44,7 @@ from chatsession.log import (
     decode_payloads,
     encode,
     fold,
+    fold_rows,
 )
 from chatsession.store import NewEvent, SessionRecord, open_store
 from chatsession.store.base import StoredEvent
@@ -179,6 +180,8 @@ def snapshot(state: ConversationState) -> dict[str, Any]:
         "open_turn": state.open_turn,
         "offloads": {k: v.model_dump() for k, v in state.offloads.items()},
         "counts": (state.resets, state.rewinds, state.compactions),
+        "dangling": [c.model_dump() for c in state.dangling_tool_calls()],
+        "steps": (state.steps, state.turn_seconds),
     }
 
 
@@ -288,6 +291,45 @@ def test_resume_fast_path_matches_decode_and_fold(
         # read between batches too: the usage and message caches must keep up
         assert snapshot(fast) == snapshot(fold(decode(rows[:cut], "s")))
     assert snapshot(fast) == snapshot(fold(decode(rows, "s")))
+
+
+@settings(max_examples=200, deadline=None)
+@given(logs())
+def test_dangling_tool_calls_kept_as_events_fold_equal_a_scan_of_the_context(
+    events: list[LogEvent],
+) -> None:
+    state = fold(events)
+    answered = {m.tool_call_id for _, m in state.context if m.role == "tool"}
+    scanned = [
+        call
+        for _, m in state.context
+        if m.role == "assistant"
+        for call in m.tool_calls
+        if call.id not in answered
+    ]
+    assert state.dangling_tool_calls() == scanned
+
+
+@settings(max_examples=100, deadline=None)
+@given(logs())
+def test_fold_rows_is_fold_of_decode(events: list[LogEvent]) -> None:
+    rows = stored(events)
+    assert snapshot(fold_rows(rows)) == snapshot(fold(decode(rows)))
+
+
+def test_version_1_state_events_keep_meaning_a_removed_key_by_none() -> None:
+    rows = [
+        StoredEvent(1, "state", 1.0, None, '{"values":{"a":1,"b":2}}', 1),
+        StoredEvent(2, "state", 2.0, None, '{"values":{"a":null,"c":[null]}}', 1),
+        StoredEvent(3, "message", 3.0, None, '{"role":"user","content":"hi"}', 1),
+        StoredEvent(4, "state", 4.0, None, '{"values":{"d":null}}', 2),
+    ]
+    events = decode(rows)
+    assert events[1].data == StateChange(values={"c": [None]}, removed=("a",))
+    assert events[2].data == Message(role="user", content="hi")
+    state = fold_rows(rows)
+    assert state.state == {"b": 2, "c": [None], "d": None}  # version 2 keeps a None value
+    assert snapshot(state) == snapshot(fold(events))
 
 
 def test_compaction_replaces_older_messages_in_context_only() -> None:
