@@ -16,6 +16,9 @@ already in the session):
   are part of the figure); ``resume_open`` is the ``open()`` alone;
 - ``floor_read``: bare ``sqlite3`` reading the session's event rows
   (``fetchall``, no objects built): what reading the log costs at least;
+- ``readme_read``: the README's read example, ``store.read`` then
+  ``fold_rows(rows)`` (what a resume does, without the session);
+  ``read_fold_decode``: the same read, then ``fold(decode(rows))``;
 - ``resume_memory`` / ``memory_ratio``: bytes held by the resumed session
   (tracemalloc), and against the JSON size of its events.
 
@@ -47,7 +50,10 @@ from chatsession.log import (
     TurnStartEntry,
     Usage,
     UsageEntry,
+    decode,
     encode,
+    fold,
+    fold_rows,
 )
 
 TEXT = "The quick brown fox jumps over the lazy dog while the session keeps every turn. " * 2
@@ -152,6 +158,23 @@ async def bench_size(url: str, n: int, turns: int) -> list[Row]:
         await session.close()
     add("resume", statistics.median(resumes), "ms")
     add("resume_open", statistics.median(opens), "ms")
+
+    log(f"[n={n}] the README's read: store.read + fold_rows (and fold(decode(rows)))")
+    documented, decoded = [], []
+    async with open_store(url) as store:
+        for _ in range(7):
+            gc.collect()
+            start = time.perf_counter_ns()
+            got = [row async for batch in store.read(session_id) for row in batch]
+            read = time.perf_counter_ns()
+            folded = fold_rows(got)
+            documented.append((time.perf_counter_ns() - start) / 1e6)
+            gc.collect()
+            again = time.perf_counter_ns()
+            assert len(fold(decode(got)).history) == len(folded.history) == n
+            decoded.append((time.perf_counter_ns() - again + read - start) / 1e6)
+    add("readme_read", statistics.median(documented), "ms")
+    add("read_fold_decode", statistics.median(decoded), "ms")
 
     gc.collect()
     tracemalloc.start()
