@@ -167,6 +167,20 @@ async def make_fork_cycle(backend: str, store: Store, url: str, root_id: str, fo
         header["parent"] = {"session_id": fork_id, "seq": 1}
         header_path.write_text(json.dumps(header))
         return
+    if backend == "redis":  # the record hash of the root names the fork as its parent
+        from urllib.parse import parse_qsl
+
+        import redis.asyncio as aioredis
+
+        prefix = dict(parse_qsl(urlsplit(url).query))["prefix"]
+        client = aioredis.Redis.from_url(REDIS_URL)
+        try:
+            await client.hset(
+                f"{prefix}{{{root_id}}}:rec", mapping={"parent_id": fork_id, "parent_seq": "1"}
+            )
+        finally:
+            await client.aclose()
+        return
     if backend == "postgres":  # the root's row names the fork's row as its parent
         from urllib.parse import parse_qsl
 
@@ -211,6 +225,18 @@ async def damage_record(backend: str, store: Store, url: str, session_id: str) -
         return
     if backend == "file":
         (file_root(url) / session_id / "session.json").write_text('["a list, not a record"]')
+        return
+    if backend == "redis":  # the record's JSON body cut short
+        from urllib.parse import parse_qsl
+
+        import redis.asyncio as aioredis
+
+        prefix = dict(parse_qsl(urlsplit(url).query))["prefix"]
+        client = aioredis.Redis.from_url(REDIS_URL)
+        try:
+            await client.hset(f"{prefix}{{{session_id}}}:rec", "body", '{"title": [')
+        finally:
+            await client.aclose()
         return
     if backend == "postgres":  # the record's body kept as text, cut short
         from urllib.parse import parse_qsl

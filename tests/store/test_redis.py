@@ -26,6 +26,7 @@ from redis.crc import key_slot
 
 import chatsession.store.redis as redis_module
 from chatsession import (
+    ChatSessionClosedError,
     ConflictError,
     CorruptDataError,
     InvalidURLError,
@@ -171,7 +172,14 @@ async def assert_whole(raw: aioredis.Redis, prefix: str) -> None:
     for sid in live:
         r = recs[sid]
         names = [f"{idx}:all"]
-        names += [f"{idx}:{k}:{r[k + '_id']}" for k in ("user", "agent", "window") if r[k + "_id"]]
+        unset = (
+            r["unset"].split() if "unset" in r else [n for n in r if n.endswith("_id") and not r[n]]
+        )
+        names += [
+            f"{idx}:{k}:{r[k + '_id']}"
+            for k in ("user", "agent", "window")
+            if k + "_id" not in unset
+        ]
         for name in names:
             expected.setdefault(name, set()).add(member[sid])
     listing = {
@@ -988,16 +996,18 @@ async def test_four_processes_times_250_turns(prefix: str, sessions: int) -> Non
 class OwnRedis:
     """A Redis server of a test's own, with an fsync-always append-only file."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *extra: str) -> None:
         exe = shutil.which("redis-server")
         assert exe, "redis-server is not installed"
         self.exe, self.directory, self.port = exe, directory, _free_port()
+        self.extra = list(extra)
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def start(self) -> None:
         """Start it (again) on the same port and data directory; wait until it listens."""
         args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--dir"]
         args += [str(self.directory), "--appendonly", "yes", "--appendfsync", "always"]
+        args += self.extra
         self.procs.append(subprocess.Popen([self.exe, *args], stdout=subprocess.DEVNULL))
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -1100,3 +1110,178 @@ async def test_server_killed_while_appends_are_in_flight(own_redis: OwnRedis) ->
         assert {r.id for r in (await store.list_sessions()).records} == {"a", "b", "c", "f"}
     finally:
         await store.aclose()
+
+
+async def test_the_same_store_object_works_at_once_after_its_connections_are_killed(
+    own_redis: OwnRedis,
+) -> None:
+    url = f"redis://127.0.0.1:{own_redis.port}/0?socket_timeout=2&prefix=k:"
+    async with open_store(url) as store, aioredis.Redis(port=own_redis.port) as admin:
+        await store.create(SessionRecord(id="s"))
+        await store.append("s", [ev(1)], 0)
+        for _ in range(3):
+            # fill the pool with connections, then have the server drop all of them
+            # (an idle timeout, a proxy, a failover does the same)
+            await asyncio.gather(*(store.get("s") for _ in range(8)))
+            assert await admin.client_kill_filter(_type="normal", skipme=True) >= 2
+            await asyncio.sleep(0.05)
+            # the server is reachable: every call works on its first try, none is
+            # re-sent (the pool reconnects before it sends anything)
+            records = await asyncio.gather(*(store.get("s") for _ in range(8)))
+            assert {r.head for r in records} == {1}
+            assert [r.seq for r in await read_all(store, "s")] == [1]
+        head = (await store.get("s")).head
+        assert await store.append("s", [ev(2)], head) == head + 1
+
+
+async def test_the_same_store_object_works_on_the_next_call_after_a_restart(
+    own_redis: OwnRedis,
+) -> None:
+    url = f"redis://127.0.0.1:{own_redis.port}/0?socket_timeout=1&socket_connect_timeout=1"
+    async with open_store(url) as store:
+        await store.create(SessionRecord(id="s"))
+        await store.append("s", [ev(1)], 0)
+        await asyncio.gather(*(store.get("s") for _ in range(8)))  # a pool of connections
+        own_redis.kill()
+        for call in (lambda: store.get("s"), lambda: read_all(store, "s")):
+            with pytest.raises(StoreUnavailableError, match="unreachable"):
+                await call()
+        own_redis.start()  # returns once the port accepts connections
+        # the very next calls work, however many pooled connections the restart broke
+        records = await asyncio.gather(*(store.get("s") for _ in range(8)))
+        assert {r.head for r in records} == {1}
+        assert await store.append("s", [ev(2)], 1) == 2
+        assert [r.seq for r in await read_all(store, "s")] == [1, 2]
+
+
+# -- URLs and credentials -----------------------------------------------------------------
+
+BAD_URLS = [
+    "redis://127.0.0.1:port/0",  # a port that is not a number
+    "redis://127.0.0.1:99999/0",  # out of range
+    "redis://127.0.0.1:0/0",
+    "redis://127.0.0.1:6379/abc",  # a database that is not a number (redis-py used db 0)
+    "redis://127.0.0.1:6379/1/2",  # (redis-py used db 12)
+    "redis://127.0.0.1:6379/-1",
+    "redis://127.0.0.1:6379/99999999999",
+    "redis://[::1/0",  # a broken IPv6 address
+    "redis://127.0.0.1/0#part",
+    "redis://127.0.0.1/0?socket_timeout=-1",
+    "redis://127.0.0.1/0?socket_timeout=0",
+    "redis://127.0.0.1/0?socket_timeout=nan",
+    "redis://127.0.0.1/0?socket_connect_timeout=inf",
+    "redis://127.0.0.1/0?pool_timeout=-0.5",
+    "redis://127.0.0.1/0?max_connections=1.5",
+    "redis://127.0.0.1/0?max_connections=-3",
+    "redis://127.0.0.1/0?max_connections=",
+    "redis://127.0.0.1/0?prefix=a&prefix=b",  # given twice: which one?
+    "redis://127.0.0.1/0?prefix",  # not name=value
+    "redis://127.0.0.1/0?prefix=a%00b",
+    "redis://127.0.0.1/0?prefix=a%7Bb",
+    "rediss://127.0.0.1/0?ssl_check_hostname=",
+]
+
+
+@pytest.mark.parametrize("url", BAD_URLS)
+def test_bad_url_parts_and_option_values_are_invalid_url_errors(url: str) -> None:
+    with pytest.raises(InvalidURLError) as info:
+        RedisStore.from_url(url)
+    assert "redis" in str(info.value)
+    if "[" not in url:  # open_store reads the scheme first (a ValueError for a broken IPv6)
+        with pytest.raises(InvalidURLError):
+            open_store(url)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"socket_timeout": float("nan")},
+        {"socket_timeout": "soon"},
+        {"pool_timeout": -1},
+        {"max_connections": 0},
+        {"max_connections": True},
+        {"max_connections": 2.5},
+        {"prefix": "a\nb"},
+    ],
+)
+def test_bad_option_values_given_as_arguments_are_invalid_url_errors(
+    options: dict[str, Any],
+) -> None:
+    with pytest.raises(InvalidURLError):
+        open_store("redis://127.0.0.1:6379/0", **options)
+    with pytest.raises(InvalidURLError):  # the class itself checks them too
+        RedisStore("redis://127.0.0.1:6379/0", **options)
+
+
+def test_no_assert_guards_a_runtime_condition() -> None:
+    for module in (redis_module, redis_scripts):
+        source = Path(module.__file__ or "").read_text()
+        assert not re.search(r"^\s*assert\b", source, re.MULTILINE), module.__name__
+
+
+SECRETS = ("s3cret-pw", "t0ken-pw", "opt-pw")
+
+
+def _shows_no_secret(text: str) -> None:
+    for secret in SECRETS:
+        assert secret not in text, text
+
+
+async def test_credentials_never_appear_in_urls_reprs_or_messages() -> None:
+    stores = [
+        open_store("redis://user:s3cret-pw@127.0.0.1:1/0?socket_connect_timeout=0.5"),
+        open_store("redis://127.0.0.1:1/0?password=s3cret-pw&socket_connect_timeout=0.5"),
+        open_store("redis://:s3cret-pw@127.0.0.1:1/0", password="opt-pw"),
+        open_store("rediss://u:s3cret-pw@127.0.0.1:1/0?ssl_password=t0ken-pw"),
+        open_store("rediss://127.0.0.1:1/0", ssl_password="t0ken-pw", password="opt-pw"),
+    ]
+    try:
+        for store in stores:
+            _shows_no_secret(store.url)
+            _shows_no_secret(repr(store))
+            assert "127.0.0.1:1" in store.url and "127.0.0.1:1" in repr(store)
+            with pytest.raises(StoreUnavailableError) as info:
+                await store.get("s")
+            _shows_no_secret(str(info.value))
+            await store.aclose()
+            with pytest.raises(ChatSessionClosedError) as closed:
+                await store.get("s")
+            _shows_no_secret(str(closed.value))
+    finally:
+        for store in stores:
+            await store.aclose()
+    assert "user:***@" in stores[0].url
+    # a URL refused for another reason does not show its secrets either
+    for url, options in [
+        ("redis://user:s3cret-pw@127.0.0.1:6379/0?socket_timeout=soon", {}),
+        ("redis://user:s3cret-pw@127.0.0.1:port/0", {}),
+        ("redis://user:s3cret-pw@127.0.0.1/0?ssl_ca_certs=/ca.pem", {}),
+        ("redis://user:s3cret-pw@/0", {}),
+        ("redis://user:s3cret-pw@127.0.0.1/x?password=t0ken-pw", {}),
+        ("rediss://h/0?ssl_password=t0ken-pw&ssl_cert_reqs=maybe", {"password": "opt-pw"}),
+        ("redis://h/0?password=t0ken-pw", {"max_connections": "many"}),
+        ("http://user:s3cret-pw@h/0", {}),
+    ]:
+        with pytest.raises(InvalidURLError) as refused:
+            RedisStore.from_url(url, **options)
+        _shows_no_secret(str(refused.value))
+
+
+async def test_a_password_given_as_an_option_is_used(tmp_path: Path) -> None:
+    server = OwnRedis(tmp_path, "--requirepass", "opt-pw")
+    server.start()
+    try:
+        url = f"redis://127.0.0.1:{server.port}/0?socket_timeout=2"
+        async with open_store(url, password="opt-pw") as store:
+            await store.create(SessionRecord(id="s"))
+            assert (await store.get("s")).id == "s"
+        async with open_store(f"{url}&password=opt-pw") as store:
+            assert (await store.get("s")).id == "s"
+        for wrong in (open_store(url), open_store(url, password="s3cret-pw")):
+            async with wrong as store:
+                with pytest.raises(StoreUnavailableError) as info:
+                    await store.get("s")
+                assert "password" in str(info.value)
+                _shows_no_secret(str(info.value))
+    finally:
+        server.kill()

@@ -18,6 +18,10 @@ to change an index key it was not given (``where`` lists more than the
 client knew), it changes nothing and answers ``{-1, json list of keys}``;
 the client calls again with them.
 
+Session scripts answer ``{-8, field}`` when the record's ``field`` is
+missing or not a number where one is needed (a damaged record: the client
+reports it as such), never a Lua error.
+
 Times of steps (``t``, ``due``, the scores of ``:forks`` and ``:due``) come
 from the server's clock (``TIME``), never from the client's; ``NOW`` and
 ``before`` arguments are client time, compared with ``expires_at`` (which is
@@ -34,7 +38,20 @@ from __future__ import annotations
 import json
 from typing import Any
 
-__all__ = ["MARK", "SCRIPTS", "key_list", "member_of", "split_member", "where_entry"]
+__all__ = [
+    "MARK",
+    "NATIVE_EXPIRY_LIMIT",
+    "SCRIPTS",
+    "key_list",
+    "member_of",
+    "split_member",
+    "where_entry",
+]
+
+#: Sessions expiring at or after this (Unix seconds: the year 10000) get no
+#: native Redis expiry: their keys stay until ``purge_expired`` removes them
+#: (they are invisible from ``expires_at`` on all the same).
+NATIVE_EXPIRY_LIMIT = 253_402_300_800.0
 
 #: Between an id and its stamp in index members; sorts before every character
 #: an id may hold, so members sort as their ids do.
@@ -50,7 +67,24 @@ local function num(x) return string.format('%.17g', x) end
 
 _SESSION = (
     _CLOCK
-    + """
+    + f"""
+local NATIVE_LIMIT = {NATIVE_EXPIRY_LIMIT!r}
+-- with KEYS[1] the record: {{-1}} when it is missing, {{-8, field}} when it
+-- exists without `field` (a damaged record)
+local function absent(field)
+  if redis.call('EXISTS', KEYS[1]) == 1 then return {{-8, field}} end
+  return {{-1}}
+end
+-- damaged record fields: a count (head, version, parent_seq) that is missing
+-- or not a whole number >= 0; a time (expires_at) that is missing or neither
+-- '' nor a number
+local function bad_count(v)
+  local n = v and tonumber(v)
+  return not n or n < 0 or math.floor(n) ~= n
+end
+local function bad_time(v)
+  return not v or (v ~= '' and tonumber(v) == nil)
+end
 local function expired(v, at)
   return v and v ~= '' and tonumber(v) <= tonumber(at)
 end
@@ -58,7 +92,13 @@ end
 local function late(t, limit)
   return clock() - tonumber(t) > tonumber(limit)
 end
-local function ms(v) return string.format('%d', math.floor(tonumber(v) * 1000)) end
+-- expires_at (seconds) as PEXPIREAT milliseconds, or nil when it is past
+-- NATIVE_LIMIT: no native expiry then (the store still hides the session)
+local function ms(v)
+  local n = tonumber(v)
+  if not n or n >= NATIVE_LIMIT then return nil end
+  return string.format('%d', math.floor(n * 1000))
+end
 -- with KEYS rec, ev, blob, forks: keep a tombstone while forks still read the
 -- events (returns true), else remove every key of the session (false)
 local function remove_or_keep()
@@ -73,13 +113,26 @@ end
 )
 
 # KEYS: rec, ev.  ARGV: expected head, now, entries...
-# returns {head} | {-1} not found | {-2} expired | {-3, head} conflict
-_APPEND = """
-local r = redis.call('HMGET', KEYS[1], 'head', 'deleted', 'expires_at')
-if not r[1] or r[2] == '1' then return {-1} end
-if r[3] and r[3] ~= '' and tonumber(r[3]) <= tonumber(ARGV[2]) then return {-2} end
+# returns {head} | {-1} not found | {-2} expired | {-3, head} conflict |
+# {-5, head, length, parent_seq} the event list does not end at the head (nothing
+# written) |
+# {-8, field} a damaged record field.  The list must hold exactly the events
+# after the fork point: a stray or missing item would put the new events at
+# the wrong seqs.
+_APPEND = (
+    _SESSION
+    + """
+local r = redis.call('HMGET', KEYS[1], 'head', 'deleted', 'expires_at', 'parent_seq')
+if not r[1] then return absent('head') end
+if r[2] == '1' then return {-1} end
+if bad_count(r[1]) then return {-8, 'head'} end
+if bad_time(r[3]) then return {-8, 'expires_at'} end
+if bad_count(r[4]) then return {-8, 'parent_seq'} end
+if expired(r[3], ARGV[2]) then return {-2} end
 local head = tonumber(r[1])
-if head ~= tonumber(ARGV[1]) then return {-3, head} end
+if head ~= tonumber(ARGV[1]) then return {-3, r[1]} end
+local length = redis.call('LLEN', KEYS[2])
+if length ~= head - tonumber(r[4]) then return {-5, r[1], length, r[4]} end
 local n = #ARGV - 2
 for i = 3, #ARGV, 1000 do
   redis.call('RPUSH', KEYS[2], unpack(ARGV, i, math.min(i + 999, #ARGV)))
@@ -89,13 +142,16 @@ local at = redis.call('PEXPIRETIME', KEYS[1])
 if at > 0 then redis.call('PEXPIREAT', KEYS[2], at) end
 return {head + n}
 """
+)
 
-# KEYS: rec, blob.  ARGV: now, blob id, bytes.  returns {1} | {-1} | {-2}
+# KEYS: rec, blob.  ARGV: now, blob id, bytes.  returns {1} | {-1} | {-2} | {-8, field}
 _PUT_BLOB = (
     _SESSION
     + """
 local r = redis.call('HMGET', KEYS[1], 'head', 'deleted', 'expires_at')
-if not r[1] or r[2] == '1' then return {-1} end
+if not r[1] then return absent('head') end
+if r[2] == '1' then return {-1} end
+if bad_time(r[3]) then return {-8, 'expires_at'} end
 if expired(r[3], ARGV[1]) then return {-2} end
 redis.call('HSETNX', KEYS[2], ARGV[2], ARGV[3])
 local at = redis.call('PEXPIRETIME', KEYS[1])
@@ -106,16 +162,19 @@ return {1}
 
 # Fork step 1, on the parent.  KEYS: parent rec, ev, blob, forks.
 # ARGV: now, at_seq, the fork's incarnation.
-# returns {head, t} | {-1} | {-2} | {-4, head} bad fork point.  Repeating it
+# returns {head, t} | {-1} | {-2} | {-4, head} bad fork point | {-8, field}.  Repeating it
 # changes nothing (the fork is one member of the set, stamped once).
 _HOLD = (
     _SESSION
     + """
 local r = redis.call('HMGET', KEYS[1], 'head', 'deleted', 'expires_at')
-if not r[1] or r[2] == '1' then return {-1} end
+if not r[1] then return absent('head') end
+if r[2] == '1' then return {-1} end
+if bad_count(r[1]) then return {-8, 'head'} end
+if bad_time(r[3]) then return {-8, 'expires_at'} end
 if expired(r[3], ARGV[1]) then return {-2} end
 local head = tonumber(r[1])
-if tonumber(ARGV[2]) > head then return {-4, head} end
+if tonumber(ARGV[2]) > head then return {-4, r[1]} end
 redis.call('ZADD', KEYS[4], 'NX', num(clock()), ARGV[3])
 for i = 1, 3 do redis.call('PERSIST', KEYS[i]) end
 return {head, redis.call('ZSCORE', KEYS[4], ARGV[3])}
@@ -139,15 +198,17 @@ return {1}
 
 # KEYS: rec, ev, blob, forks.  ARGV: now, expected version, stamp, t, deadline,
 # expires_ms, field, value, ...
-# returns {version} | {-1} | {-2} | {-3, version} | {-6}
+# returns {version} | {-1} | {-2} | {-3, version} | {-6} | {-8, field}
 _UPDATE_RECORD = (
     _SESSION
     + """
 local r = redis.call('HMGET', KEYS[1], 'version', 'deleted', 'expires_at', 'stamp')
 if not r[1] or r[2] == '1' or r[4] ~= ARGV[3] then return {-1} end
+if bad_count(r[1]) then return {-8, 'version'} end
+if bad_time(r[3]) then return {-8, 'expires_at'} end
 if expired(r[3], ARGV[1]) then return {-2} end
 local version = tonumber(r[1])
-if version ~= tonumber(ARGV[2]) then return {-3, version} end
+if version ~= tonumber(ARGV[2]) then return {-3, r[1]} end
 if late(ARGV[4], ARGV[5]) then return {-6} end
 redis.call('HSET', KEYS[1], 'version', version + 1, unpack(ARGV, 7))
 if redis.call('ZCARD', KEYS[4]) == 0 then
@@ -161,12 +222,14 @@ return {version + 1}
 
 # KEYS: rec, ev, blob, forks.  ARGV: now, stamp, t, deadline.
 # returns {0, parent id} removed | {1} made a tombstone (it has forks) | {-1} |
-# {-2} | {-6} too late | {-7} another incarnation holds the id now
+# {-2} | {-6} too late | {-7} another incarnation holds the id now | {-8, field}
 _DELETE_RECORD = (
     _SESSION
     + """
 local r = redis.call('HMGET', KEYS[1], 'head', 'deleted', 'expires_at', 'stamp', 'parent_id')
-if not r[1] or r[2] == '1' then return {-1} end
+if not r[1] then return absent('head') end
+if r[2] == '1' then return {-1} end
+if bad_time(r[3]) then return {-8, 'expires_at'} end
 if expired(r[3], ARGV[1]) then return {-2} end
 if r[4] ~= ARGV[2] then return {-7} end
 if late(ARGV[3], ARGV[4]) then return {-6} end
@@ -177,13 +240,15 @@ return {0, r[5] or ''}
 
 # Purge, on one session.  KEYS: rec, ev, blob, forks.  ARGV: stamp, before.
 # returns {0} that incarnation is gone | {1, parent id} removed now |
-# {2} made a tombstone now | {3} a tombstone already | {4, expires_at} not expired
+# {2} made a tombstone now | {3} a tombstone already | {4, expires_at} not expired |
+# {-8, field} a damaged record
 _EXPIRE = (
     _SESSION
     + """
 local r = redis.call('HMGET', KEYS[1], 'stamp', 'deleted', 'expires_at', 'parent_id')
 if r[1] ~= ARGV[1] then return {0} end
 if r[2] == '1' then return {3} end
+if bad_time(r[3]) then return {-8, 'expires_at'} end
 if not expired(r[3], ARGV[2]) then return {4, r[3] or ''} end
 if remove_or_keep() then return {2} end
 return {1, r[4] or ''}
@@ -204,8 +269,8 @@ if r[1] == '1' then
   redis.call('UNLINK', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
   return {1, r[3] or '', r[4] or ''}
 end
-if r[2] and r[2] ~= '' then
-  local at = ms(r[2])
+local at = ms(r[2])
+if at then
   for i = 1, 3 do redis.call('PEXPIREAT', KEYS[i], at) end
 end
 return {0}
