@@ -105,7 +105,9 @@ async def test_empty_strings_read_back_as_empty_strings_not_none(
     await assert_whole(raw, prefix)  # the index slot lists "" ids as ids
 
 
-async def test_separators_controls_and_big_numbers_round_trip_exactly(store: RedisStore) -> None:
+async def test_separators_controls_and_big_numbers_round_trip_exactly(
+    store: RedisStore, raw: aioredis.Redis, prefix: str
+) -> None:
     odd = "".join(SEPARATORS).replace("\x00", "")  # NUL is refused in titles
     no_controls = 'a\x85b\u2028c\u2029d\ufeffe\\f"g{h}i#j:k'  # what ids without controls may hold
     record = SessionRecord(
@@ -122,6 +124,18 @@ async def test_separators_controls_and_big_numbers_round_trip_exactly(store: Red
     for name in ("user_id", "agent_id", "window_id", "title", "metadata", "fingerprint"):
         assert same(getattr(got, name), getattr(record, name)), name
     assert [r.id for r in (await store.list_sessions(user_id=no_controls)).records] == ["s"]
+
+    # index keys hold the ids; the index scripts keep key lists as JSON (cjson): the
+    # odd characters survive a move from one user's index to another's, and a delete
+    other = no_controls[::-1] + "/\\u00e9"
+    await store.create(SessionRecord(id="gone", user_id=no_controls, window_id="\u2028"))
+    current = await store.get("s")
+    await store.update(current.model_copy(update={"user_id": other}), current.version)
+    assert [r.id for r in (await store.list_sessions(user_id=other)).records] == ["s"]
+    assert [r.id for r in (await store.list_sessions(user_id=no_controls)).records] == ["gone"]
+    await store.delete("gone")
+    assert (await store.list_sessions(user_id=no_controls)).records == []
+    await assert_whole(raw, prefix)
 
     payload = json.dumps({"s": odd, "big": 10**400, "f": 0.1, "e": [], "o": {}}, ensure_ascii=False)
     events = [
@@ -414,3 +428,22 @@ async def test_appends_racing_a_read_never_look_like_damage(store: RedisStore) -
         assert [r.seq for r in rows] == list(range(1, len(rows) + 1))
     with pytest.raises(ConflictError):
         await store.append("s", [ev(0)], 0)
+
+
+async def test_a_damaged_index_entry_never_fails_a_call(
+    store: RedisStore, raw: aioredis.Redis, prefix: str
+) -> None:
+    # the index slot is derived data: damage there must not break the sessions
+    for i, garbage in enumerate(["not json", "[1, 2]", "[" * 5000 + "]" * 5000, '{"idx": 5}']):
+        sid = f"s{i}"
+        await store.create(SessionRecord(id=sid, user_id="u", expires_at=time.time() + 0.3))
+        stamp = (await raw.hget(f"{prefix}{{{sid}}}:rec", "stamp")).decode()
+        where = (f"{prefix}{{idx}}:where", f"{sid}#{stamp}")
+        await raw.hset(*where, garbage)
+        current = await store.get(sid)
+        await store.update(current.model_copy(update={"title": "t"}), current.version)
+        assert sid in {r.id for r in (await store.list_sessions(user_id="u")).records}
+        await raw.hset(*where, garbage)  # what purge_expired reads
+    await asyncio.sleep(0.4)
+    assert await store.purge_expired() == 4
+    assert (await store.list_sessions()).records == []

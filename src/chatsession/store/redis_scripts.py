@@ -594,7 +594,7 @@ def key_list(raw: Any) -> list[str]:
     """The index keys in a JSON list from a script (Lua writes an empty list as ``{}``)."""
     try:
         keys = json.loads(raw)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):
         return []
     return [k for k in keys if isinstance(k, str)] if isinstance(keys, list) else []
 
@@ -603,7 +603,7 @@ def where_entry(raw: bytes | str) -> tuple[str, list[str]]:
     """The parent id and the index keys of a ``where`` entry ('' and [] if unreadable)."""
     try:
         info = json.loads(raw) if raw else {}
-    except ValueError:
+    except (ValueError, RecursionError):  # a damaged entry: cleanup re-derives it
         info = {}
     if not isinstance(info, dict):
         return "", []
