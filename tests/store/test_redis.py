@@ -950,6 +950,7 @@ def test_no_scan_or_keys_anywhere() -> None:
 # -- processes and outages ---------------------------------------------------------
 
 
+@pytest.mark.slow  # starts processes
 @pytest.mark.parametrize("sessions", [1, 50])
 async def test_four_processes_times_250_turns(prefix: str, sessions: int) -> None:
     url = f"{REDIS_URL}?prefix={prefix}"
@@ -1037,6 +1038,7 @@ def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
         server.kill()
 
 
+@pytest.mark.slow  # starts processes
 async def test_server_killed_while_appends_are_in_flight(own_redis: OwnRedis) -> None:
     port = own_redis.port
     prefix = f"cstest-{uuid.uuid4().hex[:10]}:"
@@ -1112,6 +1114,7 @@ async def test_server_killed_while_appends_are_in_flight(own_redis: OwnRedis) ->
         await store.aclose()
 
 
+@pytest.mark.slow  # starts processes
 async def test_the_same_store_object_works_at_once_after_its_connections_are_killed(
     own_redis: OwnRedis,
 ) -> None:
@@ -1134,6 +1137,7 @@ async def test_the_same_store_object_works_at_once_after_its_connections_are_kil
         assert await store.append("s", [ev(2)], head) == head + 1
 
 
+@pytest.mark.slow  # starts processes
 async def test_the_same_store_object_works_on_the_next_call_after_a_restart(
     own_redis: OwnRedis,
 ) -> None:
@@ -1267,6 +1271,7 @@ async def test_credentials_never_appear_in_urls_reprs_or_messages() -> None:
         _shows_no_secret(str(refused.value))
 
 
+@pytest.mark.slow  # starts processes
 async def test_a_password_given_as_an_option_is_used(tmp_path: Path) -> None:
     server = OwnRedis(tmp_path, "--requirepass", "opt-pw")
     server.start()

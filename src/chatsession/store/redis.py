@@ -273,6 +273,9 @@ _OPTIONS = frozenset(
 #: The record fields that may be None; the ``unset`` field names those that are.
 _WHO = ("user_id", "agent_id", "window_id")
 _BODY = frozenset({"title", "metadata", "fingerprint"})
+#: What a read needs of each ancestor's record.
+_CHAIN_FIELDS = ("head", "parent_seq", "parent_id", "stamp")
+_CHAIN_KEYS = tuple(name.encode() for name in _CHAIN_FIELDS)
 _MAX_DB = 2**31 - 1
 _SCAN_FACTOR, _SCAN_MIN = 10, 100  # a listing reads at most max(10 * limit, 100) members
 _PURGE_BATCH = 200  # expiry-set members, or due marks, per batch
@@ -1212,21 +1215,30 @@ class RedisStore:
         result = await self._script("append", [expected_seq, repr(now()), *entries], [rec, ev])
         return self._status(result, session_id, expected_seq)
 
-    async def _node(self, session_id: str, *, events: bool) -> tuple[dict[bytes, bytes], int]:
+    async def _node(
+        self, session_id: str, *, events: bool, whole: bool = True
+    ) -> tuple[dict[bytes, bytes], int]:
         """The record of ``session_id`` and (when ``events``) the length of its event list.
 
-        Both in one ``MULTI``/``EXEC``: an append in between cannot make them disagree.
+        Both in one ``MULTI``/``EXEC``: an append in between cannot make them
+        disagree. Unless ``whole``, only the fields a fork chain needs.
         """
         rec, ev, _, _ = self._keys(session_id)
 
         async def work(r: aioredis.Redis) -> tuple[dict[bytes, bytes], int]:
-            if not events:
-                return cast(dict[bytes, bytes], await r.hgetall(rec)), -1
-            pipe = r.pipeline(transaction=True)
-            pipe.hgetall(rec)
-            pipe.llen(ev)
-            raw, length = await pipe.execute()
-            return cast(dict[bytes, bytes], raw), int(length)
+            pipe = r.pipeline(transaction=events)
+            if whole:
+                pipe.hgetall(rec)
+            else:
+                pipe.hmget(rec, _CHAIN_FIELDS)
+            if events:
+                pipe.llen(ev)
+            got = await pipe.execute()
+            if whole:
+                raw = got[0]
+            else:
+                raw = {k: v for k, v in zip(_CHAIN_KEYS, got[0], strict=True) if v is not None}
+            return cast(dict[bytes, bytes], raw), (int(got[1]) if events else -1)
 
         return await self._run(work, keys=[rec, ev] if events else [rec])
 
@@ -1273,7 +1285,7 @@ class RedisStore:
                     "fields"
                 )
             seen.add(parent)
-            raw, length = await self._node(parent, events=events)
+            raw, length = await self._node(parent, events=events, whole=False)
             if not raw:
                 await self._check_still_there(chain[0])  # deleted meanwhile: not damage
                 raise CorruptDataError(
