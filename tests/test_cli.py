@@ -51,7 +51,12 @@ def test_a_conversation_with_every_command(env_setup: Path) -> None:
     child.sendline("/rewind start")
     child.expect("rewound to seq 6: 2 messages in context")
     child.sendline("/history")
+    child.expect(r"   3 assistant: You said: hello there\r?\n")
+    child.expect("you>")
+    assert "second message" not in child.before
+    child.sendline("/history all")
     child.expect(r"assistant \(not in context\): You said: second message")
+    child.expect(r"── rewound to seq 6 \(checkpoint 'start'\) ──")
     child.sendline("/clear")
     child.expect("history cleared")
     child.sendline("/stats")
@@ -76,9 +81,12 @@ def test_ctrl_c_stops_the_answer_keeps_history_and_twice_leaves(env_setup: Path)
     child.expect("you>")
     child.sendline("/stats")
     child.expect(r"interrupted 1")
+    # the interrupted call's tokens are counted, marked as an estimate
+    child.expect(r"tokens: ~[\d,]+ estimated \(prompt ~[\d,]+, completion ~[\d,]+\)")
+    child.expect(r"cost: ~\$[\d.]+ \(estimated\)")
     child.expect("you>")
     child.sendline("/history")
-    child.expect("assistant: You said: w0 w1 w2")
+    child.expect(r"assistant \(cut short\): You said: w0 w1 w2")
     child.expect("you>")
     child.sendintr()
     child.expect("Ctrl\\+C again")
@@ -138,3 +146,86 @@ def test_bad_input_is_a_clear_error(env_setup: Path, args: list[str], message: s
     result = CliRunner().invoke(main, ["chat", *args], input="")
     assert result.exit_code in (1, 2)
     assert message in result.output
+
+
+def test_history_is_the_context_and_history_all_the_marked_record(env_setup: Path) -> None:
+    # names with Rich markup, a timed-out turn, a rewind and a clear
+    child = spawn(
+        env_setup,
+        "--model",
+        "scripted",
+        "--model-option",
+        "chunk_delay=0.05",
+        "--timeout",
+        "3",
+        "--session",
+        "marked",
+    )
+    child.expect("you>")
+    child.sendline("first question")
+    child.expect("You said: first question")
+    child.sendline("/checkpoint [/]")
+    child.expect(r"checkpoint '\[/\]' at seq 6")
+    child.sendline("/checkpoint '[bold]x[/bold] [/]'")
+    child.expect(r"checkpoint '\[bold\]x\[/bold\] \[/\]' at seq 7")
+    child.sendline("second question")
+    child.expect("You said: second question")
+    child.sendline("slow " * 200)
+    child.expect("took longer than 3.0 s")
+    child.expect("you>")
+    child.sendline("/stats")
+    child.expect(r"turns: 3 \(completed 2, timeout 1\)")
+    child.expect(
+        r"tokens: ~[\d,]+ estimated \(prompt ~[\d,]+, completion ~[\d,]+\) in 3 model calls"
+    )
+    child.sendline("/rewind [/]")
+    child.expect(r"rewound to seq 6: 2 messages in context")
+    child.sendline("/history")
+    child.expect(r"   3 assistant: You said: first question\r\n")
+    child.expect("you>")
+    assert "second question" not in child.before and "slow" not in child.before
+    child.sendline("/clear")
+    child.expect("history cleared")
+    child.sendline("/history")
+    child.expect(r"\(the model's context is empty; /history all shows the whole record\)")
+    child.expect("you>")
+    child.sendline("/history all")
+    for expected in (
+        r"   2 user \(not in context\): first question",
+        r"   6 ── checkpoint '\[/\]' ──",
+        r"   7 ── checkpoint '\[bold\]x\[/bold\] \[/\]' ──",
+        r"  10 assistant \(not in context\): You said: second question",
+        r"assistant \(not in context; cut short\): You said: slow slow",
+        r"── turn ended: timeout: the turn ran past its timeout of 3.0 s ──",
+        r"── rewound to seq 6 \(checkpoint '\[/\]'\) ──",
+        r"── history cleared: the model forgot what is above ──",
+    ):
+        child.expect(expected)
+    child.expect("you>")
+    child.sendline("/help")
+    child.expect(r"/history all\s+the whole record")
+    quit_(child)
+
+
+def test_markup_in_titles_and_rewind_names_is_printed_as_text(env_setup: Path) -> None:
+    from chatsession.agent import Agent
+    from chatsession.agent.llm.scripted import ScriptedLLM
+    from chatsession.blocking import SyncChatSession
+    from chatsession.store import default_store_url
+
+    url = default_store_url()
+    with SyncChatSession(Agent(ScriptedLLM()), "titled", store=url, title="[/] a [red]title"):
+        pass
+    child = spawn(env_setup, "--model", "scripted", "--session", "titled")
+    child.expect("you>")
+    child.sendline("/sessions")
+    child.expect(r"\[/\] a \[red\]title")
+    child.expect("you>")
+    child.sendline("/rewind [/]")
+    child.expect(r"checkpoint '\[/\]' not found|no checkpoint")
+    child.expect("you>")
+    child.sendline("/rewind ²")  # a digit to str.isdigit, not to int()
+    child.expect("you>")
+    child.sendline("/checkpoint 'unclosed")
+    child.expect("No closing quotation")
+    quit_(child)

@@ -1,6 +1,9 @@
 """The ``chatsession`` command line: ``chatsession chat`` (a REPL).
 
-Errors are turned into a message and an exit code here, in one place.
+Errors are turned into a message and an exit code here, in one place
+(:func:`handle_errors`). Every message printed there is redacted (store
+passwords, API keys, secret query values: :mod:`chatsession.cli.redaction`)
+and stripped of terminal control sequences (:mod:`chatsession.cli.terminal`).
 """
 
 from __future__ import annotations
@@ -8,11 +11,14 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
 
+from chatsession.cli.redaction import Redactor
+from chatsession.cli.terminal import sanitize
 from chatsession.errors import ChatSessionError, MissingDependencyError, UsageError
 
 __all__ = ["main"]
@@ -23,19 +29,57 @@ F = TypeVar("F", bound=Callable[..., Any])
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
+_REDACTOR = "chatsession.redactor"
+
+
+def current_redactor() -> Redactor:
+    """The redactor of the command running now (a fresh one outside a command).
+
+    Commands register the secrets they read (store URLs, model options) with
+    it; :func:`handle_errors` and the REPL pass everything they print through it.
+    """
+    context = click.get_current_context(silent=True)
+    if context is None:
+        return Redactor()
+    redactor = context.meta.get(_REDACTOR)
+    if not isinstance(redactor, Redactor):
+        redactor = context.meta[_REDACTOR] = Redactor()
+    return redactor
+
+
+def printable(text: str, redactor: Redactor | None = None) -> str:
+    """``text`` safe to print: credentials redacted, terminal control sequences removed."""
+    return sanitize((redactor or current_redactor())(text))
+
 
 def handle_errors(fn: F) -> F:
-    """Turn chatsession's errors into a one-line message and an exit code."""
+    """Turn errors into a one-line, redacted message and an exit code.
+
+    ``ChatSessionError``: exit 2 for usage mistakes, 1 for run-time failures.
+    Any other exception is a bug: its traceback is printed, redacted, with exit 1.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        redactor = current_redactor()
         try:
             return fn(*args, **kwargs)
         except (UsageError, MissingDependencyError) as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {printable(str(exc), redactor)}", err=True)
             sys.exit(EXIT_USAGE)
         except ChatSessionError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {printable(str(exc), redactor)}", err=True)
+            sys.exit(EXIT_FAILURE)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as exc:
+            trace = "".join(traceback.format_exception(exc))
+            click.echo(printable(trace, redactor), err=True, nl=False)
+            click.echo(
+                "error: an unexpected failure (a bug in chatsession; please report it "
+                "with the lines above)",
+                err=True,
+            )
             sys.exit(EXIT_FAILURE)
 
     return wrapper  # type: ignore[return-value]

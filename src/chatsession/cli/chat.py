@@ -2,22 +2,28 @@
 
 Answers stream token by token. Ctrl+C stops the current answer and keeps the
 history; a second Ctrl+C (at the prompt) leaves. Commands start with ``/``.
+
+What the REPL prints that came from elsewhere (the model, tools, the store,
+the user's own history) is stripped of terminal control sequences
+(:mod:`chatsession.cli.terminal`) and never read as Rich markup
+(:mod:`chatsession.cli.output`); messages that may name a store or a model
+server are redacted (:mod:`chatsession.cli.redaction`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import shlex
-from pathlib import Path
 from typing import Any
 
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from chatsession.agent import Agent, resolve_llm
 from chatsession.agent.events import (
+    AssistantMessageEvent,
     ErrorEvent,
     StopEvent,
     TextEvent,
@@ -25,15 +31,23 @@ from chatsession.agent.events import (
     ToolResultEvent,
 )
 from chatsession.blocking import SyncChatSession
-from chatsession.cli import handle_errors, parse_options
-from chatsession.errors import ChatSessionError, SessionNotFoundError, UsageError
+from chatsession.cli import current_redactor, handle_errors, parse_options, printable
+from chatsession.cli.history import context_lines, record_lines
+from chatsession.cli.local_state import ensure_data_dir, last_session, remember_session
+from chatsession.cli.output import make_console, route_diagnostics, styled
+from chatsession.cli.redaction import Redactor, display_url
+from chatsession.cli.terminal import TerminalSanitizer, sanitize
+from chatsession.errors import ChatSessionError, ModelError, SessionNotFoundError, UsageError
+from chatsession.session import ModelUsage, UsageSummary
 from chatsession.store import default_store_url
 
-__all__ = ["chat"]
+__all__ = ["COMMANDS", "Repl", "chat"]
 
 COMMANDS = {
-    "/history": "show the conversation (all of it: cleared and rewound turns too)",
-    "/stats": "turns, messages, tokens, cost and context use",
+    "/history": "what the model sees now (empty after /clear; the rewound context after /rewind)",
+    "/history all": "the whole record: cleared and rewound turns too, with marks for clears, "
+    "rewinds, compactions, checkpoints and turns that did not complete",
+    "/stats": "turns, messages, tokens (~ marks estimates), cost and context use",
     "/clear": "clear the history (the model forgets; the record keeps it)",
     "/fork": "continue in a fork of this session (the original stays as it is)",
     "/checkpoint NAME": "name this point of the conversation",
@@ -43,50 +57,86 @@ COMMANDS = {
     "/quit": "leave (so does Ctrl+D, or Ctrl+C twice)",
 }
 
-
-def _data_dir() -> Path:
-    configured = os.environ.get("CHATSESSION_DATA_DIR")
-    if configured:
-        return Path(configured)
-    import platformdirs
-
-    return Path(platformdirs.user_data_dir("chatsession", appauthor=False))
+#: how much of a tool's result is shown as it runs
+TOOL_PREVIEW = 200
 
 
-def _remember(store_url: str, session_id: str) -> None:
-    path = _data_dir() / "last_session"
-    with contextlib.suppress(OSError):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(f"{store_url}\n{session_id}\n")
+def _tokens(count: int, estimated: bool) -> str:
+    return f"~{count:,}" if estimated else f"{count:,}"
 
 
-def _last_session(store_url: str) -> str | None:
-    try:
-        url, session_id = (_data_dir() / "last_session").read_text().split("\n")[:2]
-    except (OSError, ValueError):
-        return None
-    return session_id if url == store_url and session_id else None
+def _usage_line(label: str, usage: ModelUsage | UsageSummary) -> str:
+    if isinstance(usage, UsageSummary):
+        total, prompt, completion = (
+            usage.total_tokens,
+            usage.total_prompt_tokens,
+            usage.total_completion_tokens,
+        )
+    else:
+        total, prompt, completion = usage.total_tokens, usage.prompt_tokens, usage.completion_tokens
+    est = usage.estimated
+    calls = f"{usage.calls} model call" + ("" if usage.calls == 1 else "s")
+    return (
+        f"{label}{_tokens(total, est)}{' estimated' if est else ''} "
+        f"(prompt {_tokens(prompt, est)}, completion {_tokens(completion, est)}) in {calls}"
+    )
 
 
 class Repl:
-    """The loop: read a line, run a turn or a command, print."""
+    """The loop: read a line, run a turn or a command, print.
 
-    def __init__(self, session: SyncChatSession, console: Console, store_url: str) -> None:
+    Args:
+        session: The open session to chat in.
+        console: Where to print (see :func:`~chatsession.cli.output.make_console`).
+        store_url: The store's URL, to remember forks for ``--resume``.
+        redactor: Hides the credentials in what is printed (default: the
+            running command's).
+    """
+
+    def __init__(
+        self,
+        session: SyncChatSession,
+        console: Console,
+        store_url: str,
+        redactor: Redactor | None = None,
+    ) -> None:
         self.session = session
         self.console = console
         self.store_url = store_url
+        self.redactor = redactor or current_redactor()
         self.leave_on_interrupt = False
+        #: every session this REPL chatted in (forks made with /fork too), to close at the end
+        self.opened: list[SyncChatSession] = [session]
+
+    def say(self, text: str, style: str = "") -> None:
+        """Print one line of the REPL's own words (``text`` is printed literally)."""
+        self.console.print(Text(text, style=style))
+
+    def printable(self, text: str) -> str:
+        """``text`` from elsewhere, safe to print: sanitized and redacted."""
+        return printable(text, self.redactor)
+
+    def error(self, message: str) -> None:
+        """Print an error message, redacted and sanitized, in red."""
+        self.console.print(Text(printable(message, self.redactor), style="red"))
 
     def run(self) -> None:
+        """Read and answer lines until the user leaves."""
+        llm = self.session.session.agent.llm
         self.console.print(
-            f"[bold]chatsession[/] · session [cyan]{self.session.session_id}[/] · "
-            f"model {self.session.session.agent.llm.model} · /help for commands"
+            styled(
+                ("chatsession", "bold"),
+                " · session ",
+                (self.session.session_id, "cyan"),
+                f" · model {printable(str(llm.model), self.redactor)} · /help for commands",
+            )
         )
         if self.session.history:
-            self.console.print(f"[dim]resumed: {len(self.session.history)} messages[/]")
+            self.say(f"resumed: {len(self.session.history)} messages", "dim")
+        prompt = Text("you> ", style="bold green")
         while True:
             try:
-                line = self.console.input("[bold green]you>[/] ")
+                line = self.console.input(prompt)
             except EOFError:
                 self.console.print()
                 return
@@ -95,7 +145,7 @@ class Repl:
                     self.console.print()
                     return
                 self.leave_on_interrupt = True
-                self.console.print("\n[dim](Ctrl+C again, Ctrl+D or /quit to leave)[/]")
+                self.say("\n(Ctrl+C again, Ctrl+D or /quit to leave)", "dim")
                 continue
             self.leave_on_interrupt = False
             line = line.strip()
@@ -108,42 +158,58 @@ class Repl:
             self.turn(line)
 
     def turn(self, text: str) -> None:
+        """Run one turn, streaming its answer."""
         console = self.console
+        text_stream = TerminalSanitizer()
+        error_shown = False
         try:
-            console.print("[bold blue]ai>[/] ", end="")
+            console.print(Text("ai> ", style="bold blue"), end="")
             for event in self.session.query_stream(text):
                 if isinstance(event, TextEvent):
-                    console.print(event.content, end="", markup=False, highlight=False)
-                elif isinstance(event, ToolCallEvent):
-                    console.print(f"\n[dim]→ {event.call.name}({event.call.arguments})[/]")
+                    piece = text_stream.feed(event.content)
+                    if piece:
+                        console.print(piece, end="")
+                    continue
+                text_stream.flush()
+                if isinstance(event, ToolCallEvent):
+                    call = event.call
+                    self.say(f"\n→ {sanitize(call.name)}({sanitize(call.arguments)})", "dim")
                 elif isinstance(event, ToolResultEvent):
-                    preview = (
-                        event.content if len(event.content) < 200 else event.content[:200] + "…"
-                    )
-                    style = "red" if event.is_error else "dim"
-                    console.print(f"[{style}]← {preview}[/]", markup=True)
+                    preview = sanitize(event.content)
+                    if len(preview) > TOOL_PREVIEW:
+                        preview = preview[:TOOL_PREVIEW] + "…"
+                    self.say(f"← {preview}", "red" if event.is_error else "dim")
+                elif isinstance(event, AssistantMessageEvent) and event.message.truncated:
+                    self.say("\n(the answer stopped at the model's output limit)", "yellow")
                 elif isinstance(event, ErrorEvent):
-                    console.print(f"\n[red]model error: {event.error}[/]")
+                    console.print()
+                    self.error(f"model error: {event.error}")
+                    error_shown = True
                 elif isinstance(event, StopEvent) and event.reason == "max_steps":
-                    console.print("\n[yellow](stopped: too many tool steps)[/]", end="")
+                    console.print(Text("\n(stopped: too many tool steps)", style="yellow"), end="")
             console.print()
         except KeyboardInterrupt:
-            console.print("\n[yellow]stopped; the history is kept (Ctrl+C again to leave)[/]")
+            self.say("\nstopped; the history is kept (Ctrl+C again to leave)", "yellow")
             self.leave_on_interrupt = True
+        except ModelError as exc:
+            if not error_shown:
+                console.print()
+                self.error(f"model error: {exc}")
         except ChatSessionError as exc:
-            console.print(f"\n[red]{exc}[/]")
+            console.print()
+            self.error(str(exc))
 
     def command(self, line: str) -> bool:
         """Run a /command; False means leave."""
         try:
             name, *args = shlex.split(line)
         except ValueError as exc:
-            self.console.print(f"[red]{exc}[/]")
+            self.error(f"{exc} (quote names with spaces: /checkpoint 'my point')")
             return True
         try:
             return self._command(name.lower(), args)
         except ChatSessionError as exc:
-            self.console.print(f"[red]{exc}[/]")
+            self.error(str(exc))
             return True
 
     def _command(self, name: str, args: list[str]) -> bool:
@@ -153,75 +219,121 @@ class Repl:
         if name == "/help":
             table = Table(show_header=False, box=None)
             for command, text in COMMANDS.items():
-                table.add_row(f"[cyan]{command}[/]", text)
+                table.add_row(Text(command, style="cyan"), Text(text))
             console.print(table)
         elif name == "/history":
-            context = {id(m) for m in session.messages}
-            for seq, message in session.session.conversation.history:
-                mark = "" if id(message) in context else " [dim](not in context)[/]"
-                text = message.text or ", ".join(
-                    f"{c.name}({c.arguments})" for c in message.tool_calls
-                )
-                console.print(f"[dim]{seq:>4}[/] [bold]{message.role}[/]{mark}: ", end="")
-                console.print(text, markup=False, highlight=False)
+            self._history(args)
         elif name == "/stats":
-            usage = session.get_usage()
-            info = session.get_context_info()
-            conversation = session.session.conversation
-            turns = sum(conversation.turns.values())
-            by_status = ", ".join(f"{k} {v}" for k, v in sorted(conversation.turns.items()))
-            console.print(f"turns: {turns} ({by_status or 'none'})")
-            console.print(
-                f"messages: {len(session.history)} recorded, {len(session.messages)} in context"
-            )
-            console.print(
-                f"tokens: {usage.total_tokens} (prompt {usage.total_prompt_tokens}, "
-                f"completion {usage.total_completion_tokens}) in {usage.calls} model calls"
-            )
-            if usage.inherited.calls:
-                console.print(f"inherited from the parent: {usage.inherited.total_tokens} tokens")
-            console.print(f"cost: ${usage.total_cost:.6f}")
-            label = "" if not info.estimated else f" ({info.method}, estimated)"
-            console.print(
-                f"context: {info.current_tokens} of {info.budget_tokens} tokens "
-                f"({info.utilisation:.1%}){label}"
-            )
+            self._stats()
         elif name == "/clear":
             session.clear_history()
-            console.print("[green]history cleared (the record keeps it)[/]")
+            self.say("history cleared (the record keeps it)", "green")
         elif name == "/fork":
             fork = session.fork_session()
             self.session = fork
-            _remember(self.store_url, fork.session_id)
+            self.opened.append(fork)
+            self._remember(fork.session_id)
             console.print(
-                f"[green]now in fork [cyan]{fork.session_id}[/] of the previous session[/]"
+                styled(
+                    ("now in fork ", "green"),
+                    (fork.session_id, "cyan"),
+                    (" of the previous session", "green"),
+                )
             )
         elif name == "/checkpoint":
             if len(args) != 1:
-                console.print("[red]usage: /checkpoint NAME[/]")
+                self.error("usage: /checkpoint NAME")
             else:
                 seq = session.checkpoint(args[0])
-                console.print(f"[green]checkpoint {args[0]!r} at seq {seq}[/]")
+                self.say(f"checkpoint {sanitize(repr(args[0]))} at seq {seq}", "green")
         elif name == "/rewind":
             if len(args) != 1:
-                console.print("[red]usage: /rewind NAME (or a seq)[/]")
+                self.error("usage: /rewind NAME (or a seq)")
             else:
-                target: int | str = int(args[0]) if args[0].isdigit() else args[0]
+                given = args[0]
+                target: int | str = int(given) if given.isascii() and given.isdigit() else given
                 seq = session.rewind(target)
-                console.print(
-                    f"[green]rewound to seq {seq}: {len(session.messages)} messages in context[/]"
+                self.say(
+                    f"rewound to seq {seq}: {len(session.messages)} messages in context", "green"
                 )
         elif name == "/sessions":
-            page = session._portal.run(lambda: session.session.store.list_sessions(limit=50))
-            table = Table("id", "title", "events", "parent")
-            for record in page.records:
-                current = " *" if record.id == session.session_id else ""
-                parent = record.parent.session_id if record.parent else ""
-                table.add_row(record.id + current, record.title or "", str(record.head), parent)
-            console.print(table)
+            self._sessions()
         else:
-            console.print(f"[red]unknown command {name}; /help lists them[/]")
+            self.error(f"unknown command {name}; /help lists them")
         return True
+
+    def _history(self, args: list[str]) -> None:
+        session = self.session
+        if not args:
+            lines = context_lines(session.session.conversation.context, self.printable)
+        elif args == ["all"]:
+            events = session.read_events()
+            in_context = {seq for seq, _ in session.session.conversation.context}
+            record = session.session.record
+            parent = record.parent if record else None
+            lines = record_lines(events, in_context, parent, self.printable)
+        else:
+            self.error("usage: /history (what the model sees) or /history all (the record)")
+            return
+        for line in lines:
+            self.console.print(line)
+
+    def _stats(self) -> None:
+        session = self.session
+        usage = session.get_usage()
+        info = session.get_context_info()
+        conversation = session.session.conversation
+        turns = sum(conversation.turns.values())
+        by_status = ", ".join(f"{k} {v}" for k, v in sorted(conversation.turns.items()))
+        self.say(f"turns: {turns} ({by_status or 'none'})")
+        self.say(f"messages: {len(session.history)} recorded, {len(session.messages)} in context")
+        self.say(_usage_line("tokens: ", usage))
+        if len(usage.by_model) > 1:
+            for model, part in sorted(usage.by_model.items()):
+                self.say(_usage_line(f"  {sanitize(model)}: ", part))
+        if usage.inherited.calls:
+            self.say(_usage_line("inherited from the parent: ", usage.inherited))
+        cost = f"${usage.total_cost:.6f}"
+        self.say(f"cost: ~{cost} (estimated)" if usage.estimated else f"cost: {cost}")
+        label = "" if not info.estimated else f" ({info.method}, estimated)"
+        self.say(
+            f"context: {info.current_tokens} of {info.budget_tokens} tokens "
+            f"({info.utilisation:.1%}){label}"
+        )
+
+    def _sessions(self) -> None:
+        session = self.session
+        page = session._portal.run(lambda: session.session.store.list_sessions(limit=50))
+        table = Table("id", "title", "user", "events", "parent")
+        for record in page.records:
+            current = " *" if record.id == session.session_id else ""
+            parent = record.parent.session_id if record.parent else ""
+            table.add_row(
+                Text(sanitize(record.id) + current),
+                Text(sanitize(record.title or "")),
+                Text(sanitize(record.user_id or "")),
+                Text(str(record.head)),
+                Text(sanitize(parent)),
+            )
+        self.console.print(table)
+
+    def _remember(self, session_id: str) -> None:
+        try:
+            remember_session(self.store_url, session_id)
+        except OSError as exc:
+            self.error(f"could not remember the session for --resume: {exc}")
+
+
+def _close_all(sessions: list[SyncChatSession]) -> None:
+    """Close every session, newest first; the first failure is raised after all are closed."""
+    failure: BaseException | None = None
+    for session in reversed(sessions):
+        try:
+            session.close()
+        except Exception as exc:
+            failure = failure or exc
+    if failure is not None:
+        raise failure
 
 
 @click.command()
@@ -259,34 +371,60 @@ def chat(
     system_prompt: str | None,
     timeout: float | None,
 ) -> None:
-    """Chat in the terminal; every turn is saved as it happens."""
+    """Chat in the terminal; every turn is saved as it happens.
+
+    The last session used with each store is remembered for --resume in the
+    data directory (CHATSESSION_DATA_DIR), created 0700, its file 0600, with
+    a hash of the store URL, never the URL or its password.
+    """
+    redactor = current_redactor()
+    redactor.add_url(store_url)
+    url = store_url or default_store_url()
+    redactor.add_url(url)
+    options = parse_options(model_options)
+    redactor.add_options(options)
     if sum(bool(x) for x in (session_id, resume, fork_id)) > 1:
         raise UsageError("choose one of --session, --resume and --fork")
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401  (line editing and history for input())
-    url = store_url or default_store_url()
-    llm = resolve_llm(model, **parse_options(model_options))
-    agent = Agent(llm, system_prompt=system_prompt)
-    options: dict[str, Any] = {"store": url, "timeout": timeout}
-    if resume:
-        last = _last_session(url)
-        if last is None:
-            raise SessionNotFoundError(
-                "(last)", f"no earlier session with {url}; start one without --resume"
+    with contextlib.suppress(OSError):  # the store or remembering reports it if it matters
+        ensure_data_dir()
+    console = make_console()
+    with route_diagnostics(console, redactor):
+        llm = resolve_llm(model, **options)
+        agent = Agent(llm, system_prompt=system_prompt)
+        session_options: dict[str, Any] = {"store": url, "timeout": timeout}
+        opened: list[SyncChatSession] = []
+        if resume:
+            last = last_session(url)
+            if last is None:
+                raise SessionNotFoundError(
+                    "(last)",
+                    f"no earlier session with {display_url(url)}; start one without --resume",
+                )
+            session = SyncChatSession.resume(agent, last, **session_options)
+        elif fork_id:
+            parent = SyncChatSession.resume(agent, fork_id, **session_options)
+            opened.append(parent)
+            try:
+                session = parent.fork_session()
+            except BaseException:
+                parent.close()
+                raise
+        else:
+            session = SyncChatSession(agent, session_id, **session_options).open()
+        repl = Repl(session, console, url, redactor)
+        repl._remember(session.session_id)
+        try:
+            repl.run()
+        finally:
+            _close_all([*opened, *repl.opened])
+            console.print(
+                styled(
+                    (
+                        f"saved: session {repl.session.session_id} in "
+                        f"{printable(display_url(url), redactor)}",
+                        "dim",
+                    )
+                )
             )
-        session = SyncChatSession.resume(agent, last, **options)
-    elif fork_id:
-        parent = SyncChatSession.resume(agent, fork_id, **options)
-        session = parent.fork_session()
-    else:
-        session = SyncChatSession(agent, session_id, **options).open()
-    _remember(url, session.session_id)
-    console = Console(highlight=False)
-    repl = Repl(session, console, url)
-    try:
-        repl.run()
-    finally:
-        repl.session.close()
-        if repl.session is not session:
-            session.close()
-        console.print(f"[dim]saved: session {repl.session.session_id} in {url}[/]")
