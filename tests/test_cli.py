@@ -229,3 +229,17 @@ def test_markup_in_titles_and_rewind_names_is_printed_as_text(env_setup: Path) -
     child.sendline("/checkpoint 'unclosed")
     child.expect("No closing quotation")
     quit_(child)
+
+
+def test_warnings_are_printed_as_one_clean_line(env_setup: Path) -> None:
+    child = spawn(env_setup, "--model", "scripted", "--session", "warned")
+    child.expect("you>")
+    child.sendline("hello")
+    child.expect("You said: hello")
+    quit_(child)
+    # resumed by another model: the consistency warning is one line, no Python frames
+    child = spawn(env_setup, "--model", "scripted:other", "--resume")
+    child.expect(r"warning: session 'warned' was written by a different agent: model: 'scripted'")
+    child.expect("you>")
+    assert "UserWarning" not in child.before and "warnings.warn" not in child.before
+    quit_(child)
