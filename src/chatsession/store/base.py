@@ -480,8 +480,13 @@ def _finite_float(text: str) -> float:
 
 
 def _check_time(value: object, what: str) -> None:
-    """A time is a finite int or float; ``-0.0`` is refused (SQLite gives it back as 0.0)."""
-    if type(value) not in (float, int) or not math.isfinite(value):  # type: ignore[arg-type]
+    """A time is a finite float, or an int a float holds exactly; ``-0.0`` is refused
+    (SQLite gives it back as 0.0). Stores give times back as floats."""
+    if type(value) is int:
+        if abs(value) > 2**53:
+            raise _unsupported(what, "it is beyond the whole seconds a float holds exactly (2**53)")
+        return
+    if type(value) is not float or not math.isfinite(value):
         raise _unsupported(what, f"{value!r} is not a finite number of seconds")
     if value == 0 and math.copysign(1.0, value) < 0:
         raise _unsupported(what, "-0.0 is not kept as such by every store; use 0.0")
