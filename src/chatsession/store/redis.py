@@ -50,7 +50,8 @@ Values. Whatever a write acknowledged reads back exactly (same values, same
 types): an event is stored as one list item, a JSON header
 ``[seq,type,ts,turn_id,schema_version]`` (ASCII, so it holds no raw line
 break), a line break, then the payload text as given; nothing in a payload or
-a turn id can be mistaken for the end of a field, and ``""`` stays ``""``.
+a turn id can be mistaken for the end of a field, and ``""`` stays ``""``
+(``ts`` reads back as a float, as on every backend).
 The record's ``user_id``/``agent_id``/``window_id`` are hash fields as given,
 and its ``unset`` field names those that are None; ``title``, ``metadata``
 and ``fingerprint`` are JSON in ``body``. Events and records written by
