@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
+import dataclasses
 import enum
+import json
+import math
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Literal
 
 import pytest
@@ -12,6 +18,7 @@ from pydantic import BaseModel
 from chatsession import (
     Agent,
     AssistantMessageEvent,
+    ChatSession,
     ErrorEvent,
     FunctionLLM,
     Reply,
@@ -25,10 +32,14 @@ from chatsession import (
     tool,
 )
 from chatsession.agent import DEFAULT_PRICES, PriceTable, ToolContext
+from chatsession.agent.agent import CUT_CALL_RESULT
+from chatsession.agent.llm import TextDelta
+from chatsession.agent.llm.base import estimate_tokens
+from chatsession.agent.llm.messages import check_empty_content, to_openai_messages
 from chatsession.agent.pricing import cost_of
 from chatsession.agent.tools import schema_hash
-from chatsession.errors import ToolError
-from chatsession.log import Message, Usage
+from chatsession.errors import InvalidArgumentError, ModelError, ToolError
+from chatsession.log import Message, ToolCall, Usage
 
 
 class Color(enum.Enum):
@@ -336,3 +347,148 @@ async def test_a_tool_can_read_and_change_the_session_state_through_its_context(
         def twice(a: ToolContext, b: ToolContext) -> str:
             """Twice."""
             return ""
+
+
+# -- issue 9: finish reasons, estimates, typed errors -------------------------------
+
+
+async def test_an_answer_cut_by_the_output_limit_ends_the_turn_as_length() -> None:
+    events = await run(Agent(ScriptedLLM([Reply("Once upon a", finish_reason="length")])))
+    message = next(e.message for e in events if isinstance(e, AssistantMessageEvent))
+    assert message.truncated and message.text == "Once upon a"
+    assert events[-1] == StopEvent("length", "Once upon a")
+    plain = await run(Agent(ScriptedLLM(["Done."])))
+    assert not next(e.message for e in plain if isinstance(e, AssistantMessageEvent)).truncated
+
+
+async def test_tool_calls_cut_by_the_output_limit_are_not_run() -> None:
+    ran: list[str] = []
+
+    @tool
+    def delete_file(path: str) -> str:
+        """Delete a file.
+
+        Args:
+            path: Which file.
+        """
+        ran.append(path)
+        return "deleted"
+
+    cut = dataclasses.replace(
+        Reply.call("delete_file", path="/tmp/important"), finish_reason="length"
+    )
+    llm = ScriptedLLM([cut, "Sorry, I will try again."])
+    async with ChatSession(Agent(llm, tools=[delete_file]), store="memory://") as session:
+        events = [e async for e in session.query_stream("Delete /tmp/important_file.txt")]
+        kinds = [type(e) for e in events if not isinstance(e, TextEvent)]
+        assert kinds == [AssistantMessageEvent, UsageEvent, ToolResultEvent, StopEvent]
+        result = next(e for e in events if isinstance(e, ToolResultEvent))
+        assert (
+            result.is_error and result.content == CUT_CALL_RESULT and result.name == "delete_file"
+        )
+        assert events[-1] == StopEvent("length", "")
+        assert ran == []  # never run with arguments that may be cut off
+        stored = session.messages
+        assert [m.role for m in stored] == ["user", "assistant", "tool"]
+        assert stored[1].truncated and stored[2].is_error
+        assert stored[2].tool_call_id == stored[1].tool_calls[0].id
+        # every call has its answer: the next turn goes on normally
+        assert await session.query("Try again.") == "Sorry, I will try again."
+        assert llm.requests[-1].messages[2].content == CUT_CALL_RESULT
+
+
+class _Unfinished:
+    """An adapter whose answer ends without a Completion (no finish reason)."""
+
+    provider = "test"
+    model = "unfinished"
+    context_window = 1000
+
+    async def stream(self, messages: object, tools: object) -> AsyncIterator[TextDelta]:
+        yield TextDelta("half an ans")
+
+    def count_tokens(self, messages: object) -> int | None:
+        return None
+
+
+async def test_an_answer_without_a_finish_reason_is_an_error() -> None:
+    events = await run(Agent(_Unfinished()))  # type: ignore[arg-type]
+    assert [type(e) for e in events] == [TextEvent, ErrorEvent, StopEvent]
+    error = events[1]
+    assert isinstance(error, ErrorEvent) and isinstance(error.exception, ModelError)
+    assert "without a finish reason" in error.error
+    assert events[-1] == StopEvent("error", "half an ans")
+    async with ChatSession(Agent(_Unfinished()), store="memory://") as session:  # type: ignore[arg-type]
+        with pytest.raises(ModelError, match="without a finish reason"):
+            await session.query("hi")
+        assert session.conversation.turns == {"error": 1}
+        assert session.messages[-1].partial and session.messages[-1].text == "half an ans"
+
+
+def test_estimated_usage_of_an_interrupted_call() -> None:
+    agent = Agent(
+        ScriptedLLM(model="house-model"),
+        tools=[everything],
+        system_prompt="Be brief.",
+        level="subagent",
+        prices={"house-model": (2.0, 8.0)},
+    )
+    sent = [Message(role="user", content="Tell me about the sea. " * 20)]
+    usage = agent.estimated_usage(sent, "The sea is large and")
+    schema = len(json.dumps([everything.to_openai()]))
+    system = Message(role="system", content="Be brief.")
+    assert usage.estimated and usage.model == "house-model" and usage.level == "subagent"
+    assert usage.prompt_tokens == estimate_tokens([system, *sent]) + math.ceil(schema / 4)
+    assert usage.prompt_tokens > 100 + schema // 4  # the tool schemas are sent too
+    assert usage.completion_tokens == estimate_tokens(
+        [Message(role="assistant", content="The sea is large and")]
+    )
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert usage.cost == pytest.approx(
+        (usage.prompt_tokens * 2.0 + usage.completion_tokens * 8.0) / 1_000_000
+    )
+    nothing = agent.estimated_usage(sent, "")  # killed before the first token
+    assert nothing.completion_tokens == 0 and nothing.prompt_tokens == usage.prompt_tokens
+
+
+def test_bad_agent_arguments_are_typed_errors() -> None:
+    for steps in (0, -1, 2.5, True, "3"):
+        with pytest.raises(InvalidArgumentError, match="max_steps"):
+            Agent(ScriptedLLM(), max_steps=steps)  # type: ignore[arg-type]
+    for price in ((float("nan"), 1.0), (1.0, float("inf")), (-1.0, 0.0), ("a", 1)):
+        with pytest.raises(InvalidArgumentError, match="house"):
+            PriceTable({"house": price})  # type: ignore[dict-item]
+
+
+def test_no_assert_guards_a_runtime_condition_in_agent_code() -> None:
+    import chatsession.agent
+
+    root = Path(chatsession.agent.__file__).parent
+    found = [
+        f"{path.relative_to(root)}:{node.lineno}"
+        for path in sorted(root.rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Assert)
+    ]
+    assert found == []  # they vanish under python -O: check and raise a typed error
+
+
+def test_to_openai_messages_sends_empty_content_with_tool_calls() -> None:
+    call = ToolCall(id="c1", name="f", arguments="{}")
+    history = [
+        Message(role="user", content="hi"),
+        Message(role="assistant", content="", tool_calls=(call,)),
+        Message(role="tool", content="ok", tool_call_id="c1", name="f"),
+    ]
+    default = to_openai_messages(history)
+    assert default[1] == {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+        ],
+    }
+    assert default[2] == {"role": "tool", "content": "ok", "tool_call_id": "c1"}
+    assert to_openai_messages(history, empty_content=None)[1]["content"] is None
+    with pytest.raises(InvalidArgumentError, match="empty_content"):
+        check_empty_content("nothing")

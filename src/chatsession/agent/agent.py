@@ -18,11 +18,11 @@ from chatsession.agent.events import (
     ToolResultEvent,
     UsageEvent,
 )
-from chatsession.agent.llm import LLM, Completion, TextDelta, resolve_llm
-from chatsession.agent.llm.base import estimate_tokens
+from chatsession.agent.llm import LLM, Completion, TextDelta, ToolSpec, resolve_llm
+from chatsession.agent.llm.base import estimate_text_tokens, estimate_tokens, model_error
 from chatsession.agent.pricing import PriceTable
 from chatsession.agent.tools import Tool, ToolContext, as_tools, schema_hash
-from chatsession.errors import ModelError, ToolError, UsageError
+from chatsession.errors import InvalidArgumentError, ModelError, ToolError
 from chatsession.log import Message, ToolCall, Usage
 
 __all__ = ["Agent"]
@@ -34,6 +34,13 @@ SUMMARY_PROMPT = (
     "learned, decisions made, tool results that matter, and open questions. Be brief and "
     "keep names, numbers and identifiers exact."
 )
+
+CUT_CALL_RESULT = (
+    "Error: the answer hit the model's output limit (finish_reason 'length') while this tool "
+    "call was being written, so its arguments may be cut off; the tool was not run. Ask again "
+    "with a shorter request, or raise the model's max_tokens."
+)
+"""The result given to each tool call of an answer cut by the output limit (none is run)."""
 
 
 class Agent:
@@ -65,8 +72,10 @@ class Agent:
         settings: dict[str, Any] | None = None,
         prices: PriceTable | Mapping[str, tuple[float, float]] | None = None,
     ) -> None:
-        if max_steps < 1:
-            raise UsageError(f"max_steps must be at least 1, not {max_steps}")
+        if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+            raise InvalidArgumentError(
+                f"max_steps must be a whole number, at least 1, not {max_steps!r}"
+            )
         self.llm = resolve_llm(llm)
         self.tools = as_tools(tools)
         self._by_name = {t.name: t for t in self.tools}
@@ -81,12 +90,50 @@ class Agent:
 
     @property
     def context_window(self) -> int:
-        """The model's context size in tokens."""
+        """The model's context size in tokens, as far as known without I/O.
+
+        :meth:`get_context_window` may ask the model's server instead.
+        """
         return self.llm.context_window
 
+    async def get_context_window(self) -> int:
+        """The model's context size in tokens, asking its server the first time if needed.
+
+        Uses the adapter's ``get_context_window()`` when it has one (the
+        ``openai`` adapter asks the server once and caches the answer), else
+        :attr:`context_window`.
+        """
+        getter = getattr(self.llm, "get_context_window", None)
+        if getter is None:
+            return self.llm.context_window
+        return int(await getter())
+
     def count_tokens(self, messages: Sequence[Message]) -> int | None:
-        """The context's size in the model's tokens (system prompt included), or None."""
+        """The context's size in the model's tokens (system prompt included), or None.
+
+        May block (the ``local`` model loads and tokenizes here): from async
+        code use :meth:`acount_tokens`.
+        """
         return self.llm.count_tokens(self._with_system(messages))
+
+    async def acount_tokens(self, messages: Sequence[Message]) -> int | None:
+        """:meth:`count_tokens` without blocking the event loop.
+
+        Uses the adapter's ``acount_tokens()`` when it has one (``local``
+        tokenizes on a worker thread), else its ``count_tokens()``.
+        """
+        context = self._with_system(messages)
+        counter = getattr(self.llm, "acount_tokens", None)
+        if counter is None:
+            return self.llm.count_tokens(context)
+        counted = await counter(context)
+        return None if counted is None else int(counted)
+
+    async def aclose(self) -> None:
+        """Release what the model adapter holds (HTTP connections); the agent stays usable."""
+        closer = getattr(self.llm, "aclose", None)
+        if closer is not None:
+            await closer()
 
     def fingerprint(self) -> dict[str, Any]:
         """What must stay the same for a resumed session to mean the same thing.
@@ -110,11 +157,20 @@ class Agent:
             return [Message(role="system", content=self.system_prompt), *messages]
         return list(messages)
 
-    def _usage(self, completion: Completion, context: Sequence[Message]) -> Usage:
+    def _tool_specs(self) -> list[ToolSpec]:
+        return [t.to_openai() for t in self.tools]
+
+    def _usage(
+        self, completion: Completion, context: Sequence[Message], specs: Sequence[ToolSpec] = ()
+    ) -> Usage:
         usage = completion.usage
         if usage is None:
+            # the tool schemas go out with the prompt; an empty answer cost nothing
             prompt = estimate_tokens(context)
-            out = estimate_tokens([completion.message])
+            if specs:
+                prompt += estimate_text_tokens(json.dumps(list(specs)))
+            answer = completion.message
+            out = estimate_tokens([answer]) if answer.text or answer.tool_calls else 0
             usage = Usage(
                 model=self.llm.model,
                 prompt_tokens=prompt,
@@ -127,6 +183,10 @@ class Agent:
     def estimated_usage(self, messages: Sequence[Message], partial: str = "") -> Usage:
         """An estimate of a model call that never reported usage (timed out, killed, failed).
 
+        The prompt is estimated from the messages, the system prompt and the
+        tool schemas sent with them (about four characters a token, plus a few
+        a message); the answer from ``partial`` (0 when nothing came).
+
         Args:
             messages: The context the call was sent (the system prompt is added).
             partial: The text the model produced before it stopped.
@@ -135,22 +195,30 @@ class Agent:
             A :class:`Usage` marked ``estimated``, with this agent's level and price.
         """
         message = Message(role="assistant", content=partial)
-        return self._usage(Completion(message), self._with_system(messages))
+        return self._usage(Completion(message), self._with_system(messages), self._tool_specs())
 
     # -- the loop --------------------------------------------------------------
 
-    async def _call_model(self, context: list[Message]) -> AsyncIterator[TextEvent | Completion]:
-        specs = [t.to_openai() for t in self.tools]
-        text: list[str] = []
+    async def _call_model(
+        self, context: list[Message], specs: Sequence[ToolSpec]
+    ) -> AsyncIterator[TextEvent | Completion]:
+        """One model call: text events, then its ``Completion``.
+
+        Raises:
+            ModelError: The adapter ended without a ``Completion`` (an answer
+                with no finish reason is not a finished answer).
+        """
         completion = None
         async for chunk in self.llm.stream(context, specs):
             if isinstance(chunk, TextDelta):
-                text.append(chunk.text)
                 yield TextEvent(chunk.text)
             else:
                 completion = chunk
         if completion is None:
-            completion = Completion(Message(role="assistant", content="".join(text)))
+            raise model_error(
+                f"the model {self.llm.model!r} ({self.llm.provider}) ended its answer without "
+                "a finish reason; what it produced is kept"
+            )
         yield completion
 
     async def _run_tool(self, call: ToolCall, context: ToolContext | None) -> Message:
@@ -195,24 +263,44 @@ class Agent:
                 (the session passes its ``state`` this way).
 
         Yields:
-            ``TextEvent`` deltas; per model call an ``AssistantMessageEvent``
-            and a ``UsageEvent``; per tool call a ``ToolCallEvent`` and a
-            ``ToolResultEvent``; finally a ``StopEvent`` (after an
-            ``ErrorEvent`` when the model failed). Cancellation and Ctrl+C
-            propagate.
+            In order:
+
+            - a normal answer: ``TextEvent`` deltas, ``AssistantMessageEvent``,
+              ``UsageEvent``, ``StopEvent("end_turn", text)``;
+            - a tool round (repeated up to ``max_steps`` model calls): the
+              deltas, ``AssistantMessageEvent`` (with its tool calls),
+              ``UsageEvent``, then per call ``ToolCallEvent`` and
+              ``ToolResultEvent``; then the next model call;
+            - an answer cut by the output limit (``finish_reason="length"``):
+              ``AssistantMessageEvent`` with ``message.truncated``,
+              ``UsageEvent``; without tool calls ``StopEvent("length", text)``;
+              with tool calls none of them is run (their arguments may be cut
+              off): a ``ToolResultEvent`` with ``is_error`` and
+              :data:`CUT_CALL_RESULT` for each (no ``ToolCallEvent``), then
+              ``StopEvent("length", text)``;
+            - a failed model call (an HTTP error, a broken stream, a stream
+              with no finish reason): the deltas that came, ``ErrorEvent``
+              (its ``exception`` a :class:`~chatsession.errors.ModelError`),
+              ``StopEvent("error", text streamed in that call)``;
+            - ``StopEvent("max_steps", text)`` when the step limit ends the loop.
+
+            Cancellation and Ctrl+C propagate.
         """
         context = self._with_system(messages)
+        specs = self._tool_specs()
         last_text = ""
         for _ in range(self.max_steps):
             completion: Completion | None = None
             partial: list[str] = []
             try:
-                async for item in self._call_model(context):
+                async for item in self._call_model(context, specs):
                     if isinstance(item, TextEvent):
                         partial.append(item.content)
                         yield item
                     else:
                         completion = item
+                if completion is None:  # _call_model raises first; kept for -O safety
+                    raise model_error(f"the model {self.llm.model!r} gave no answer")
             except (asyncio.CancelledError, KeyboardInterrupt, GeneratorExit):
                 raise
             except Exception as exc:
@@ -226,14 +314,29 @@ class Agent:
                 yield ErrorEvent(str(error), error)
                 yield StopEvent("error", "".join(partial))
                 return
-            assert completion is not None
             message = completion.message
+            truncated = completion.finish_reason == "length"
+            if truncated and not message.truncated:
+                message = message.model_copy(update={"truncated": True})
             last_text = message.text
             yield AssistantMessageEvent(message)
-            yield UsageEvent(self._usage(completion, context))
+            yield UsageEvent(self._usage(completion, context, specs))
             context.append(message)
             if not message.tool_calls:
-                yield StopEvent("end_turn", message.text)
+                yield StopEvent("length" if truncated else "end_turn", message.text)
+                return
+            if truncated:
+                for call in message.tool_calls:
+                    result = Message(
+                        role="tool",
+                        content=CUT_CALL_RESULT,
+                        tool_call_id=call.id,
+                        name=call.name,
+                        is_error=True,
+                    )
+                    context.append(result)
+                    yield ToolResultEvent(call.id, call.name, result.text, True, result)
+                yield StopEvent("length", message.text)
                 return
             for call in message.tool_calls:
                 yield ToolCallEvent(call)
@@ -245,16 +348,21 @@ class Agent:
         yield StopEvent("max_steps", last_text)
 
     async def summarize(self, messages: Sequence[Message]) -> tuple[str, Usage]:
-        """Summarise messages with the model (for compaction), usage tagged ``compaction``."""
+        """Summarise messages with the model (for compaction), usage tagged ``compaction``.
+
+        Raises:
+            ModelError: The model call failed.
+        """
         transcript = "\n".join(f"{m.role}: {m.text}" for m in messages if m.text)
         context = [
             Message(role="system", content=SUMMARY_PROMPT),
             Message(role="user", content=transcript),
         ]
         completion: Completion | None = None
-        async for item in self._call_model(context):
+        async for item in self._call_model(context, ()):
             if isinstance(item, Completion):
                 completion = item
-        assert completion is not None
+        if completion is None:  # _call_model raises first; kept for -O safety
+            raise model_error(f"the model {self.llm.model!r} gave no summary")
         usage = self._usage(completion, context).model_copy(update={"level": "compaction"})
         return completion.message.text, usage

@@ -60,7 +60,11 @@ class ToolCallEvent:
 
 @dataclass(frozen=True, slots=True)
 class ToolResultEvent:
-    """A tool returned (or failed: ``is_error``); ``message`` is what the model sees."""
+    """A tool returned (or failed: ``is_error``); ``message`` is what the model sees.
+
+    A call in an answer cut by the output limit is not run: it gets an error
+    result without a :class:`ToolCallEvent` before it.
+    """
 
     call_id: str
     name: str
@@ -81,9 +85,14 @@ class StopEvent:
     """The turn ended.
 
     Attributes:
-        reason: ``end_turn`` (the model answered), ``max_steps`` (the step
-            limit stopped the tool loop) or ``error`` (the model failed).
-        text: The final answer's text.
+        reason: ``end_turn`` (the model answered), ``length`` (the model hit
+            its output limit, ``finish_reason="length"``: the last assistant
+            message is marked ``truncated``; tool calls in it were not run
+            but answered with error results), ``max_steps`` (the step limit
+            stopped the tool loop) or ``error`` (the model call failed; an
+            :class:`ErrorEvent` came just before).
+        text: The final answer's text (for ``error``: what the failed call
+            streamed before it failed).
     """
 
     reason: str
@@ -92,7 +101,13 @@ class StopEvent:
 
 @dataclass(frozen=True, slots=True)
 class ErrorEvent:
-    """The model call failed; a ``StopEvent("error")`` follows."""
+    """The model call failed; a ``StopEvent("error")`` follows.
+
+    Attributes:
+        error: The message.
+        exception: The error, a :class:`~chatsession.errors.ModelError` for
+            a failed model call (``status_code`` holds the HTTP status, if any).
+    """
 
     error: str
     exception: BaseException | None = None

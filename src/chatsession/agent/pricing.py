@@ -8,10 +8,11 @@ changes another agent's figures. A model not in the table has no cost (None).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from types import MappingProxyType
 
-from chatsession.errors import UsageError
+from chatsession.errors import InvalidArgumentError
 from chatsession.log import Usage
 
 __all__ = ["DEFAULT_PRICES", "PriceTable", "cost_of"]
@@ -33,16 +34,18 @@ DEFAULT_PRICES: Mapping[str, tuple[float, float]] = MappingProxyType(
 
 def _checked(model: str, price: tuple[float, float]) -> tuple[float, float]:
     if not isinstance(model, str) or not model:
-        raise UsageError(f"a price needs a model name, got {model!r}")
+        raise InvalidArgumentError(f"a price needs a model name, got {model!r}")
     try:
         prompt, completion = (float(p) for p in price)
     except (TypeError, ValueError):
-        raise UsageError(
+        raise InvalidArgumentError(
             f"the price of {model!r} must be (prompt, completion) US dollars per million "
             f"tokens, got {price!r}"
         ) from None
-    if prompt < 0 or completion < 0:
-        raise UsageError(f"the price of {model!r} cannot be negative: {price!r}")
+    if not (math.isfinite(prompt) and math.isfinite(completion)) or prompt < 0 or completion < 0:
+        raise InvalidArgumentError(
+            f"the price of {model!r} must be finite and not negative: {price!r}"
+        )
     return prompt, completion
 
 
@@ -68,7 +71,8 @@ class PriceTable(Mapping[str, tuple[float, float]]):
         """Add or change a model's price in this table.
 
         Raises:
-            UsageError: The name is empty or a price is negative or not a number.
+            InvalidArgumentError: The name is empty or a price is negative, infinite
+                or not a number.
         """
         self._prices[model] = _checked(model, (prompt_per_million, completion_per_million))
 

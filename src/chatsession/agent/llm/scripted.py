@@ -32,10 +32,18 @@ class Reply:
     """A canned answer: text, tool calls, or both.
 
     Build a tool-calling reply with ``Reply.call("name", arg=value)``.
+
+    Attributes:
+        text: The answer's text, streamed word by word.
+        tool_calls: ``(name, arguments)`` pairs.
+        finish_reason: Why the model "stopped"; default ``tool_calls`` when
+            there are calls, else ``stop``. ``length`` plays a model that hit
+            its output limit.
     """
 
     text: str = ""
     tool_calls: tuple[tuple[str, dict[str, Any]], ...] = ()
+    finish_reason: str | None = None
 
     @classmethod
     def call(cls, name: str, text: str = "", /, **arguments: Any) -> Reply:
@@ -118,7 +126,8 @@ class _StreamingModel:
             completion_tokens=completion,
             total_tokens=prompt + completion,
         )
-        yield Completion(message, usage, "tool_calls" if calls else "stop")
+        finish = reply.finish_reason or ("tool_calls" if calls else "stop")
+        yield Completion(message, usage, finish)
 
 
 class ScriptedLLM(_StreamingModel):
