@@ -211,6 +211,22 @@ async def test_a_stream_without_finish_reason_keeps_its_text() -> None:
     assert len(server.requests) == 1  # not retried: output had been produced
 
 
+async def test_an_error_event_or_garbage_in_the_stream_is_a_model_error() -> None:
+    streams = {
+        1: [sse(chunk("Hel")), sse({"error": {"message": "the GPU fell over"}})],
+        2: [sse(chunk("Hel")), b"data: {not json\n\n"],
+    }
+    with ScriptedHTTP(lambda r, n: Stream(streams[n])) as server:
+        llm = OpenAILLM("loopback", base_url=server.url)
+        reported = await run(Agent(llm), say("hi"))
+        garbled = await run(Agent(llm), say("hi"))
+        await llm.aclose()
+    assert isinstance(reported[1], ErrorEvent) and "the GPU fell over" in reported[1].error
+    assert isinstance(garbled[1], ErrorEvent) and "could not be read" in garbled[1].error
+    assert reported[-1] == garbled[-1] == StopEvent("error", "Hel")
+    assert len(server.requests) == 2
+
+
 # -- 4. retries before the first token, never after ---------------------------------
 
 

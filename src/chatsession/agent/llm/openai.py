@@ -643,7 +643,13 @@ class OpenAILLM:
                 why = (
                     "timed out" if isinstance(exc, openai.APITimeoutError) else "connection failed"
                 )
-            except (openai.APIError, ValueError) as exc:
+            except openai.APIError as exc:  # an error event in the stream
+                kept = "; what was produced is kept" if answer.produced else ""
+                raise model_error(
+                    f"{_display_url(self.base_url)} reported an error in the stream for model "
+                    f"{self.model!r}: {exc.message}{kept}"
+                ) from exc
+            except ValueError as exc:  # not JSON, not a chunk
                 raise model_error(
                     f"{_display_url(self.base_url)} sent a stream for model {self.model!r} "
                     f"that could not be read: {type(exc).__name__}: {exc}"
