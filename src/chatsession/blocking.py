@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from typing import IO, Any, Self, TypeVar
 
@@ -30,6 +31,15 @@ from chatsession.transfer import ExportFormat
 __all__ = ["SyncChatSession"]
 
 T = TypeVar("T")
+
+
+def _interrupt(holder: dict[str, asyncio.Task[Any] | None], future: Future[Any]) -> None:
+    """On the loop's thread: cancel a portal call as Ctrl+C does (recorded ``interrupted``)."""
+    task = holder.get("task")
+    if task is not None:
+        task.cancel(INTERRUPTED)
+    else:  # not started yet: it never will
+        future.cancel()
 
 
 class _Portal:
@@ -61,15 +71,17 @@ class _Portal:
             holder["task"] = asyncio.current_task()
             return await make()
 
-        future = asyncio.run_coroutine_threadsafe(start(), self.loop)
+        future: Future[T] | None = None
         try:
+            future = asyncio.run_coroutine_threadsafe(start(), self.loop)
             return future.result()
         except KeyboardInterrupt:
-            task = holder.get("task")
-            if task is not None:
-                self.loop.call_soon_threadsafe(task.cancel, INTERRUPTED)
-            with contextlib.suppress(BaseException):  # the turn is recorded; report Ctrl+C
-                future.result(timeout=30)
+            # Ctrl+C may land anywhere here, even before the task started: stop
+            # whatever was scheduled, and wait for it to record itself
+            if future is not None:
+                self.loop.call_soon_threadsafe(_interrupt, holder, future)
+                with contextlib.suppress(BaseException):
+                    future.result(timeout=30)
             raise
 
     def iterate(self, agen: AsyncIterator[T]) -> Iterator[T]:

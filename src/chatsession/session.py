@@ -100,7 +100,7 @@ from chatsession.log import (
     encode,
 )
 from chatsession.store import Store, open_store
-from chatsession.store.base import SessionRecord, check_json_value, validate_id
+from chatsession.store.base import SessionRecord, check_json_value, redact_text, validate_id
 from chatsession.transfer import (
     IMPORTING,
     ExportFormat,
@@ -989,6 +989,8 @@ class ChatSession:
         turn.finished = True
         await self._settle()
         tid = turn.turn_id
+        if error:
+            error = redact_text(error)  # a model server's URL may carry a password
         events: list[LogEvent] = list(turn.pending)
         turn.pending = []
         partial = "".join(turn.partial_text)

@@ -20,7 +20,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Literal, NamedTuple, Protocol, Self, TypeVar, runtime_checkable
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -62,6 +62,7 @@ __all__ = [
     "fork_segments",
     "initial_record",
     "now",
+    "redact_text",
     "redact_url",
     "updated_record",
     "validate_id",
@@ -622,19 +623,28 @@ def redact_url(url: object) -> str:
         if colon:
             rest = f"{user}:***@{rest[at + 1 :]}"
     masked = scheme + sep + rest
-    try:
-        parts = urlsplit(masked)
-    except ValueError:
-        return masked.split("?", 1)[0] + ("?***" if "?" in masked else "")
-    query = parts.query
-    if query and any(key in query.lower() for key in _SECRET_KEYS):
-        pairs = parse_qsl(query, keep_blank_values=True)
-        query = urlencode(
-            [(k, "***" if any(s in k.lower() for s in _SECRET_KEYS) else v) for k, v in pairs],
-            safe="/:,*",
-        )
-        return urlunsplit(parts._replace(query=query))
-    return masked
+    base, question, query = masked.partition("?")
+    if not question or not any(key in query.lower() for key in _SECRET_KEYS):
+        return masked  # as given (urlunsplit would rewrite sqlite:/// and file: URLs)
+    query, hash_mark, fragment = query.partition("#")
+    pairs = parse_qsl(query, keep_blank_values=True)
+    shown = urlencode(
+        [(k, "***" if any(s in k.lower() for s in _SECRET_KEYS) else v) for k, v in pairs],
+        safe="/:,*",
+    )
+    return f"{base}?{shown}{hash_mark}{fragment}"
+
+
+_URL_CREDENTIALS = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s/@:]*):[^\s@]*@")
+
+
+def redact_text(text: str) -> str:
+    """``text`` with every ``scheme://user:password@`` in it shown as ``scheme://user:***@``.
+
+    For messages that quote a URL among other words (errors from drivers and
+    model servers) before they are shown or stored.
+    """
+    return _URL_CREDENTIALS.sub(r"\1:***@", text)
 
 
 def check_append(events: Sequence[NewEvent], expected_seq: int) -> None:
