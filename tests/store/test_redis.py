@@ -1255,12 +1255,16 @@ async def test_credentials_never_appear_in_urls_reprs_or_messages() -> None:
         for store in stores:
             await store.aclose()
     assert "user:***@" in stores[0].url
+    assert RedisStore.from_url("redis://h/0?prefix=a@b:").prefix == "a@b:"  # '@' in a value
     # a URL refused for another reason does not show its secrets either
     for url, options in [
         ("redis://user:s3cret-pw@127.0.0.1:6379/0?socket_timeout=soon", {}),
         ("redis://user:s3cret-pw@127.0.0.1:port/0", {}),
         ("redis://user:s3cret-pw@127.0.0.1/0?ssl_ca_certs=/ca.pem", {}),
         ("redis://user:s3cret-pw@/0", {}),
+        ("redis://user:s3cret/pw@127.0.0.1/0", {}),  # an unencoded '/' in the password
+        ("redis://user:s3cret?pw@127.0.0.1/0", {}),
+        ("redis://user:s3cret#pw@127.0.0.1/0", {}),
         ("redis://user:s3cret-pw@127.0.0.1/x?password=t0ken-pw", {}),
         ("rediss://h/0?ssl_password=t0ken-pw&ssl_cert_reqs=maybe", {"password": "opt-pw"}),
         ("redis://h/0?password=t0ken-pw", {"max_connections": "many"}),

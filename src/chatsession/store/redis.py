@@ -355,12 +355,22 @@ def _parse_address(url: object) -> _Address:
     shown = redact_url(url)
     try:
         parts = urlsplit(url)
-        port = parts.port
+        # an unencoded '/', '?' or '#' in a password ends the netloc early: the
+        # rest of the credentials then shows up where no '@' belongs
+        misplaced = (
+            "@" in parts.path or "@" in parts.fragment or "@" in parts.query.partition("=")[0]
+        )
+        port = None if misplaced else parts.port
     except ValueError as exc:
         reason = "its port must be a number from 1 to 65535" if "port" in str(exc).lower() else exc
         raise InvalidURLError(
             f"redis URL {shown} cannot be used: {reason}; e.g. redis://127.0.0.1:6379/0"
         ) from None
+    if misplaced:
+        raise InvalidURLError(
+            f"redis URL {shown}: its user name or password holds '/', '?' or '#'; "
+            "percent-encode them (%2F, %3F, %23), or pass password= as an option"
+        )
     if parts.scheme.lower() not in ("redis", "rediss"):
         raise InvalidURLError(f"redis URL {shown} must start with redis:// or rediss://")
     if not parts.hostname:
