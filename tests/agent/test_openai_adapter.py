@@ -28,6 +28,7 @@ from chatsession import (
     tool,
 )
 from chatsession.agent.events import AgentEvent
+from chatsession.agent.llm import Completion
 from chatsession.agent.llm.openai import UNKNOWN_CONTEXT_WINDOW, OpenAILLM
 from chatsession.errors import InvalidArgumentError, ModelError
 from chatsession.log import Message, ToolCall
@@ -227,6 +228,34 @@ async def test_an_error_event_or_garbage_in_the_stream_is_a_model_error() -> Non
     assert len(server.requests) == 2
 
 
+async def test_tool_calls_without_an_index_are_kept_apart() -> None:
+    def calls(*items: tuple[str, str, str]) -> bytes:
+        tool_calls = [
+            {"id": i, "type": "function", "function": {"name": n, "arguments": a}}
+            for i, n, a in items
+        ]
+        data = chunk()
+        data["choices"][0]["delta"]["tool_calls"] = tool_calls
+        return sse(data)
+
+    # some servers send no index: calls are told apart by id; a delta without one continues
+    events = [
+        calls(("c1", "get_weather", '{"city": "Paris"}'), ("c2", "get_weather", '{"city": ')),
+        calls(("", "", '"Rome"}')),
+        sse(chunk(finish="tool_calls")),
+    ]
+    with ScriptedHTTP(lambda r, n: Stream([*events, sse("[DONE]")])) as server:
+        llm = OpenAILLM("loopback", base_url=server.url)
+        answer = [c async for c in llm.stream(say("weather?"), [get_weather.to_openai()])]
+        await llm.aclose()
+    completion = answer[-1]
+    assert isinstance(completion, Completion) and completion.finish_reason == "tool_calls"
+    assert [(c.id, c.arguments) for c in completion.message.tool_calls] == [
+        ("c1", '{"city": "Paris"}'),
+        ("c2", '{"city": "Rome"}'),
+    ]
+
+
 # -- 4. retries before the first token, never after ---------------------------------
 
 
@@ -281,6 +310,7 @@ async def test_what_is_not_retried() -> None:
         answers[CHAT] = Respond(503, {"error": {"message": "maintenance"}}, {"retry-after": "3600"})
         events = await run(Agent(llm), say("hi"))
         assert isinstance(events[0], ErrorEvent) and status_of(events[0].exception) == 503
+        assert "asks to wait 3600 s" in events[0].error
         assert len(server.requests) == 2
 
         # x-should-retry: false overrides a retryable status

@@ -319,20 +319,34 @@ class _Accumulator:
                     out.append(delta.content)
                 for call in delta.tool_calls or ():
                     self.produced = True
+                    call_id = getattr(call, "id", None)
                     slot = self.calls.setdefault(
-                        call.index or 0, {"id": "", "name": "", "arguments": ""}
+                        self._slot(getattr(call, "index", None), call_id),
+                        {"id": "", "name": "", "arguments": ""},
                     )
-                    if call.id:
-                        slot["id"] = call.id
-                    if call.function is not None:
-                        name = call.function.name or ""
+                    if call_id:
+                        slot["id"] = call_id
+                    function = getattr(call, "function", None)
+                    if function is not None:
+                        name = getattr(function, "name", None) or ""
                         # OpenAI sends the name once; llama.cpp's server repeats it
                         if name and not slot["name"].endswith(name):
                             slot["name"] += name
-                        slot["arguments"] += call.function.arguments or ""
+                        slot["arguments"] += getattr(function, "arguments", None) or ""
             if choice.finish_reason:
                 self.finish = choice.finish_reason
         return out
+
+    def _slot(self, index: int | None, call_id: str | None) -> int:
+        """Where a tool-call delta goes: its index, or (servers that send none) its id."""
+        if index is not None:
+            return index
+        for i, slot in self.calls.items():
+            if call_id and slot["id"] == call_id:
+                return i
+        if call_id or not self.calls:
+            return max(self.calls, default=-1) + 1  # a new call
+        return max(self.calls)  # more of the last one
 
     def message(self) -> Message:
         tool_calls = tuple(
@@ -685,6 +699,9 @@ class OpenAILLM:
             elif isinstance(inner, str):
                 detail = inner
         detail = detail.strip()[:500]
+        wait = _retry_after(exc.response.headers)
+        if wait is not None and wait > 0:
+            detail += f"; the server asks to wait {wait:g} s"
         tries = f" (after {attempts} attempts)" if attempts > 1 else ""
         if status == 401:
             what = (
