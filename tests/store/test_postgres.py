@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import logging
 import math
 import os
 import re
@@ -28,6 +29,7 @@ from chatsession import (
     CorruptDataError,
     InvalidURLError,
     NewEvent,
+    ParentRef,
     SessionNotFoundError,
     SessionRecord,
     Store,
@@ -434,7 +436,7 @@ async def test_payloads_are_jsonb_equal_json_and_bad_ones_are_refused(schema: st
         for bad in bad_ones + REFUSED:  # refused by the checks, before any I/O
             with pytest.raises(UnsupportedValueError, match="cannot be stored exactly"):
                 await store.append("s", [ev(2), NewEvent("message", bad, 1.0)], 1)  # type: ignore[arg-type]
-        with pytest.raises(UnsupportedValueError, match="smallint"):
+        with pytest.raises(UnsupportedValueError, match="32767"):
             await store.append("s", [NewEvent("message", "{}", 1.0, None, 70_000)], 1)
         assert [r.seq for r in await read_all(store, "s")] == [1]  # nothing written
         assert (await store.get("s")).head == 1
@@ -1063,3 +1065,501 @@ async def test_unreachable_server_is_unavailable_not_missing() -> None:
         await store.get("anything")
     assert not isinstance(info.value, SessionNotFoundError)
     await store.aclose()
+
+
+# -- connections the server closed ------------------------------------------------
+
+
+async def terminate(application_name: str) -> int:
+    """``pg_terminate_backend`` every connection with that application_name (only the
+    test's own store's), then wait until the server has let them all go."""
+    conn = await asyncpg.connect(POSTGRES_URL)
+    try:
+        killed = await conn.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE application_name = $1",
+            application_name,
+        )
+        for _ in range(500):
+            left = await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+                application_name,
+            )
+            if not left:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)  # the client reads the server's goodbye
+        return int(killed)
+    finally:
+        await conn.close()
+
+
+async def backend_pids(application_name: str) -> set[int]:
+    rows = await pg(
+        "SELECT pid FROM pg_stat_activity WHERE application_name = $1", application_name
+    )
+    return {r[0] for r in rows}
+
+
+@pytest.mark.parametrize("path", ["lane", "pool"])
+async def test_the_store_recovers_after_the_server_terminates_its_connections(
+    schema: str, path: str
+) -> None:
+    name = f"cs-{uuid.uuid4().hex[:12]}"
+    store = open_store(f"{POSTGRES_URL}?schema={schema}&application_name={name}&min_size=3")
+    gate = asyncio.Event()
+    hold: asyncio.Task[Any] | None = None
+    try:
+        await store.create(SessionRecord(id="s"))
+        assert await store.append("s", [ev(1)], 0) == 1
+        if path == "pool":  # keep the fast lane busy: every call goes through the pool
+            hold = asyncio.create_task(store._with(lambda conn: gate.wait()))  # type: ignore[attr-defined]
+            await asyncio.sleep(0.05)
+        for round_ in range(2):  # and again, on the connections that replaced them
+            before = await backend_pids(name)
+            assert len(before) >= 3  # the lane and the pool's others
+            assert await terminate(name) == len(before)
+            # the same store object goes on at once: its next calls work
+            calls = [
+                store.get("s"),
+                store.append("s", [ev(2 + round_)], 1 + round_),
+                read_all(store, "s"),
+                store.list_sessions(),
+                store.put_blob("s", b"x"),
+            ]
+            if path == "pool":  # at the same time, so several pooled connections are used
+                results = await asyncio.gather(*calls)
+            else:
+                results = [await call for call in calls]
+            assert results[1] == 2 + round_
+            assert len(results[2]) in (1 + round_, 2 + round_)  # before or after the append
+            rows = await read_all(store, "s")
+            assert [json.loads(r.data)["n"] for r in rows] == list(range(1, 3 + round_))
+            assert not (await backend_pids(name)) & before  # new connections, none reused
+    finally:
+        gate.set()
+        if hold is not None:
+            await hold
+        await store.aclose()
+
+
+async def test_a_call_whose_connection_is_terminated_is_unavailable_then_the_store_goes_on(
+    schema: str,
+) -> None:
+    name = f"cs-{uuid.uuid4().hex[:12]}"
+    async with open_store(f"{POSTGRES_URL}?schema={schema}&application_name={name}") as store:
+        await store.create(SessionRecord(id="s"))
+        slow = asyncio.create_task(
+            store._with(lambda conn: conn.execute("SELECT pg_sleep(30)"))  # type: ignore[attr-defined]
+        )
+        for _ in range(500):  # until the statement runs on the server
+            rows = await pg(
+                "SELECT 1 FROM pg_stat_activity WHERE application_name = $1 "
+                "AND query LIKE 'SELECT pg_sleep%'",
+                name,
+            )
+            if rows:
+                break
+            await asyncio.sleep(0.01)
+        await terminate(name)
+        with pytest.raises(StoreUnavailableError, match="unavailable"):
+            await asyncio.wait_for(slow, 10)
+        assert await store.append("s", [ev(1)], 0) == 1
+        assert (await store.get("s")).head == 1
+
+
+# -- what is acknowledged reads back exactly ----------------------------------------
+
+#: Record values the checks allow, some of which jsonb would change or refuse.
+METADATA: dict[str, Any] = {
+    "nul": "a\x00b",  # jsonb cannot hold \u0000
+    "float_int": 1e16,  # json.dumps writes 1e+16: jsonb would give back an int
+    "neg_zero": -0.0,
+    "one": 1.0,
+    "big": 10**300,
+    "tiny": 5e-324,
+    "huge": 1.7976931348623157e308,
+    "text": "\u2028\u2029\x85\x1f\x7f é 😀",
+    "": [None, True, False, "", [], {}],
+}
+PLAIN_METADATA: dict[str, Any] = {"one": 1.0, "n": [1, 2.5, "x"], "deep": {"a": {"b": None}}}
+
+
+def nested(depth: int) -> Any:
+    value: Any = "leaf"
+    for _ in range(depth - 1):
+        value = [value]
+    return {"d": value}
+
+
+async def body_columns(schema: str, session_id: str) -> tuple[bool, bool]:
+    """(body set, body_text set) of a session's row."""
+    rows = await pg(
+        f'SELECT body IS NOT NULL, body_text IS NOT NULL FROM "{schema}".sessions WHERE id = $1',
+        session_id,
+    )
+    return bool(rows[0][0]), bool(rows[0][1])
+
+
+async def test_records_read_back_exactly_whatever_jsonb_would_do_to_them(schema: str) -> None:
+    async with open_store(f"{POSTGRES_URL}?schema={schema}") as store:
+        exact = SessionRecord(
+            id="exact",
+            user_id="",
+            agent_id="agent é",
+            window_id=None,
+            title="",
+            metadata=METADATA,
+            fingerprint={"settings": {"temperature": -0.0, "n": 1e20}, "deep": nested(120)},
+        )
+        plain = SessionRecord(id="plain", title=None, user_id="u", metadata=PLAIN_METADATA)
+        for record in (exact, plain):
+            await store.create(record)
+        await store.append("exact", [ev(1)], 0)
+        await store.fork("exact", 1, exact.model_copy(update={"id": "fork"}))
+        listed = {r.id: r for r in (await store.list_sessions()).records}
+        for session_id, sent in (("exact", exact), ("plain", plain), ("fork", exact)):
+            for got in (await store.get(session_id), listed[session_id]):
+                for field in ("user_id", "agent_id", "window_id", "title"):
+                    assert getattr(got, field) == getattr(sent, field), field
+                assert same_json(got.metadata, sent.metadata), got.metadata
+                assert same_json(got.fingerprint, sent.fingerprint)
+        # kept as jsonb unless jsonb would change it
+        assert await body_columns(schema, "exact") == (False, True)
+        assert await body_columns(schema, "fork") == (False, True)
+        assert await body_columns(schema, "plain") == (True, False)
+        # update moves a body from one column to the other, both ways
+        current = await store.get("plain")
+        updated = await store.update(current.model_copy(update={"metadata": METADATA}), 1)
+        assert await body_columns(schema, "plain") == (False, True)
+        assert same_json((await store.get("plain")).metadata, METADATA)
+        await store.update(updated.model_copy(update={"metadata": PLAIN_METADATA}), 2)
+        assert await body_columns(schema, "plain") == (True, False)
+        assert same_json((await store.get("plain")).metadata, PLAIN_METADATA)
+        # what the checks refuse never reaches the server, and nothing is written
+        for bad in (
+            SessionRecord(id="bad", user_id="a\x00b"),
+            SessionRecord(id="bad", title="nul \x00"),
+            SessionRecord(id="bad", metadata={"x": "\ud800"}),
+            SessionRecord(id="bad", metadata={"x": math.inf}),
+            SessionRecord(id="bad", metadata=nested(130)),
+        ):
+            with pytest.raises(UnsupportedValueError):
+                await store.create(bad)
+            with pytest.raises(UnsupportedValueError):
+                await store.fork("exact", 1, bad)
+            with pytest.raises(UnsupportedValueError):
+                await store.update(bad.model_copy(update={"id": "plain"}), 3)
+        assert [r.id for r in (await store.list_sessions()).records] == ["fork", "plain", "exact"]
+        assert (await store.get("plain")).version == 3
+
+
+async def test_record_and_blob_checks_come_before_any_io() -> None:
+    store = open_store("postgresql://postgres@127.0.0.1:1/test?connect_timeout=2")
+    try:
+        calls = [
+            store.create(SessionRecord(id="x", user_id="a\x00b")),
+            store.update(SessionRecord(id="x", metadata={"s": {1}}), 1),
+            store.fork("p", 0, SessionRecord(id="x", expires_at=math.nan)),
+            store.put_blob("x", "not bytes"),  # type: ignore[arg-type]
+            store.put_blob("x", b"x", "text/plain\r\nX: y"),
+        ]
+        for call in calls:
+            with pytest.raises(UnsupportedValueError):  # not StoreUnavailableError
+                await call
+    finally:
+        await store.aclose()
+
+
+# -- damaged rows -------------------------------------------------------------------
+
+#: Hand edits of a session's row (``ID`` is its id) that leave its record unreadable.
+RECORD_DAMAGE = {
+    "body null": "UPDATE SCHEMA.sessions SET body = 'null' WHERE id = 'ID'",
+    "body a list": "UPDATE SCHEMA.sessions SET body = '[1, 2]' WHERE id = 'ID'",
+    "body metadata a number": """UPDATE SCHEMA.sessions SET body = '{"metadata": 5}' WHERE id = 'ID'""",
+    "body unknown key": """UPDATE SCHEMA.sessions SET body = '{"owner": "x"}' WHERE id = 'ID'""",
+    "body_text not json": "UPDATE SCHEMA.sessions SET body = NULL, body_text = '{\"title\": [' "
+    "WHERE id = 'ID'",
+    "body_text nested deep": "UPDATE SCHEMA.sessions SET body = NULL, "
+    "body_text = '{\"metadata\": {\"a\": ' || repeat('[', 100000) || repeat(']', 100000) || '}}' "
+    "WHERE id = 'ID'",
+    "state": "UPDATE SCHEMA.sessions SET state = 'bogus' WHERE id = 'ID'",
+    "missing parent": "UPDATE SCHEMA.sessions SET parent_pk = 999999999, parent_seq = 1 "
+    "WHERE id = 'ID'",
+    "parent without a fork point": "UPDATE SCHEMA.sessions SET parent_pk = "
+    "(SELECT pk FROM SCHEMA.sessions WHERE id = 'healthy'), parent_seq = NULL WHERE id = 'ID'",
+    "head before the fork point": "UPDATE SCHEMA.sessions SET parent_pk = "
+    "(SELECT pk FROM SCHEMA.sessions WHERE id = 'healthy'), parent_seq = 3, head = 2 "
+    "WHERE id = 'ID'",
+    "negative head": "UPDATE SCHEMA.sessions SET head = -1 WHERE id = 'ID'",
+    "bad id": "UPDATE SCHEMA.sessions SET id = 'a/b' WHERE id = 'ID'",
+}
+
+REMEDY = re.compile(r"restore|backup|delete", re.IGNORECASE)
+
+
+async def hand_edit(schema: str, sql: str, session_id: str = "") -> None:
+    await pg(sql.replace("SCHEMA", f'"{schema}"').replace("'ID'", f"'{session_id}'"))
+
+
+async def test_a_damaged_record_is_corrupt_data_and_left_out_of_listings(
+    schema: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with open_store(f"{POSTGRES_URL}?schema={schema}") as store:
+        await store.create(SessionRecord(id="healthy", created_at=1.0))
+        await store.append("healthy", [ev(n) for n in range(3)], 0)
+        ids = [f"d{i:02}" for i in range(len(RECORD_DAMAGE))]
+        for n, session_id in enumerate(ids):
+            await store.create(SessionRecord(id=session_id, created_at=10.0 + n))
+        for session_id, sql in zip(ids, RECORD_DAMAGE.values(), strict=True):
+            await hand_edit(schema, sql, session_id)
+        for session_id, what in zip(ids, RECORD_DAMAGE, strict=True):
+            if what == "bad id":
+                continue  # no call can name it; the listing still meets it
+            for call in (
+                store.get(session_id),
+                store.update(SessionRecord(id=session_id), 1),
+            ):
+                with pytest.raises(CorruptDataError) as info:
+                    await call
+                message = str(info.value)
+                assert repr(session_id) in message and REMEDY.search(message), (what, message)
+        # paging goes on past damaged records, which are logged, not raised
+        caplog.set_level(logging.WARNING, logger="chatsession.store")
+        seen: list[str] = []
+        cursor = None
+        while True:
+            page = await store.list_sessions(limit=3, cursor=cursor)
+            seen += [r.id for r in page.records]
+            cursor = page.next_cursor
+            if cursor is None:
+                break
+        assert seen == ["healthy"]
+        warned = [r.getMessage() for r in caplog.records if r.name == "chatsession.store"]
+        assert len(warned) == len(RECORD_DAMAGE)
+        for session_id in ids[:-1]:
+            assert any(repr(session_id) in line for line in warned), session_id
+        assert len(await read_all(store, "healthy")) == 3
+
+
+async def test_damaged_events_are_corrupt_data_naming_the_session_and_event(schema: str) -> None:
+    async with open_store(f"{POSTGRES_URL}?schema={schema}") as store:
+        for session_id in ("text", "plain", "gap", "short"):
+            await store.create(SessionRecord(id=session_id))
+            await store.append(session_id, [ev(n) for n in range(1, 6)], 0)
+        await store.append("text", [NewEvent("tool", AS_TEXT[0], 1.0)], 5)  # marks it
+        # a payload kept as text that is not JSON (an edit of data_text)
+        await hand_edit(
+            schema,
+            "UPDATE SCHEMA.events SET data = NULL, data_text = '{\"n\": ' WHERE seq = 3 "
+            "AND session_pk = (SELECT pk FROM SCHEMA.sessions WHERE id = 'ID')",
+            "text",
+        )
+        # a gap, and a head past the last event
+        await hand_edit(
+            schema,
+            "DELETE FROM SCHEMA.events WHERE seq = 2 "
+            "AND session_pk = (SELECT pk FROM SCHEMA.sessions WHERE id = 'ID')",
+            "gap",
+        )
+        await hand_edit(schema, "UPDATE SCHEMA.sessions SET head = 9 WHERE id = 'ID'", "short")
+        for session_id, words in (
+            ("text", "event 3 (events.data_text) in PostgreSQL"),
+            ("gap", "events 1..5 are incomplete"),
+            ("short", "events 1..9 are incomplete in PostgreSQL (found 5)"),
+        ):
+            with pytest.raises(CorruptDataError, match=re.escape(words)) as info:
+                await read_all(store, session_id)
+            assert repr(session_id) in str(info.value) and REMEDY.search(str(info.value))
+        # a payload kept as text in a session whose row lost its mark (a partial
+        # restore): still read back exactly as acknowledged
+        await hand_edit(
+            schema,
+            "UPDATE SCHEMA.events SET data = NULL, data_text = '{\"n\":4.0}' WHERE seq = 4 "
+            "AND session_pk = (SELECT pk FROM SCHEMA.sessions WHERE id = 'ID')",
+            "plain",
+        )
+        rows = await read_all(store, "plain", batch_size=2)
+        assert [r.data for r in rows][2:4] == ['{"n": 3}', '{"n":4.0}']
+
+
+# -- fork chains --------------------------------------------------------------------
+
+
+async def test_a_fork_cycle_is_corrupt_data_for_every_walk_of_the_chain(
+    schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pg_store, "_LINEAGE_PAGE", 4, raising=False)  # several queries a walk
+    async with open_store(f"{POSTGRES_URL}?schema={schema}") as store:
+        await store.create(SessionRecord(id="f0"))
+        await store.append("f0", [ev(0)], 0)
+        blob_id = await store.put_blob("f0", b"root's blob")
+        for n in range(1, 10):  # f0 <- f1 <- ... <- f9
+            await store.fork(f"f{n - 1}", n, SessionRecord(id=f"f{n}"))
+            await store.append(f"f{n}", [ev(n)], n)
+        assert [json.loads(r.data)["n"] for r in await read_all(store, "f9")] == list(range(10))
+        assert await store.get_blob("f9", blob_id) == b"root's blob"
+        # the chain loops: f2's parent becomes f7 (f7 -> ... -> f2 -> f7)
+        await hand_edit(
+            schema,
+            "UPDATE SCHEMA.sessions SET parent_pk = (SELECT pk FROM SCHEMA.sessions WHERE id = "
+            "'f7'), parent_seq = 1 WHERE id = 'ID'",
+            "f2",
+        )
+        for call in (
+            read_all(store, "f9"),
+            read_all(store, "f9", after_seq=8),
+            store.get_blob("f9", blob_id),
+            store.get_blob("f3", "0" * 64),
+        ):
+            with pytest.raises(CorruptDataError, match=r"'f[93]'.*loops") as info:
+                await asyncio.wait_for(call, 10)
+            assert REMEDY.search(str(info.value))
+        # sessions outside the loop still read; deleting inside it ends
+        assert len(await read_all(store, "f1")) == 2
+        await asyncio.wait_for(store.delete("f9"), 10)
+        await asyncio.wait_for(store.delete("f2"), 10)
+        await asyncio.wait_for(store.purge_expired(), 10)
+
+
+async def test_a_long_chain_of_kept_ancestors_is_read_and_removed_without_recursion(
+    schema: str,
+) -> None:
+    depth = 1200
+    async with open_store(f"{POSTGRES_URL}?schema={schema}") as store:
+        await store.create(SessionRecord(id="root"))
+        await store.append("root", [ev(0)], 0)
+        # deleted ancestors kept for their one fork each: root <- t1 <- ... <- t1199
+        await hand_edit(
+            schema,
+            f"""INSERT INTO SCHEMA.sessions (id, state, created_at, updated_at, head, parent_seq,
+                    children, deleted, parent_pk)
+                SELECT 't' || n, 'active', 1, 1, 1, 1, 1, true, NULL
+                FROM generate_series(1, {depth - 1}) AS n""",
+        )
+        await hand_edit(
+            schema,
+            """UPDATE SCHEMA.sessions c SET parent_pk = p.pk FROM SCHEMA.sessions p
+               WHERE c.id LIKE 't%' AND p.id = CASE WHEN c.id = 't1' THEN 'root'
+                   ELSE 't' || (substr(c.id, 2)::int - 1) END""",
+        )
+        await hand_edit(
+            schema,
+            "UPDATE SCHEMA.sessions SET children = 1, deleted = true WHERE id = 'ID'",
+            "root",
+        )
+        await hand_edit(
+            schema,
+            f"""INSERT INTO SCHEMA.sessions (id, state, created_at, updated_at, head, parent_seq,
+                    parent_pk)
+                SELECT 'leaf', 'active', 2, 2, 1, 1, pk FROM SCHEMA.sessions
+                WHERE id = 't{depth - 1}'""",
+        )
+        assert [json.loads(r.data)["n"] for r in await read_all(store, "leaf")] == [0]
+        assert (await store.get("leaf")).parent == ParentRef(session_id=f"t{depth - 1}", seq=1)
+        await store.delete("leaf")  # and with it every ancestor kept only for it
+        assert await pg(f'SELECT id FROM "{schema}".sessions') == []
+
+
+# -- reads stream -------------------------------------------------------------------
+
+
+async def test_a_read_fetches_one_batch_per_query(
+    schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fetched: list[int] = []  # rows each query brought back
+    real = pg_store._fetch
+
+    async def counting(sql: str, args: tuple[Any, ...], conn: Any) -> list[Any]:
+        rows = await real(sql, args, conn)
+        fetched.append(len(rows))
+        return rows
+
+    monkeypatch.setattr(pg_store, "_fetch", counting)
+    async with open_store(f"{POSTGRES_URL}?schema={schema}") as store:
+        await store.create(SessionRecord(id="p"))
+        for start in range(0, 3000, 500):
+            await store.append("p", [ev(n) for n in range(start, start + 500)], start)
+        await store.fork("p", 2900, SessionRecord(id="f"))
+        await store.append("f", [ev(n) for n in range(2900, 3100)], 2900)
+        for batch_size in (1000, 64, 7):
+            fetched.clear()
+            sizes: list[int] = []
+            seqs: list[int] = []
+            async for batch in store.read("f", batch_size=batch_size):
+                sizes.append(len(batch))
+                seqs += [r.seq for r in batch]
+                assert fetched[-1] == len(batch)  # fetched just before it was yielded
+            assert seqs == list(range(1, 3101))
+            assert max(fetched) <= batch_size  # never more than a batch held
+            assert fetched == sizes  # one query per batch
+            parent, own = 2900, 200  # batches never span the fork point
+            expected = [batch_size] * (parent // batch_size) + [parent % batch_size]
+            expected += [batch_size] * (own // batch_size) + [own % batch_size]
+            assert sizes == [s for s in expected if s]
+        fetched.clear()
+        window = [r.seq async for b in store.read("f", 10, 2950, batch_size=25) for r in b]
+        assert window == list(range(11, 2951))
+        assert max(fetched) <= 25
+
+
+# -- synchronous_commit -------------------------------------------------------------
+
+
+@pytest.fixture
+async def role_with_async_commit() -> AsyncIterator[str]:
+    """A throwaway login role whose own setting is ``synchronous_commit = off``."""
+    role = f"cs_role_{uuid.uuid4().hex[:10]}"
+    await pg(f"CREATE ROLE {role} LOGIN")
+    await pg(f"GRANT CREATE ON DATABASE test TO {role}")
+    await pg(f"ALTER ROLE {role} SET synchronous_commit = off")
+    yield role
+    conn = await asyncpg.connect(POSTGRES_URL)
+    try:
+        await conn.execute(f"DROP OWNED BY {role} CASCADE")
+        await conn.execute(f"DROP ROLE {role}")
+    finally:
+        await conn.close()
+
+
+async def test_the_roles_synchronous_commit_is_honoured_unless_the_url_sets_one(
+    schema: str, role_with_async_commit: str
+) -> None:
+    target = urlsplit(POSTGRES_URL)
+    server = f"{target.hostname}:{target.port or 5432}"
+    url = f"postgresql://{role_with_async_commit}@{server}{target.path}?schema={schema}"
+    for query, expected in (
+        ("", "off"),
+        ("&synchronous_commit=on", "on"),
+        ("&synchronous_commit=local", "local"),
+    ):
+        async with open_store(url + query) as store:
+            await store.create(SessionRecord(id="s"))
+            shown = await store._with(lambda conn: conn.fetchval("SHOW synchronous_commit"))  # type: ignore[attr-defined]
+            assert shown == expected, query
+            await store.delete("s")
+    async with open_store(f"{POSTGRES_URL}?schema={schema}") as store:  # the server's default
+        shown = await store._with(lambda conn: conn.fetchval("SHOW synchronous_commit"))  # type: ignore[attr-defined]
+        assert shown == await pg_setting("synchronous_commit")
+
+
+async def pg_setting(name: str) -> str:
+    rows = await pg("SELECT current_setting($1)", name)
+    return str(rows[0][0])
+
+
+def test_no_assert_guards_a_runtime_condition() -> None:
+    """``python -O`` strips asserts: the store checks with typed errors instead."""
+    import ast
+
+    tree = ast.parse(Path(pg_store.__file__).read_text())
+    asserts = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Assert)]
+    raises = [
+        node.lineno
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Raise)
+        and isinstance(node.exc, ast.Call)
+        and getattr(node.exc.func, "id", "") == "AssertionError"
+    ]
+    assert asserts == [] and raises == []

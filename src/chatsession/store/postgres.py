@@ -149,14 +149,12 @@ from chatsession.errors import (
     ChatSessionError,
     ConflictError,
     CorruptDataError,
-    InvalidArgumentError,
     InvalidIdError,
     InvalidURLError,
     SessionExistsError,
     SessionNotFoundError,
     StoreError,
     StoreUnavailableError,
-    UnsupportedValueError,
     UsageError,
 )
 from chatsession.store.base import (
@@ -168,11 +166,15 @@ from chatsession.store.base import (
     SessionState,
     StoredEvent,
     check_append,
+    check_before,
     check_blob,
+    check_filters,
+    check_fork_at,
     check_fork_point,
     check_limit,
     check_read,
     check_record,
+    check_version,
     decode_cursor,
     encode_cursor,
     fork_segments,
@@ -235,7 +237,6 @@ _ATTEMPTS = 3  # tries of a call the server aborted as a deadlock or serializati
 _MIGRATION_TIMEOUT = 3600.0  # seconds a migration statement (or the wait for one) may take
 _SCHEMA_RE = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _VALUES_MAX = 16  # appends of up to this many events (all jsonb) send one VALUES row each
-_SMALLINT_MAX = 32767  # events.v is a smallint
 #: Every backslash escape of a JSON text, in order; group 1 is the hex of a
 #: ``\\u0000`` or surrogate escape (``\\\\`` is one escape, so ``\\\\u0000`` is none).
 _ESCAPE_RE = re.compile(r"\\(?:u(0000|[dD][89a-fA-F][0-9a-fA-F]{2})|.)", re.DOTALL)
@@ -265,7 +266,6 @@ _SECONDS_RE = re.compile(r"[0-9]{1,9}(?:\.[0-9]{0,9})?|\.[0-9]{1,9}")
 _PORT_RE = re.compile(r"[0-9]{1,5}")
 _APPLICATION_NAME_RE = re.compile(r"[ -~]{0,63}")  # printable ASCII: the server keeps it as is
 _MAX_POOL = 1000
-_STATES = ("active", "idle", "archived", "expired")
 _MAX_SECONDS = 86400.0
 
 
@@ -707,31 +707,41 @@ _RETRY: tuple[type[BaseException], ...] = (
 )
 
 
-def _is_outage(exc: BaseException) -> bool:
-    if isinstance(exc, _OUTAGE):
+#: The server ended the session: shut down, crashed, or timed it out while idle.
+_SESSION_ENDED: tuple[type[BaseException], ...] = (
+    pgerr.AdminShutdownError,  # 57P01: a shutdown or pg_terminate_backend
+    pgerr.CrashShutdownError,  # 57P02
+    pgerr.IdleSessionTimeoutError,  # 57P05
+    pgerr.ConnectionDoesNotExistError,  # closed in the middle of the call
+    ConnectionResetError,
+    BrokenPipeError,
+)
+
+
+def _connection_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` says that the connection the call used was lost (not that
+    the server cannot be reached): a fresh connection may well work."""
+    if isinstance(exc, _SESSION_ENDED):
         return True
-    # asyncpg's plain InterfaceError also says "connection is closed" when the
-    # server went away between calls, and "released back to the pool" when it
-    # closed the connection we held (asyncpg then detaches our proxy); its
-    # subclasses are configuration errors.
-    if type(exc) is not pgerr.InterfaceError:
-        return False
     message = str(exc)
-    return "is closed" in message or "released back to the pool" in message
+    # asyncpg's plain InterfaceError says "connection is closed" when the server
+    # went away between calls, and "released back to the pool" when it closed the
+    # connection we held (asyncpg then detaches our proxy); its subclasses are
+    # configuration errors. A connection that took the server's goodbye while
+    # idle refuses the next statement ("cannot switch to state ...").
+    if type(exc) is pgerr.InterfaceError:
+        return "is closed" in message or "released back to the pool" in message
+    return isinstance(exc, pgerr.InternalClientError) and "cannot switch to state" in message
+
+
+def _is_outage(exc: BaseException) -> bool:
+    return isinstance(exc, _OUTAGE) or _connection_lost(exc)
 
 
 def _describe(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {exc}"
     detail = getattr(exc, "detail", None)
     return f"{text}; {detail}" if detail else text
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _body(record: SessionRecord) -> tuple[str | None, str | None]:
@@ -1027,11 +1037,25 @@ class PostgresStore:
             finally:
                 self._lane_busy = False
         async with pool.acquire() as conn:
-            return await self._run(conn, fn, tx)
+            try:
+                return await self._run(conn, fn, tx)
+            except BaseException as exc:
+                if _connection_lost(exc) and _alive(conn):
+                    conn.terminate()  # never handed out again
+                raise
 
-    async def _with(self, fn: Callable[[Conn], Awaitable[T]], *, tx: bool = False) -> T:
-        """Run ``fn`` on a connection (in a transaction if ``tx``), translating errors."""
+    async def _with(
+        self, fn: Callable[[Conn], Awaitable[T]], *, tx: bool = False, idempotent: bool = False
+    ) -> T:
+        """Run ``fn`` on a connection (in a transaction if ``tx``), translating errors.
+
+        ``idempotent`` calls (reads) whose connection was lost are sent once more
+        on a fresh one: a connection closed by the server while it sat in the
+        pool (a restart, ``idle_session_timeout``, a pooler) is only found out
+        when a call uses it. Writes are not: they may have been done.
+        """
         attempt = 1
+        lost_once = False
         while True:
             try:
                 return await self._attempt(fn, tx)
@@ -1045,6 +1069,9 @@ class PostgresStore:
                     await self._pool.expire_connections()
                 self._raise(exc)
             except Exception as exc:
+                if idempotent and not lost_once and _connection_lost(exc):
+                    lost_once = True  # once: a server that is down stays unavailable
+                    continue
                 self._raise(exc)
 
     # -- rows ------------------------------------------------------------------
@@ -1202,20 +1229,13 @@ class PostgresStore:
     async def get(self, session_id: str) -> SessionRecord:
         """See :meth:`Store.get`."""
         validate_id(session_id)
-        row = await self._with(lambda conn: self._visible_row(conn, session_id))
+        row = await self._with(lambda conn: self._visible_row(conn, session_id), idempotent=True)
         return self._record(row)
 
     async def update(self, record: SessionRecord, expected_version: int) -> SessionRecord:
         """See :meth:`Store.update`."""
         check_record(record)  # before any I/O
-        if (
-            isinstance(expected_version, bool)
-            or not isinstance(expected_version, int)
-            or expected_version < 0
-        ):
-            raise InvalidArgumentError(
-                f"expected_version must be an int >= 0, got {expected_version!r:.60}"
-            )
+        check_version(expected_version)
         sql = (
             f"UPDATE {self._s}.sessions SET user_id = $2, agent_id = $3, window_id = $4, "
             "state = $5, expires_at = $6, updated_at = $7, version = $8, body = $9::jsonb, "
@@ -1304,6 +1324,7 @@ class PostgresStore:
         warning on the ``chatsession.store`` logger, naming the session.
         """
         check_limit(limit)
+        check_filters(user_id, agent_id, window_id, state)
         after = decode_cursor(cursor) if cursor is not None else None
         params: list[Any] = [now()]
         where = ["NOT s.deleted", "(s.expires_at IS NULL OR s.expires_at > $1)"]
@@ -1315,20 +1336,6 @@ class PostgresStore:
         ):
             if value is None:
                 continue
-            if not isinstance(value, str):
-                raise InvalidArgumentError(
-                    f"the {column} filter must be a string or None, not {type(value).__name__}"
-                )
-            if column == "state" and value not in _STATES:
-                raise InvalidArgumentError(
-                    f"the state filter must be one of {', '.join(_STATES)} or None, "
-                    f"not {value[:40]!r}"
-                )
-            if "\x00" in value or not _encodable(value):
-                raise InvalidArgumentError(
-                    f"the {column} filter {value[:40]!r} holds NUL or a lone surrogate, "
-                    "which no session can have"
-                )
             params.append(value)
             where.append(f"s.{column} = ${len(params)}")
         if after is not None:
@@ -1340,7 +1347,7 @@ class PostgresStore:
             f"SELECT {self._COLUMNS} FROM {self._from()} WHERE {' AND '.join(where)} "
             f"ORDER BY s.created_at DESC, s.id DESC LIMIT ${len(params)}"
         )
-        rows = await self._with(lambda conn: conn.fetch(sql, *params))
+        rows = await self._with(lambda conn: conn.fetch(sql, *params), idempotent=True)
         records: list[SessionRecord] = []
         for row in rows[:limit]:
             try:
@@ -1404,13 +1411,7 @@ class PostgresStore:
         """See :meth:`Store.append`."""
         check_append(events, expected_seq)
         validate_id(session_id)
-        n = len(events)
-        for index, event in enumerate(events):
-            if event.schema_version > _SMALLINT_MAX:
-                raise UnsupportedValueError(
-                    f"events[{index}].schema_version cannot be stored exactly: PostgreSQL keeps "
-                    f"it as a smallint (at most {_SMALLINT_MAX}), got {event.schema_version}"
-                )
+        n = len(events)  # schema_version <= MAX_SCHEMA_VERSION, events.v's smallint
         # a substring test and a regex search for most payloads; a scan or a parse for few
         as_text = [i for i, e in enumerate(events) if _jsonb_changes(e.data)]
 
@@ -1543,14 +1544,14 @@ class PostgresStore:
                 first = await self._page(session_id, pk, text, lo, hi, batch_size, conn)
             return row["pk"], segments, first
 
-        own_pk, segments, rows = await self._with(plan)
+        own_pk, segments, rows = await self._with(plan, idempotent=True)
         make = StoredEvent._make
         for index, ((pk, text), lo, hi) in enumerate(segments):
             start = lo
             while start < hi:
                 if index or start != lo:
                     page = partial(self._page, session_id, pk, text, start, hi, batch_size)
-                    rows = await self._with(page)
+                    rows = await self._with(page, idempotent=True)
                 expected = min(batch_size, hi - start)
                 if len(rows) != expected or (
                     rows and (rows[0][0] != start + 1 or rows[-1][0] != start + expected)
@@ -1568,7 +1569,9 @@ class PostgresStore:
     async def _check_still_there(self, session_id: str, pk: int) -> None:
         """Raise ``SessionNotFoundError`` if the session read as row ``pk`` is gone."""
         try:
-            row = await self._with(lambda conn: self._visible_row(conn, session_id))
+            row = await self._with(
+                lambda conn: self._visible_row(conn, session_id), idempotent=True
+            )
         except SessionNotFoundError as exc:
             raise SessionNotFoundError(session_id, "deleted or expired during the read") from exc
         if row["pk"] != pk:
@@ -1577,8 +1580,7 @@ class PostgresStore:
     async def fork(self, session_id: str, at_seq: int, new_record: SessionRecord) -> SessionRecord:
         """See :meth:`Store.fork`."""
         validate_id(session_id)
-        if isinstance(at_seq, bool) or not isinstance(at_seq, int) or at_seq < 0:
-            check_fork_point(session_id, at_seq, 0)  # raises before any I/O
+        check_fork_at(at_seq)  # before any I/O; past the head is found by the statement
         # checks the record before any I/O
         stored = initial_record(new_record, ParentRef(session_id=session_id, seq=at_seq))
         body, body_text = _body(stored)
@@ -1651,7 +1653,7 @@ class PostgresStore:
                 content,
             )
 
-        await self._with(work)
+        await self._with(work, idempotent=True)
         return blob_id
 
     async def get_blob(self, session_id: str, blob_id: str) -> bytes:
@@ -1673,7 +1675,7 @@ class PostgresStore:
                 raise BlobNotFoundError(f"blob {blob_id!r} not found for session {session_id!r}")
             return bytes(data)
 
-        return await self._with(work)
+        return await self._with(work, idempotent=True)
 
     # -- upkeep ----------------------------------------------------------------
 
@@ -1685,14 +1687,7 @@ class PostgresStore:
         ``delete`` or ``purge_expired``): those are left for that call or the
         next purge, so purges never wait for, or deadlock with, other calls.
         """
-        if before is not None and (
-            isinstance(before, bool)
-            or not isinstance(before, int | float)
-            or not math.isfinite(before)
-        ):
-            raise InvalidArgumentError(
-                f"before must be None or a finite number of seconds, got {before!r:.60}"
-            )
+        check_before(before)
         at = now() if before is None else before
         sql = (
             f"SELECT pk FROM {self._s}.sessions WHERE NOT deleted AND expires_at IS NOT NULL "
