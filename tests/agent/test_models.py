@@ -91,14 +91,14 @@ async def test_openai_adapter_cancelled_request(llama_server: str) -> None:
 
 
 async def test_openai_adapter_reports_an_unreachable_server() -> None:
-    llm = OpenAILLM("smollm2", base_url="http://127.0.0.1:1/v1")
+    llm = OpenAILLM("smollm2", base_url="http://127.0.0.1:1/v1", max_retries=0)
     events = [e async for e in Agent(llm).run([Message(role="user", content="hi")])]
     assert isinstance(events[0], ErrorEvent) and "127.0.0.1:1" in events[0].error
     assert events[-1] == StopEvent("error", "")
 
 
 async def test_local_model_generates_counts_and_stops() -> None:
-    llm = LocalLLM(max_tokens=16)
+    llm = LocalLLM(max_tokens=16, threads=1)
     async with ChatSession(Agent(llm), store="memory://") as session:
         text = await session.query("What is the capital of France?")
         assert text.strip()
@@ -108,7 +108,7 @@ async def test_local_model_generates_counts_and_stops() -> None:
         usage = await session.get_usage()
         assert usage.by_model["SmolLM2-135M-Instruct"].completion_tokens > 0
 
-    slow = LocalLLM(max_tokens=1000)
+    slow = LocalLLM(max_tokens=1000, threads=1)
     started = time.monotonic()
     stream = slow.stream([Message(role="user", content="Count to one thousand.")], [])
     first = await stream.__anext__()
