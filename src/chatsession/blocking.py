@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from concurrent.futures import Future
@@ -33,13 +34,14 @@ __all__ = ["SyncChatSession"]
 T = TypeVar("T")
 
 
-def _interrupt(holder: dict[str, asyncio.Task[Any] | None], future: Future[Any]) -> None:
-    """On the loop's thread: cancel a portal call as Ctrl+C does (recorded ``interrupted``)."""
-    task = holder.get("task")
-    if task is not None:
-        task.cancel(INTERRUPTED)
-    else:  # not started yet: it never will
-        future.cancel()
+def _settle(future: Future[T], task: asyncio.Task[T]) -> None:
+    """Hand a finished task's outcome to the blocked caller's future."""
+    if task.cancelled():
+        future.set_exception(asyncio.CancelledError())
+    elif (error := task.exception()) is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(task.result())
 
 
 class _Portal:
@@ -65,22 +67,30 @@ class _Portal:
             )
         if not self.loop.is_running():
             raise UsageError("this SyncChatSession is closed")
-        holder: dict[str, asyncio.Task[Any] | None] = {}
+        # The future exists before anything is scheduled, so Ctrl+C landing at any
+        # point here finds it: a call not started yet is cancelled and never
+        # starts; a started one is interrupted (recorded) and waited for.
+        future: Future[T] = Future()
+        tasks: list[asyncio.Task[T]] = []
 
-        async def start() -> T:
-            holder["task"] = asyncio.current_task()
-            return await make()
+        def begin() -> None:  # on the loop's thread
+            if not future.set_running_or_notify_cancel():
+                return  # cancelled before it started
+            task = self.loop.create_task(make())
+            tasks.append(task)
+            task.add_done_callback(functools.partial(_settle, future))
 
-        future: Future[T] | None = None
+        def interrupt() -> None:  # on the loop's thread, after begin()
+            for task in tasks:
+                task.cancel(INTERRUPTED)
+
         try:
-            future = asyncio.run_coroutine_threadsafe(start(), self.loop)
+            self.loop.call_soon_threadsafe(begin)
             return future.result()
         except KeyboardInterrupt:
-            # Ctrl+C may land anywhere here, even before the task started: stop
-            # whatever was scheduled, and wait for it to record itself
-            if future is not None:
-                self.loop.call_soon_threadsafe(_interrupt, holder, future)
-                with contextlib.suppress(BaseException):
+            if not future.cancel():
+                self.loop.call_soon_threadsafe(interrupt)
+                with contextlib.suppress(BaseException):  # the turn is recorded; report Ctrl+C
                     future.result(timeout=30)
             raise
 
