@@ -9,13 +9,17 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import pytest
+
 from chatsession import Agent, AssistantMessageEvent, StopEvent
 from chatsession.agent.llm.local import LocalLLM
+from chatsession.errors import InvalidArgumentError
 from chatsession.log import Message
 
 NO_OPENAI = """
 import asyncio, sys
 from chatsession.agent.llm.local import LocalLLM
+from chatsession.errors import InvalidArgumentError
 from chatsession.agent import Agent
 from chatsession.log import Message
 
@@ -78,3 +82,18 @@ async def test_loading_and_tokenizing_do_not_block_the_loop() -> None:
     message = next(e.message for e in events if isinstance(e, AssistantMessageEvent))
     assert message.truncated and events[-1] == StopEvent("length", message.text)
     assert await answering.get_context_window() == answering.context_window == 2048
+
+
+def test_bad_local_options_are_typed_errors() -> None:
+    bad = [
+        {"context_window": 0},
+        {"max_tokens": -1},
+        {"threads": 0},
+        {"max_tokens": 2.5},
+        {"temperature": float("nan")},
+        {"temperature": -1},
+        {"seed": "1"},
+    ]
+    for options in bad:
+        with pytest.raises(InvalidArgumentError, match=next(iter(options))):
+            LocalLLM(**options)  # type: ignore[arg-type]

