@@ -67,8 +67,7 @@ async def run(agent: Agent, messages: list[Message]) -> list[AgentEvent]:
 
 def status_of(error: BaseException | None) -> int | None:
     assert isinstance(error, ModelError), error
-    status: int | None = getattr(error, "status_code", None)
-    return status
+    return error.status_code
 
 
 # -- 1. tool loops: the tool-call message goes out with content "" ------------------

@@ -19,7 +19,7 @@ from chatsession.agent.events import (
     UsageEvent,
 )
 from chatsession.agent.llm import LLM, Completion, TextDelta, ToolSpec, resolve_llm
-from chatsession.agent.llm.base import estimate_text_tokens, estimate_tokens, model_error
+from chatsession.agent.llm.base import estimate_text_tokens, estimate_tokens
 from chatsession.agent.pricing import PriceTable
 from chatsession.agent.tools import Tool, ToolContext, as_tools, schema_hash
 from chatsession.errors import InvalidArgumentError, ModelError, ToolError
@@ -215,7 +215,7 @@ class Agent:
             else:
                 completion = chunk
         if completion is None:
-            raise model_error(
+            raise ModelError(
                 f"the model {self.llm.model!r} ({self.llm.provider}) ended its answer without "
                 "a finish reason; what it produced is kept"
             )
@@ -300,7 +300,7 @@ class Agent:
                     else:
                         completion = item
                 if completion is None:  # _call_model raises first; kept for -O safety
-                    raise model_error(f"the model {self.llm.model!r} gave no answer")
+                    raise ModelError(f"the model {self.llm.model!r} gave no answer")
             except (asyncio.CancelledError, KeyboardInterrupt, GeneratorExit):
                 raise
             except Exception as exc:
@@ -363,6 +363,6 @@ class Agent:
             if isinstance(item, Completion):
                 completion = item
         if completion is None:  # _call_model raises first; kept for -O safety
-            raise model_error(f"the model {self.llm.model!r} gave no summary")
+            raise ModelError(f"the model {self.llm.model!r} gave no summary")
         usage = self._usage(completion, context).model_copy(update={"level": "compaction"})
         return completion.message.text, usage

@@ -24,7 +24,6 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from chatsession.errors import ModelError
 from chatsession.log import Message, Usage
 
 __all__ = [
@@ -35,7 +34,6 @@ __all__ = [
     "ToolSpec",
     "estimate_text_tokens",
     "estimate_tokens",
-    "model_error",
 ]
 
 ToolSpec = dict[str, Any]
@@ -119,10 +117,3 @@ def estimate_tokens(messages: Sequence[Message]) -> int:
 def estimate_text_tokens(text: str) -> int:
     """About four characters a token."""
     return math.ceil(len(text) / 4)
-
-
-def model_error(message: str, status_code: int | None = None) -> ModelError:
-    """A :class:`ModelError` carrying ``status_code`` (the HTTP status, None without one)."""
-    error = ModelError(message)
-    setattr(error, "status_code", status_code)  # noqa: B010 (until ModelError declares it)
-    return error

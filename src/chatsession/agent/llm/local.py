@@ -23,9 +23,9 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from chatsession.agent.llm.base import Completion, LLMChunk, TextDelta, ToolSpec, model_error
+from chatsession.agent.llm.base import Completion, LLMChunk, TextDelta, ToolSpec
 from chatsession.agent.llm.messages import to_openai_messages
-from chatsession.errors import InvalidArgumentError, MissingDependencyError
+from chatsession.errors import InvalidArgumentError, MissingDependencyError, ModelError
 from chatsession.log import Message, Usage
 
 __all__ = ["LocalLLM", "available", "model_path"]
@@ -213,7 +213,7 @@ class LocalLLM:
                 if item is done:
                     break
                 if isinstance(item, BaseException):
-                    raise model_error(
+                    raise ModelError(
                         f"the local model ({self.path.name}) failed: {type(item).__name__}: {item}"
                     ) from item
                 choice = item["choices"][0]
@@ -228,7 +228,7 @@ class LocalLLM:
             # generation stops between tokens; wait for it so the model is free again
             await asyncio.to_thread(thread.join, 30)
         if finish is None:
-            raise model_error(
+            raise ModelError(
                 f"the local model ({self.path.name}) stopped without a finish reason after "
                 f"{len(''.join(text))} characters; what was produced is kept"
             )

@@ -79,7 +79,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import openai
 
-from chatsession.agent.llm.base import Completion, LLMChunk, TextDelta, ToolSpec, model_error
+from chatsession.agent.llm.base import Completion, LLMChunk, TextDelta, ToolSpec
 from chatsession.agent.llm.messages import check_empty_content, to_openai_messages
 from chatsession.errors import InvalidArgumentError, ModelError
 from chatsession.log import Message, ToolCall, Usage
@@ -429,7 +429,7 @@ class OpenAILLM:
         key = api_key or os.environ.get("CHATSESSION_API_KEY") or os.environ.get("OPENAI_API_KEY")
         if not key:
             if self.base_url is None:
-                raise model_error(
+                raise ModelError(
                     f"openai:{model} needs an API key: set OPENAI_API_KEY (or CHATSESSION_API_KEY), "
                     "or point CHATSESSION_BASE_URL at a local OpenAI-compatible server"
                 )
@@ -659,12 +659,12 @@ class OpenAILLM:
                 )
             except openai.APIError as exc:  # an error event in the stream
                 kept = "; what was produced is kept" if answer.produced else ""
-                raise model_error(
+                raise ModelError(
                     f"{_display_url(self.base_url)} reported an error in the stream for model "
                     f"{self.model!r}: {exc.message}{kept}"
                 ) from exc
             except ValueError as exc:  # not JSON, not a chunk
-                raise model_error(
+                raise ModelError(
                     f"{_display_url(self.base_url)} sent a stream for model {self.model!r} "
                     f"that could not be read: {type(exc).__name__}: {exc}"
                 ) from exc
@@ -740,7 +740,7 @@ class OpenAILLM:
                 f"{where} refused the request for model {self.model!r} (HTTP {status}: {detail}): "
                 "check the model options"
             )
-        return model_error(what, status)
+        return ModelError(what, status_code=status)
 
     def _connection_error(
         self, exc: openai.APIConnectionError, answer: _Accumulator, attempts: int
@@ -750,18 +750,18 @@ class OpenAILLM:
         reason = f"{type(cause).__name__}: {cause}" if cause is not None else str(exc)
         if answer.produced:
             chars = sum(map(len, answer.text))
-            return model_error(
+            return ModelError(
                 f"the stream from {where} for model {self.model!r} broke after the answer had "
                 f"started ({chars} characters, {len(answer.calls)} tool calls so far): {reason}; "
                 "what was produced is kept, and it is not retried (that would repeat it)"
             )
         tries = f" after {attempts} attempts" if attempts > 1 else ""
         if isinstance(exc, openai.APITimeoutError):
-            return model_error(
+            return ModelError(
                 f"model {self.model!r} at {where} did not answer within {self._timeout:g} s"
                 f"{tries}: check that the server is up and not overloaded, or raise timeout"
             )
-        return model_error(
+        return ModelError(
             f"could not reach model {self.model!r} at {where}{tries} ({reason}): check that "
             "the server is running and base_url is right"
         )
@@ -769,12 +769,12 @@ class OpenAILLM:
     def _unfinished_error(self, answer: _Accumulator) -> ModelError:
         where = _display_url(self.base_url)
         if answer.produced:
-            return model_error(
+            return ModelError(
                 f"the stream from {where} for model {self.model!r} ended without a finish "
                 f"reason after {sum(map(len, answer.text))} characters: the server stopped "
                 "mid-answer (see its log); what was produced is kept"
             )
-        return model_error(
+        return ModelError(
             f"{where} answered 200 for model {self.model!r} but the stream ended with no "
             "output and no finish reason: the server failed after answering; see its log. "
             "Common causes: the prompt is over the server's context window (compact the "
