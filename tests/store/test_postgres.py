@@ -86,6 +86,46 @@ def test_options_and_masking() -> None:
     assert store.synchronous_commit is None  # not asked for: the server's setting applies
 
 
+@pytest.mark.parametrize(
+    ("url", "kwargs"),
+    [
+        ("postgresql:///db", {"database": "db"}),
+        ("postgresql://:5433/db", {"port": 5433, "database": "db"}),
+        ("postgres://h/db", {"host": "h", "database": "db"}),
+        ("postgresql://[::1]:6000/db", {"host": "::1", "port": 6000, "database": "db"}),
+        (
+            "postgresql://h1:5,h2/db",
+            {"host": ["h1", "h2"], "port": [5, 5432], "database": "db"},
+        ),
+        (
+            "postgresql://u%40x:p%3Aw%2F@h/d%2Fb?sslmode=verify-full&application_name=a%20b",
+            {
+                "host": "h",
+                "user": "u@x",
+                "password": "p:w/",
+                "database": "d/b",
+                "ssl": "verify-full",
+                "server_settings": {"application_name": "a b"},
+            },
+        ),
+        (
+            "postgresql://h/db?synchronous_commit=off&password=a%26b%3Dc",
+            {
+                "host": "h",
+                "database": "db",
+                "password": "a&b=c",
+                "server_settings": {"synchronous_commit": "off"},
+            },
+        ),
+    ],
+)
+def test_urls_become_driver_arguments_not_a_connection_string(
+    url: str, kwargs: dict[str, Any]
+) -> None:
+    store = PostgresStore.from_url(url)
+    assert store._settings.connect_kwargs() == kwargs  # type: ignore[attr-defined]
+
+
 #: Each is refused by open_store with InvalidURLError, before any I/O.
 BAD_URLS = [
     "postgresql://127.0.0.1/test?schema=Bad-Name",

@@ -414,14 +414,16 @@ class _Settings:
         if not self.hosts:
             return "localhost:5432"
         return ",".join(
-            f"{host}:{port or 5432}" for host, port in zip(self.hosts, self.ports, strict=True)
+            f"{host or 'localhost'}:{port or 5432}"
+            for host, port in zip(self.hosts, self.ports, strict=True)
         )
 
     def connect_kwargs(self) -> dict[str, Any]:
         """asyncpg's connection arguments: parsed values, no connection string."""
         kwargs: dict[str, Any] = {}
-        if len(self.hosts) == 1:
-            kwargs["host"] = self.hosts[0]
+        if len(self.hosts) == 1:  # "postgresql://:5433/db": the default host, that port
+            if self.hosts[0]:
+                kwargs["host"] = self.hosts[0]
             if self.ports[0] is not None:
                 kwargs["port"] = self.ports[0]
         elif self.hosts:
