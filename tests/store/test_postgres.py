@@ -411,6 +411,12 @@ async def test_a_database_made_at_migration_002_is_upgraded_once(schema: str) ->
         fork = await read_all(store, "fork")
         assert [r.data for r in fork[:2]] == [r.data for r in (await read_all(store, "old"))[:2]]
         assert fork[2].data == AS_TEXT[1]
+        # 004: the old rows keep their jsonb body; a body jsonb cannot hold goes to text
+        old = await store.update((await store.get("old")).model_copy(update={"title": "t"}), 1)
+        assert (old.title, await body_columns(schema, "old")) == ("t", (True, False))
+        await store.fork("old", 4, SessionRecord(id="nul", metadata={"x": "\x00"}))
+        assert (await store.get("nul")).metadata == {"x": "\x00"}
+        assert await body_columns(schema, "nul") == (False, True)
     finally:
         for s in stores:
             await s.aclose()
