@@ -1465,8 +1465,8 @@ class ChatSession:
         await self._open_for_reading()
         context = self.conversation.context
         messages = self.conversation.messages
-        budget = self._budget_tokens or self.agent.context_window
-        exact = self.agent.count_tokens(messages)
+        budget = self._budget_tokens or await self.agent.get_context_window()
+        exact = await self.agent.acount_tokens(messages)
         method: Literal["provider", "tokenizer", "estimate"]
         if exact is not None:
             current, method = exact, "tokenizer"
