@@ -160,6 +160,9 @@ CUT_PASSWORDS = [
     "postgresql://alice:ab/cd@127.0.0.1/test",
     "postgresql://alice:12/cd@127.0.0.1/test",  # would parse as host alice, port 12
     "postgresql://alice:ab?cd@127.0.0.1/test",
+    "postgresql://alice:12?cd@127.0.0.1/test",
+    "postgresql://alice:12?cd=@127.0.0.1/test",
+    "postgresql://alice:12?schema=cd@127.0.0.1/test",
     "postgresql://alice:ab#cd@127.0.0.1/test",
 ]
 
@@ -180,6 +183,15 @@ def test_a_password_cut_short_by_a_reserved_character_is_not_shown(url: str) -> 
     with pytest.raises(InvalidURLError) as info:
         PostgresStore.from_url(url)
     assert "cd" not in str(info.value).replace("encod", "")
+
+
+def test_an_at_sign_in_an_option_value_is_written_percent_encoded() -> None:
+    with pytest.raises(InvalidURLError, match="%40"):
+        PostgresStore.from_url("postgresql:///db?application_name=me@laptop")
+    store = PostgresStore.from_url("postgresql:///db?application_name=me%40laptop")
+    assert store._settings.application_name == "me@laptop"  # type: ignore[attr-defined]
+    store = PostgresStore.from_url("postgresql://u@h/db?application_name=me@laptop")
+    assert store._settings.application_name == "me@laptop"  # type: ignore[attr-defined]
 
 
 def test_bad_keyword_options_are_refused() -> None:

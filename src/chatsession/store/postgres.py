@@ -479,11 +479,13 @@ def _parse_url(url: object, options: Mapping[str, object]) -> _Settings:
     if parts.scheme.lower() not in ("postgresql", "postgres"):
         raise bad("use the postgresql:// (or postgres://) scheme")
     if "@" not in parts.netloc and "@" in url.partition("://")[2]:
-        # "u:pa/ss@host" or "u:pa?ss@host": a password with a '/' or '?' cut the
-        # user part short; what looks like the host or the path is the password
+        # "u:12/ss@host/db" or "u:12?ss@host": a password with a '/' or '?' cut the
+        # user part short; what looks like the host, port, path or options is the
+        # password, and messages that quote them would show it
         raise InvalidURLError(
             "a PostgreSQL URL has an '@' after the host (the URL is not shown: it may hold a "
-            "password); write '/', '?' in a password as %2F, %3F and '@' elsewhere as %40"
+            "password); write '/', '?' in a password as %2F, %3F and '@' in a database "
+            "name or an option as %40"
         )
 
     userinfo, at, hostinfo = parts.netloc.rpartition("@")
