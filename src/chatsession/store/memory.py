@@ -4,11 +4,20 @@ Every ``open_store("memory://")`` is a new, empty store. Nothing survives the
 process; use it for tests and throwaway sessions. It implements the whole
 :class:`~chatsession.store.base.Store` contract and is the reference the other
 backends are checked against.
+
+It keeps what it acknowledged, not the caller's objects: records are copied
+in and out (changing a dict passed to ``create`` or one returned by ``get``
+changes nothing stored), events are immutable tuples of immutable values,
+and blobs are copied to ``bytes``.
+
+This module also holds the argument checks every backend runs before any
+I/O beyond those of :mod:`chatsession.store.base`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Self
@@ -18,9 +27,12 @@ from chatsession.errors import (
     BlobNotFoundError,
     ChatSessionClosedError,
     ConflictError,
+    CorruptDataError,
+    InvalidArgumentError,
     InvalidURLError,
     SessionExistsError,
     SessionNotFoundError,
+    UnsupportedValueError,
 )
 from chatsession.store.base import (
     DEFAULT_READ_BATCH,
@@ -31,19 +43,77 @@ from chatsession.store.base import (
     SessionState,
     StoredEvent,
     check_append,
+    check_blob,
     check_fork_point,
     check_limit,
     check_read,
+    check_record,
+    check_text,
     decode_cursor,
     encode_cursor,
     fork_segments,
     initial_record,
     now,
+    redact_url,
     updated_record,
     validate_id,
 )
 
 __all__ = ["MemoryStore"]
+
+_STATES = ("active", "idle", "archived", "expired")
+
+
+def _check_version(expected_version: object) -> None:
+    """Refuse an ``update`` version that is not an int >= 0 (before any I/O)."""
+    if type(expected_version) is not int or expected_version < 0:
+        raise InvalidArgumentError(
+            f"expected_version must be an int >= 0 (the version of the record as read), "
+            f"got {expected_version!r}"
+        )
+
+
+def _check_fork_at(at_seq: object) -> None:
+    """Refuse a fork point that is not an int >= 0 (before any I/O; the head is checked later)."""
+    if type(at_seq) is not int or at_seq < 0:
+        raise InvalidArgumentError(
+            f"at_seq must be an int >= 0 (a seq of the parent session), got {at_seq!r}"
+        )
+
+
+def _check_filters(**filters: object) -> None:
+    """Refuse ``list_sessions`` filters that no stored record could hold (before any I/O)."""
+    for name, value in filters.items():
+        if name == "state":
+            if value is not None and (type(value) is not str or value not in _STATES):
+                raise InvalidArgumentError(
+                    f"state filter {value!r} is not one of {', '.join(_STATES)} (or None)"
+                )
+            continue
+        try:
+            check_text(value, name, optional=True, controls=False)
+        except UnsupportedValueError as exc:
+            raise InvalidArgumentError(
+                f"{name} filter {str(value)[:40]!r} can match no session: {exc}"
+            ) from None
+
+
+def _check_before(before: object) -> None:
+    """Refuse a ``purge_expired`` time that is not None or a number (NaN included)."""
+    if before is None:
+        return
+    if type(before) not in (int, float) or math.isnan(before):  # type: ignore[arg-type]
+        raise InvalidArgumentError(f"before must be None or a time in Unix seconds, got {before!r}")
+
+
+def _fork_loop(session_id: str, chain: Sequence[object]) -> CorruptDataError:
+    """The error for a fork chain that comes back to a session already in it."""
+    path = " -> ".join(repr(str(node)) for node in chain)
+    return CorruptDataError(
+        f"session {session_id!r}: its fork parents loop ({path}), so its events cannot be "
+        "read; the store was edited by hand or restored badly: restore it from a backup, "
+        "or give one of these sessions its real parent back"
+    )
 
 
 @dataclass
@@ -70,10 +140,13 @@ class MemoryStore:
         Raises:
             InvalidURLError: The URL has a host, a path, a query or options.
         """
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+        except ValueError:
+            raise InvalidURLError(f"cannot parse {redact_url(url)}; use plain memory://") from None
         given = sorted({*options, *(k for k, _ in parse_qsl(parts.query, keep_blank_values=True))})
         if given or parts.netloc or parts.path not in ("", "/") or parts.fragment:
-            what = f"options {given}" if given else f"{url!r}"
+            what = f"options {given}" if given else redact_url(url)
             raise InvalidURLError(
                 f"memory:// takes no host, path or options, got {what}; use plain memory://"
             )
@@ -103,11 +176,22 @@ class MemoryStore:
 
     def _lineage(self, entry: _Entry) -> list[tuple[str, int]]:
         chain: list[tuple[str, int]] = []
+        seen: set[str] = set()
         current: _Entry | None = entry
         while current is not None:
+            seen.add(current.record.id)
             parent = current.record.parent
             chain.append((current.record.id, parent.seq if parent else 0))
-            current = self._entries[parent.session_id] if parent else None
+            if parent is None:
+                break
+            if parent.session_id in seen:
+                raise _fork_loop(entry.record.id, [sid for sid, _ in chain] + [parent.session_id])
+            current = self._entries.get(parent.session_id)
+            if current is None:
+                raise CorruptDataError(
+                    f"session {entry.record.id!r}: its fork ancestor {parent.session_id!r} is "
+                    "missing from the store"
+                )
         return chain
 
     def _purge(self, session_id: str) -> None:
@@ -126,25 +210,26 @@ class MemoryStore:
 
     async def create(self, record: SessionRecord) -> SessionRecord:
         """See :meth:`Store.create`."""
+        stored = initial_record(record).model_copy(deep=True)
         self._check_open()
-        validate_id(record.id)
         if record.id in self._entries:
             raise SessionExistsError(record.id)
-        stored = initial_record(record)
         self._entries[record.id] = _Entry(stored)
-        return stored
+        return stored.model_copy(deep=True)
 
     async def get(self, session_id: str) -> SessionRecord:
         """See :meth:`Store.get`."""
-        return self._visible(session_id).record
+        return self._visible(session_id).record.model_copy(deep=True)
 
     async def update(self, record: SessionRecord, expected_version: int) -> SessionRecord:
         """See :meth:`Store.update`."""
+        check_record(record)
+        _check_version(expected_version)
         entry = self._visible(record.id)
         if entry.record.version != expected_version:
             raise ConflictError(record.id, expected_version, entry.record.version, "version")
-        entry.record = updated_record(entry.record, record)
-        return entry.record
+        entry.record = updated_record(entry.record, record).model_copy(deep=True)
+        return entry.record.model_copy(deep=True)
 
     async def delete(self, session_id: str) -> None:
         """See :meth:`Store.delete`."""
@@ -165,9 +250,10 @@ class MemoryStore:
         cursor: str | None = None,
     ) -> Page:
         """See :meth:`Store.list_sessions`."""
-        self._check_open()
         check_limit(limit)
-        after = decode_cursor(cursor) if cursor else None
+        _check_filters(user_id=user_id, agent_id=agent_id, window_id=window_id, state=state)
+        after = decode_cursor(cursor) if cursor is not None else None
+        self._check_open()
         at = now()
         rows = [
             e.record
@@ -183,7 +269,7 @@ class MemoryStore:
         rows.sort(key=lambda r: (r.created_at, r.id), reverse=True)
         page = rows[: limit + 1]
         more = len(page) > limit
-        page = page[:limit]
+        page = [r.model_copy(deep=True) for r in page[:limit]]
         return Page(page, encode_cursor(page[-1]) if more else None)
 
     # -- events ----------------------------------------------------------
@@ -196,7 +282,7 @@ class MemoryStore:
         if head != expected_seq:
             raise ConflictError(session_id, expected_seq, head)
         entry.events.extend(
-            StoredEvent(head + i, e.type, e.ts, e.turn_id, e.data, e.schema_version)
+            StoredEvent(head + i, e.type, float(e.ts), e.turn_id, e.data, e.schema_version)
             for i, e in enumerate(events, start=1)
         )
         entry.record = entry.record.model_copy(
@@ -225,23 +311,29 @@ class MemoryStore:
 
     async def fork(self, session_id: str, at_seq: int, new_record: SessionRecord) -> SessionRecord:
         """See :meth:`Store.fork`."""
+        validate_id(session_id)
+        _check_fork_at(at_seq)
+        check_record(new_record)
         parent = self._visible(session_id)
-        validate_id(new_record.id)
         check_fork_point(session_id, at_seq, parent.record.head)
         if new_record.id in self._entries:
             raise SessionExistsError(new_record.id)
         stored = initial_record(new_record, ParentRef(session_id=session_id, seq=at_seq))
+        stored = stored.model_copy(deep=True)
         self._entries[new_record.id] = _Entry(stored)
         parent.children.add(new_record.id)
-        return stored
+        return stored.model_copy(deep=True)
 
     # -- blobs -----------------------------------------------------------
 
     async def put_blob(self, session_id: str, data: bytes, media_type: str = "") -> str:
         """See :meth:`Store.put_blob`."""
+        validate_id(session_id)
+        check_blob(data, media_type)
         entry = self._visible(session_id)
-        blob_id = hashlib.sha256(data).hexdigest()
-        entry.blobs[blob_id] = bytes(data)
+        kept = bytes(data)
+        blob_id = hashlib.sha256(kept).hexdigest()
+        entry.blobs[blob_id] = kept
         return blob_id
 
     async def get_blob(self, session_id: str, blob_id: str) -> bytes:
@@ -258,6 +350,7 @@ class MemoryStore:
 
     async def purge_expired(self, before: float | None = None) -> int:
         """See :meth:`Store.purge_expired`."""
+        _check_before(before)
         self._check_open()
         at = now() if before is None else before
         expired = [
