@@ -28,6 +28,16 @@ SQLite calls never run on the event loop.
 Schema changes are named migrations recorded in ``chatsession_migrations``;
 they run once, inside a write transaction, so processes starting at once are
 safe.
+
+Damage (a bad restore, a hand edit, a disk error) is
+:class:`~chatsession.errors.CorruptDataError` naming the session and where it
+is (table, column, seq), never :class:`~chatsession.errors.StoreUnavailableError`,
+which tells callers to retry: a table or column missing although its migration
+is recorded, a record column of the wrong type or holding bad JSON, an event
+row of the wrong type, events missing before the head or stored past it, a
+fork whose ancestors are missing or loop. ``list_sessions`` skips a session
+whose record is damaged and logs a warning (logger ``chatsession.store.sqlite``)
+naming it, so one damaged session does not hide the others.
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import sqlite3
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -44,6 +55,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Self, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
+
+from pydantic import ValidationError
 
 from chatsession.errors import (
     BlobNotFoundError,
@@ -64,16 +77,26 @@ from chatsession.store.base import (
     SessionState,
     StoredEvent,
     check_append,
+    check_blob,
     check_fork_point,
     check_limit,
     check_read,
+    check_record,
     decode_cursor,
     encode_cursor,
     fork_segments,
     initial_record,
     now,
+    redact_url,
     updated_record,
     validate_id,
+)
+from chatsession.store.memory import (
+    _check_before,
+    _check_filters,
+    _check_fork_at,
+    _check_version,
+    _fork_loop,
 )
 
 __all__ = ["SQLiteStore"]
@@ -84,8 +107,30 @@ def _fetch(sql: str, params: tuple[Any, ...], db: sqlite3.Connection) -> list[An
 
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 _OPTIONS = {"synchronous", "busy_timeout"}
+_BODY_KEYS = frozenset({"title", "metadata", "fingerprint"})
+#: The Python types of a sound ``events`` row (seq, type, ts, turn_id, data, v).
+_EVENT_ROW_TYPES = frozenset(
+    {(int, str, float, str, str, int), (int, str, float, type(None), str, int)}
+)
+_EVENT_COLUMNS = ("seq", "type", "ts", "turn_id", "data", "v")
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _why(exc: BaseException) -> str:
+    """A short reason for a parse or validation failure."""
+    if isinstance(exc, ValidationError):
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        return f"{where}: {first['msg']}" if where else str(first["msg"])
+    if isinstance(exc, RecursionError):
+        return "JSON nested too deeply to read"
+    return str(exc)[:200]
 
 
 def _migration_1(db: sqlite3.Connection) -> None:
@@ -158,19 +203,23 @@ _RECORD_FROM = "sessions s LEFT JOIN sessions p ON p.pk = s.parent_pk"
 
 
 def _path_from_url(url: str) -> tuple[str, dict[str, str]]:
-    parts = urlsplit(url)
+    shown = redact_url(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        raise InvalidURLError(f"cannot parse the sqlite URL {shown}: {exc}") from None
     if parts.scheme.lower() != "sqlite":
-        raise InvalidURLError(f"not a sqlite:// URL: {url!r}")
+        raise InvalidURLError(f"not a sqlite:// URL: {shown}")
     if parts.netloc:
         raise InvalidURLError(
-            f"sqlite URL {url!r} has a host part; use sqlite:///relative.db or "
+            f"sqlite URL {shown} has a host part; use sqlite:///relative.db or "
             "sqlite:////absolute/path.db"
         )
     path = unquote(parts.path)
     if path.startswith("/"):
         path = path[1:]
     if not path:
-        raise InvalidURLError(f"sqlite URL {url!r} names no file; e.g. sqlite:///sessions.db")
+        raise InvalidURLError(f"sqlite URL {shown} names no file; e.g. sqlite:///sessions.db")
     options = dict(parse_qsl(parts.query, keep_blank_values=True))
     return path, options
 
@@ -211,7 +260,8 @@ class SQLiteStore:
         unknown = set(query) - _OPTIONS
         if unknown:
             raise InvalidURLError(
-                f"unknown sqlite option(s) {sorted(unknown)} in {url!r}; known: {sorted(_OPTIONS)}"
+                f"unknown sqlite option(s) {sorted(unknown)} in {redact_url(url)}; "
+                f"known: {sorted(_OPTIONS)}"
             )
         return cls(path, **query)  # type: ignore[arg-type]
 
@@ -294,6 +344,12 @@ class SQLiteStore:
                 f"the SQLite file {self.path!r} is damaged ({message}); restore it from a backup, "
                 f"or salvage it with: sqlite3 {self.path} .recover | sqlite3 repaired.db"
             )
+        if "no such table" in lowered or "no such column" in lowered or "has no column" in lowered:
+            return CorruptDataError(
+                f"the SQLite file {self.path!r} lacks part of its schema ({message}), though its "
+                "migrations are recorded as done: it was damaged or edited by hand; restore it "
+                "from a backup"
+            )
         if "locked" in lowered or "busy" in lowered:
             return StoreUnavailableError(
                 f"the SQLite file {self.path!r} stayed locked by another writer for more than "
@@ -336,29 +392,56 @@ class SQLiteStore:
 
     # -- rows ----------------------------------------------------------------
 
+    def _damaged(self, session_id: object, where: str, why: str) -> CorruptDataError:
+        return CorruptDataError(
+            f"session {session_id!r} in the SQLite file {self.path!r}: {where} is damaged "
+            f"({why}); restore the file from a backup"
+        )
+
     def _record(self, row: Sequence[Any]) -> SessionRecord:
+        """The record of a ``_RECORD_COLUMNS`` row, checked type for type."""
+        where = "the sessions row, column body"
         try:
-            body = json.loads(row[13])
-            parent = ParentRef(session_id=row[9], seq=row[10]) if row[16] is not None else None
-            return SessionRecord(
-                id=row[1],
-                user_id=row[2],
-                agent_id=row[3],
-                window_id=row[4],
-                state=row[5],
-                created_at=row[6],
-                updated_at=row[7],
-                expires_at=row[8],
-                parent=parent,
-                head=row[11],
-                version=row[12],
-                **body,
+            if type(row[13]) is not str:
+                raise TypeError(f"a {type(row[13]).__name__}, not JSON text")
+            body = json.loads(row[13], parse_constant=_refuse_constant)
+            if type(body) is not dict or not body.keys() <= _BODY_KEYS:
+                raise TypeError(f"not a JSON object with keys {sorted(_BODY_KEYS)}")
+            where = "the sessions row"
+            parent = None
+            if row[16] is not None:
+                if row[9] is None:
+                    raise ValueError(f"its parent (row {row[16]!r}) is missing")
+                parent = {"session_id": row[9], "seq": row[10]}
+            return SessionRecord.model_validate(
+                {
+                    "id": row[1],
+                    "user_id": row[2],
+                    "agent_id": row[3],
+                    "window_id": row[4],
+                    "state": row[5],
+                    "created_at": row[6],
+                    "updated_at": row[7],
+                    "expires_at": row[8],
+                    "parent": parent,
+                    "head": row[11],
+                    "version": row[12],
+                    **body,
+                },
+                strict=True,
             )
-        except (ValueError, TypeError) as exc:
-            raise CorruptDataError(
-                f"the record of session {row[1]!r} in {self.path!r} is damaged ({exc}); "
-                "restore the file from a backup"
-            ) from exc
+        except (ValueError, TypeError, RecursionError) as exc:
+            raise self._damaged(row[1], where, _why(exc)) from exc
+
+    def _check_head(self, session_id: str, head: object, expires_at: object) -> int:
+        """The head of a sessions row, after checking the columns append and fork rely on."""
+        if type(head) is not int or head < 0:
+            raise self._damaged(session_id, "the sessions row, column head", f"{head!r}")
+        if expires_at is not None and type(expires_at) is not float:
+            raise self._damaged(
+                session_id, "the sessions row, column expires_at", f"{expires_at!r}"
+            )
+        return head
 
     @staticmethod
     def _body(record: SessionRecord) -> str:
@@ -377,23 +460,42 @@ class SQLiteStore:
         row = self._row(db, session_id)
         if row is None or row[14]:
             raise SessionNotFoundError(session_id)
+        self._check_head(session_id, row[11], row[8])
         if row[8] is not None and row[8] <= now():
             raise SessionNotFoundError(session_id, "expired")
         return row
 
-    @staticmethod
-    def _lineage(db: sqlite3.Connection, pk: int) -> list[tuple[int, int]]:
+    def _lineage(self, db: sqlite3.Connection, session_id: str, pk: int) -> list[tuple[int, int]]:
         """``(pk, fork_seq)`` from the session up to the root."""
         chain: list[tuple[int, int]] = []
+        names: list[str] = []
         current: int | None = pk
         while current is not None:
             row = db.execute(
-                "SELECT parent_pk, parent_seq FROM sessions WHERE pk = ?", (current,)
+                "SELECT parent_pk, parent_seq, id FROM sessions WHERE pk = ?", (current,)
             ).fetchone()
             if row is None:
-                raise CorruptDataError(f"a fork's ancestor (row {current}) is missing")
-            chain.append((current, row[1] or 0))
-            current = row[0]
+                raise self._damaged(
+                    session_id,
+                    "its fork chain",
+                    f"the ancestor in sessions row {current} is missing",
+                )
+            parent_pk, fork_seq, name = row
+            names.append(name)
+            if parent_pk is None:
+                chain.append((current, 0))
+                break
+            if type(parent_pk) is not int or type(fork_seq) is not int or fork_seq < 0:
+                raise self._damaged(
+                    session_id,
+                    f"the fork point of {name!r} (columns parent_pk, parent_seq)",
+                    f"{parent_pk!r}, {fork_seq!r}",
+                )
+            chain.append((current, fork_seq))
+            if any(node == parent_pk for node, _ in chain):
+                looped = db.execute("SELECT id FROM sessions WHERE pk = ?", (parent_pk,)).fetchone()
+                raise _fork_loop(session_id, [*names, looped[0] if looped else parent_pk])
+            current = parent_pk
         return chain
 
     # -- records -------------------------------------------------------------
@@ -437,7 +539,8 @@ class SQLiteStore:
 
     async def update(self, record: SessionRecord, expected_version: int) -> SessionRecord:
         """See :meth:`Store.update`."""
-        validate_id(record.id)
+        check_record(record)
+        _check_version(expected_version)
 
         def work(db: sqlite3.Connection) -> SessionRecord:
             db.execute("BEGIN IMMEDIATE")
@@ -507,9 +610,13 @@ class SQLiteStore:
         limit: int = 50,
         cursor: str | None = None,
     ) -> Page:
-        """See :meth:`Store.list_sessions`."""
+        """See :meth:`Store.list_sessions`.
+
+        A session whose record is damaged is skipped, with a warning logged.
+        """
         check_limit(limit)
-        after = decode_cursor(cursor) if cursor else None
+        _check_filters(user_id=user_id, agent_id=agent_id, window_id=window_id, state=state)
+        after: tuple[Any, Any] | None = decode_cursor(cursor) if cursor is not None else None
         where = ["s.deleted = 0", "(s.expires_at IS NULL OR s.expires_at > ?)"]
         params: list[Any] = [now()]
         for column, value in (
@@ -521,17 +628,28 @@ class SQLiteStore:
             if value is not None:
                 where.append(f"s.{column} = ?")
                 params.append(value)
-        if after is not None:
-            where.append("(s.created_at < ? OR (s.created_at = ? AND s.id < ?))")
-            params.extend([after[0], after[0], after[1]])
-        sql = (
-            f"SELECT {_RECORD_COLUMNS} FROM {_RECORD_FROM} WHERE {' AND '.join(where)} "
-            "ORDER BY s.created_at DESC, s.id DESC LIMIT ?"
-        )
-        params.append(limit + 1)
-        rows = await self._run(lambda db: db.execute(sql, params).fetchall())
-        records = [self._record(r) for r in rows[:limit]]
-        return Page(records, encode_cursor(records[-1]) if len(rows) > limit else None)
+        base_sql = f"SELECT {_RECORD_COLUMNS} FROM {_RECORD_FROM} WHERE {' AND '.join(where)}"
+        order = " ORDER BY s.created_at DESC, s.id DESC LIMIT ?"
+        keyset = " AND (s.created_at < ? OR (s.created_at = ? AND s.id < ?))"
+        records: list[SessionRecord] = []
+        while len(records) <= limit:
+            want = limit + 1 - len(records)
+            if after is None:
+                sql, args = base_sql + order, [*params, want]
+            else:
+                sql, args = base_sql + keyset + order, [*params, after[0], after[0], after[1], want]
+            rows = await self._run(partial(_fetch, sql, tuple(args)))
+            for row in rows:
+                try:
+                    records.append(self._record(row))
+                except CorruptDataError as exc:
+                    logger.warning("list_sessions skips session %r: %s", row[1], exc)
+            if len(rows) < want:
+                break
+            after = (rows[-1][6], rows[-1][1])  # go on after the last row, sound or not
+        more = len(records) > limit
+        records = records[:limit]
+        return Page(records, encode_cursor(records[-1]) if more else None)
 
     # -- events --------------------------------------------------------------
 
@@ -547,20 +665,24 @@ class SQLiteStore:
             ).fetchone()
             if row is None or row[2]:
                 raise SessionNotFoundError(session_id)
+            self._check_head(session_id, row[1], row[3])
             if row[3] is not None and row[3] <= now():
                 raise SessionNotFoundError(session_id, "expired")
             pk: int = row[0]
-            head: int = row[1]
+            head = self._check_head(session_id, row[1], row[3])
             if head != expected_seq:
                 raise ConflictError(session_id, expected_seq, head)
-            db.executemany(
-                "INSERT INTO events (session_pk, seq, type, ts, turn_id, v, data) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (pk, head + i, e.type, e.ts, e.turn_id, e.schema_version, e.data)
-                    for i, e in enumerate(events, start=1)
-                ],
-            )
+            try:
+                db.executemany(
+                    "INSERT INTO events (session_pk, seq, type, ts, turn_id, v, data) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        (pk, head + i, e.type, e.ts, e.turn_id, e.schema_version, e.data)
+                        for i, e in enumerate(events, start=1)
+                    ],
+                )
+            except sqlite3.IntegrityError as exc:
+                raise self._past_head(db, session_id, pk, head) from exc
             new_head = head + len(events)
             db.execute(
                 "UPDATE sessions SET head = ?, updated_at = ? WHERE pk = ?", (new_head, now(), pk)
@@ -584,7 +706,13 @@ class SQLiteStore:
 
         def plan(db: sqlite3.Connection) -> list[tuple[int, int, int]]:
             row = self._visible_row(db, session_id)
-            return fork_segments(self._lineage(db, row[0]), row[11], after_seq, upto_seq)
+            stray = db.execute(
+                "SELECT 1 FROM events WHERE session_pk = ? AND seq > ? LIMIT 1", (row[0], row[11])
+            ).fetchone()
+            if stray is not None:
+                raise self._past_head(db, session_id, row[0], row[11])
+            lineage = self._lineage(db, session_id, row[0])
+            return fork_segments(lineage, row[11], after_seq, upto_seq)
 
         segments = await self._run(plan)
         sql = (
@@ -608,13 +736,44 @@ class SQLiteStore:
                         f"{start + expected} are incomplete (found {len(rows)}); the file is "
                         "damaged: restore it from a backup"
                     )
+                if {tuple(map(type, r)) for r in rows} - _EVENT_ROW_TYPES:
+                    raise self._bad_event_row(session_id, rows)
                 yield [make(r) for r in rows]
                 start += expected
+
+    def _past_head(
+        self, db: sqlite3.Connection, session_id: str, pk: int, head: int
+    ) -> CorruptDataError:
+        found = db.execute(
+            "SELECT min(seq), count(*) FROM events WHERE session_pk = ? AND seq > ?", (pk, head)
+        ).fetchone()
+        return self._damaged(
+            session_id,
+            "its event log",
+            f"{found[1]} event(s) are stored past its head {head}, from seq {found[0]}: the head "
+            "column or the events table was edited or restored apart",
+        )
+
+    def _bad_event_row(self, session_id: str, rows: list[Any]) -> CorruptDataError:
+        wanted = (int, str, float, str, str, int)
+        for row in rows:
+            if tuple(map(type, row)) in _EVENT_ROW_TYPES:
+                continue
+            bad = [
+                f"{column}={value!r}"[:80]
+                for value, column, want in zip(row, _EVENT_COLUMNS, wanted, strict=True)
+                if type(value) is not want and not (column == "turn_id" and value is None)
+            ]
+            return self._damaged(
+                session_id, f"the events row at seq {row[0]!r}", "wrong type in " + ", ".join(bad)
+            )
+        return self._damaged(session_id, "its event log", "a row of the wrong shape")
 
     async def fork(self, session_id: str, at_seq: int, new_record: SessionRecord) -> SessionRecord:
         """See :meth:`Store.fork`."""
         validate_id(session_id)
-        validate_id(new_record.id)
+        _check_fork_at(at_seq)
+        check_record(new_record)
 
         def work(db: sqlite3.Connection) -> SessionRecord:
             db.execute("BEGIN IMMEDIATE")
@@ -633,6 +792,7 @@ class SQLiteStore:
     async def put_blob(self, session_id: str, data: bytes, media_type: str = "") -> str:
         """See :meth:`Store.put_blob`."""
         validate_id(session_id)
+        check_blob(data, media_type)
         blob_id = hashlib.sha256(data).hexdigest()
 
         def work(db: sqlite3.Connection) -> None:
@@ -654,7 +814,7 @@ class SQLiteStore:
 
         def work(db: sqlite3.Connection) -> bytes:
             row = self._visible_row(db, session_id)
-            for pk, _ in self._lineage(db, row[0]):
+            for pk, _ in self._lineage(db, session_id, row[0]):
                 found = db.execute(
                     "SELECT data FROM blobs WHERE session_pk = ? AND id = ?", (pk, blob_id)
                 ).fetchone()
@@ -668,6 +828,7 @@ class SQLiteStore:
 
     async def purge_expired(self, before: float | None = None) -> int:
         """See :meth:`Store.purge_expired`."""
+        _check_before(before)
         at = now() if before is None else before
 
         def work(db: sqlite3.Connection) -> int:
