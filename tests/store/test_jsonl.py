@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -24,6 +25,7 @@ from chatsession import (
     StoreUnavailableError,
     open_store,
 )
+from chatsession.store.base import now
 from chatsession.store.jsonl import JSONLStore, _line
 
 
@@ -415,3 +417,196 @@ async def test_a_session_deleted_during_a_read_is_not_found(tmp_path: Path) -> N
             pass
     await reader.aclose()
     await other.aclose()
+
+
+# -- separators and damage (issue 9) -----------------------------------------------
+
+#: Characters str.splitlines() breaks lines on, besides \n and \r.
+SPLITLINES_BREAKS = ["\u2028", "\u2029", "\x85", "\x1c", "\x1d", "\x1e", "\x0b", "\x0c"]
+
+
+async def test_lines_are_split_on_newline_only(tmp_path: Path) -> None:
+    url = f"file://{tmp_path}/root"
+    text = "a" + "b".join(SPLITLINES_BREAKS) + "z"
+    payloads = [
+        json.dumps({"content": text, text: text}, ensure_ascii=False, separators=(",", ":")),
+        json.dumps([text], ensure_ascii=False, separators=(",", ":")),
+    ]
+    title = "title" + "".join(SPLITLINES_BREAKS)
+    async with open_store(url) as store:
+        await store.create(SessionRecord(id="s", title=title, metadata={text: text}))
+        await store.append("s", [NewEvent("message", p, 1.5, "t\u2028") for p in payloads], 0)
+        await store.append("s", [NewEvent("message", payloads[0], 2.5)], 2)
+    log = (tmp_path / "root" / "s" / "context.jsonl").read_bytes()
+    # written raw, as JSON allows (json.dumps escapes only the C0 controls among them)
+    assert "\u2028".encode() in log and "\u2029".encode() in log and "\x85".encode() in log
+    assert log.count(b"\n") == 3
+    async with open_store(url) as store:  # a fresh object walks the whole file
+        record = await store.get("s")
+        assert (record.head, record.title, record.metadata) == (3, title, {text: text})
+        rows = [r async for batch in store.read("s", batch_size=1) for r in batch]
+    assert [(r.seq, r.data) for r in rows] == [(1, payloads[0]), (2, payloads[1]), (3, payloads[0])]
+    assert rows[0].turn_id == "t\u2028"
+
+
+def _event_line(seq: int, **fields: object) -> str:
+    line = {"seq": seq, "type": "message", "ts": 1.5, "turn_id": "t", "v": 1, "data": {}}
+    line.update(fields)
+    return json.dumps(line, separators=(",", ":"))
+
+
+DEEP = "[" * 5000 + "]" * 5000
+
+#: Complete lines that are valid JSON (or nearly) but not an event of this log.
+DAMAGED_LINES: dict[str, str] = {
+    "a list": "[1, 2]",
+    "a string": '"message"',
+    "null": "null",
+    "seq missing": '{"type":"message","ts":1.5,"turn_id":"t","v":1,"data":{}}',
+    "type missing": '{"seq":2,"ts":1.5,"turn_id":"t","v":1,"data":{}}',
+    "ts missing": '{"seq":2,"type":"message","turn_id":"t","v":1,"data":{}}',
+    "data missing": '{"seq":2,"type":"message","ts":1.5,"turn_id":"t","v":1}',
+    "seq a string": _event_line("2"),  # type: ignore[arg-type]
+    "seq a float": _event_line(2.0),  # type: ignore[arg-type]
+    "type a number": _event_line(2, type=5),
+    "type null": _event_line(2, type=None),
+    "ts a string": _event_line(2, ts="noon"),
+    "ts a list": _event_line(2, ts=[1]),
+    "ts NaN": _event_line(2).replace('"ts":1.5', '"ts":NaN'),
+    "turn_id a number": _event_line(2, turn_id=7),
+    "v a string": _event_line(2, v="1"),
+    "batch a string": _event_line(2, batch="2"),
+    "deeply nested data": _event_line(2).replace('"data":{}', f'"data":{DEEP}'),
+    "deeply nested line": DEEP,
+    "seq jumps": _event_line(7),
+    "seq repeats": _event_line(1),
+    "not UTF-8": '{"seq":2,"type":"\udcff"}',
+}
+
+
+@pytest.mark.parametrize("name", list(DAMAGED_LINES))
+async def test_a_damaged_line_is_corrupt_data_naming_session_file_and_line(
+    tmp_path: Path, name: str
+) -> None:
+    url = f"file://{tmp_path}/root"
+    pad = "x" * 20_000  # room to damage a line in place, at the same size
+    async with open_store(url) as warm:
+        await warm.create(SessionRecord(id="s"))
+        await warm.append("s", [NewEvent("message", json.dumps({"p": pad}), 1.5, "t")] * 3, 0)
+        assert (await warm.get("s")).head == 3  # warm knows the file: it will not walk it again
+        log = tmp_path / "root" / "s" / "context.jsonl"
+        lines = log.read_bytes().split(b"\n")
+        damaged = DAMAGED_LINES[name].encode("utf-8", "surrogateescape")
+        assert len(damaged) < len(lines[1])
+        lines[1] = damaged + b" " * (len(lines[1]) - len(damaged))
+        with log.open("r+b") as f:  # in place: same file, same size
+            f.write(b"\n".join(lines))
+
+        def check(exc: CorruptDataError) -> None:
+            message = str(exc)
+            assert "'s'" in message and str(log) in message and "line 2" in message, message
+            assert "backup" in message, message
+
+        with pytest.raises(CorruptDataError) as info:  # the read path parses each line
+            [r async for batch in warm.read("s") for r in batch]
+        check(info.value)
+    async with open_store(url) as cold:  # the walk of a fresh object checks every line
+        for call in (cold.get("s"), cold.append("s", [ev(4)], 3)):
+            with pytest.raises(CorruptDataError) as info:
+                await call
+            check(info.value)
+        with pytest.raises(CorruptDataError) as info:
+            [r async for batch in cold.read("s") for r in batch]
+        check(info.value)
+
+
+DAMAGED_HEADERS: dict[str, str] = {
+    "a list": '["s"]',
+    "a string": '"s"',
+    "not JSON": "{ not json",
+    "empty": "",
+    "another session's": '{"id":"t","created_at":1.0}',
+    "id missing": '{"created_at":1.0}',
+    "created_at missing": '{"id":"s"}',
+    "created_at a string": '{"id":"s","created_at":"yesterday"}',
+    "created_at NaN": '{"id":"s","created_at":NaN}',
+    "expires_at a string": '{"id":"s","created_at":1.0,"expires_at":"never"}',
+    "deleted a string": '{"id":"s","created_at":1.0,"deleted":"no"}',
+    "children a string": '{"id":"s","created_at":1.0,"children":"f"}',
+    "children of numbers": '{"id":"s","created_at":1.0,"children":[1]}',
+    "create_id a number": '{"id":"s","created_at":1.0,"create_id":5}',
+    "parent a string": '{"id":"s","created_at":1.0,"parent":"p"}',
+    "parent seq a string": '{"id":"s","created_at":1.0,"parent":{"session_id":"p","seq":"1"}}',
+    "user_id a number": '{"id":"s","created_at":1.0,"user_id":5}',
+    "state unknown": '{"id":"s","created_at":1.0,"state":"deleted"}',
+    "metadata a list": '{"id":"s","created_at":1.0,"metadata":[]}',
+    "version a string": '{"id":"s","created_at":1.0,"version":"1"}',
+    "an unknown field": '{"id":"s","created_at":1.0,"colour":"red"}',
+    "deeply nested": '{"id":"s","created_at":1.0,"metadata":{"k":' + DEEP + "}}",
+}
+
+
+@pytest.mark.parametrize("name", list(DAMAGED_HEADERS))
+async def test_a_damaged_header_is_corrupt_data_and_skipped_by_listings(
+    tmp_path: Path, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = f"file://{tmp_path}/root"
+    async with open_store(url) as store:
+        await store.create(SessionRecord(id="s"))
+        await store.append("s", [ev(1)], 0)
+        await store.create(SessionRecord(id="ok", expires_at=now() + 100))
+    header = tmp_path / "root" / "s" / "session.json"
+    header.write_text(DAMAGED_HEADERS[name])
+    async with open_store(url) as store:
+        calls: dict[str, Callable[[], Awaitable[object]]] = {
+            "get": lambda: store.get("s"),
+            "append": lambda: store.append("s", [ev(2)], 1),
+            "read": lambda: seq_list(url),
+            "update": lambda: store.update(SessionRecord(id="s"), 1),
+            "fork": lambda: store.fork("s", 0, SessionRecord(id="f")),
+            "put_blob": lambda: store.put_blob("s", b"x"),
+            "get_blob": lambda: store.get_blob("s", "ab" * 32),
+            "delete": lambda: store.delete("s"),
+        }
+        for call_name, call in calls.items():
+            with pytest.raises(CorruptDataError) as info:
+                await call()
+            message = str(info.value)
+            assert "'s'" in message and str(header) in message, (call_name, message)
+        with caplog.at_level(logging.WARNING, logger="chatsession.store"):
+            assert [r.id for r in (await store.list_sessions()).records] == ["ok"]
+            assert await store.purge_expired(before=now() + 1000) == 1
+        assert any("'s'" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_damaged_log_does_not_break_the_listing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = f"file://{tmp_path}/root"
+    async with open_store(url) as store:
+        for sid in ("a", "b", "c"):
+            await store.create(SessionRecord(id=sid))
+            await store.append(sid, [ev(1)], 0)
+    with (tmp_path / "root" / "b" / "context.jsonl").open("a") as f:
+        f.write("garbage\n")
+    async with open_store(url) as store:
+        with caplog.at_level(logging.WARNING, logger="chatsession.store"):
+            listed = (await store.list_sessions()).records
+        assert sorted(r.id for r in listed) == ["a", "c"]
+        assert any("'b'" in r.getMessage() and "line 2" in r.getMessage() for r in caplog.records)
+        with pytest.raises(CorruptDataError, match="line 2"):
+            await store.get("b")
+
+
+async def test_a_missing_fork_parent_is_corrupt_data(tmp_path: Path) -> None:
+    url = f"file://{tmp_path}/root"
+    async with open_store(url) as store:
+        await store.create(SessionRecord(id="p"))
+        await store.append("p", [ev(1), ev(2)], 0)
+        await store.fork("p", 1, SessionRecord(id="f"))
+    shutil.rmtree(tmp_path / "root" / "p")
+    async with open_store(url) as store:
+        with pytest.raises(CorruptDataError, match=r"'f'.*'p' is missing"):
+            await seq_list(url, "f")
+        with pytest.raises(CorruptDataError, match="'p' is missing"):
+            await store.get_blob("f", "ab" * 32)

@@ -39,9 +39,16 @@ Guarantees:
   :class:`~chatsession.errors.StoreRepairWarning`. A complete line that does
   not parse or breaks the seq order, anywhere in the file including the last
   line, is damage, not a crash: it raises
-  :class:`~chatsession.errors.CorruptDataError` naming the file and line, and
-  nothing is moved. So does an unreadable ``session.json``, a missing
-  ``context.jsonl`` or a damaged line met by ``read``.
+  :class:`~chatsession.errors.CorruptDataError` naming the session, the file
+  and the line, and nothing is moved. So does an unreadable or ill-typed
+  ``session.json``, a missing ``context.jsonl``, a damaged line met by
+  ``read`` (bad JSON, a field missing or of the wrong type, a seq that
+  jumps) and a fork chain whose parents are missing or loop.
+- Lines are split on ``\n`` only: text holding U+2028, U+2029, NEL or other
+  separators is one line, as JSON allows.
+- ``list_sessions`` and ``purge_expired`` skip a session whose files are
+  damaged and log a warning (logger ``chatsession.store.jsonl``) naming it,
+  so one damaged session does not hide or keep the others.
 - Every other operating-system failure (permissions, a full or read-only
   disk, an I/O error, a store folder that is a file) raises
   :class:`~chatsession.errors.StoreUnavailableError`, never
@@ -79,6 +86,7 @@ from typing import Any, Self, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from filelock import FileLock, Timeout
+from pydantic import ValidationError
 
 from chatsession.errors import (
     BlobNotFoundError,
@@ -101,16 +109,26 @@ from chatsession.store.base import (
     SessionState,
     StoredEvent,
     check_append,
+    check_blob,
     check_fork_point,
     check_limit,
     check_read,
+    check_record,
     decode_cursor,
     encode_cursor,
     fork_segments,
     initial_record,
     now,
+    redact_url,
     updated_record,
     validate_id,
+)
+from chatsession.store.memory import (
+    _check_before,
+    _check_filters,
+    _check_fork_at,
+    _check_version,
+    _fork_loop,
 )
 
 __all__ = ["JSONLStore"]
@@ -163,29 +181,74 @@ def _errno(exc: OSError) -> int | None:
     return None
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _why(exc: BaseException) -> str:
+    """A short reason for a parse or validation failure."""
+    if isinstance(exc, ValidationError):
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        return f"{where}: {first['msg']}" if where else str(first["msg"])
+    if isinstance(exc, RecursionError):
+        return "JSON nested too deeply to read"
+    if isinstance(exc, KeyError):
+        return f"the field {exc.args[0]!r} is missing"
+    return str(exc)[:200]
+
+
+def _loads(raw: bytes | str) -> Any:
+    """Strict JSON: NaN and Infinity refused (``ValueError``), deep nesting a ``RecursionError``."""
+    return json.loads(raw, parse_constant=_refuse_constant)
+
+
+def _event_fields(obj: Any) -> tuple[int, str, float, str | None, int]:
+    """``seq, type, ts, turn_id, v`` of a parsed log line, checked type for type."""
+    if type(obj) is not dict:
+        raise TypeError(f"a JSON {type(obj).__name__}, not an object")
+    seq, kind, ts, turn_id = obj["seq"], obj["type"], obj["ts"], obj.get("turn_id")
+    version = obj.get("v", 1)
+    if type(seq) is not int or seq < 1:
+        raise TypeError(f"seq {seq!r} is not an int >= 1")
+    if type(kind) is not str:
+        raise TypeError(f"type {kind!r} is not a string")
+    if type(ts) not in (float, int):
+        raise TypeError(f"ts {ts!r} is not a number")
+    if turn_id is not None and type(turn_id) is not str:
+        raise TypeError(f"turn_id {turn_id!r} is not a string or null")
+    if type(version) is not int:
+        raise TypeError(f"v {version!r} is not an int")
+    batch = obj.get("batch", 1)
+    if type(batch) is not int or batch < 1:
+        raise TypeError(f"batch {batch!r} is not an int >= 1")
+    if "data" not in obj:
+        raise KeyError("data")
+    return seq, kind, float(ts), turn_id, version
+
+
 def _parse_event(path: Path, raw: bytes, line_no: int) -> StoredEvent:
     """One line of a log (without its newline) as an event."""
     try:
         text = raw.decode()
-        obj = json.loads(text)
-        if not isinstance(obj, dict):
-            raise TypeError(f"a JSON {type(obj).__name__}, not an object")
+        obj = _loads(text)
+        seq, kind, ts, turn_id, version = _event_fields(obj)
+        keys = list(obj)
         cut = text.find(_DATA_KEY)
-        if cut >= 0 and text.endswith("}"):
+        if (
+            cut >= 0
+            and text.endswith("}")
+            and keys[-1] == "data"
+            and not any(type(obj[k]) in (dict, list) for k in keys[:-1])
+        ):  # as written: "data" last, after scalars only, so the first ',"data":' is its key
             data = text[cut + len(_DATA_KEY) : -1]
         else:  # edited by hand: keep the meaning, not the bytes
-            data = json.dumps(obj["data"], ensure_ascii=False)
-        return StoredEvent(
-            int(obj["seq"]),
-            str(obj["type"]),
-            float(obj["ts"]),
-            obj.get("turn_id"),
-            data,
-            int(obj.get("v", 1)),
-        )
-    except (ValueError, KeyError, TypeError) as exc:
+            data = json.dumps(obj["data"], ensure_ascii=False, separators=(",", ":"))
+        return StoredEvent(seq, kind, ts, turn_id, data, version)
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise CorruptDataError(
-            f"{path}, line {line_no}: damaged event ({exc}); restore the file from a backup"
+            f"session {path.parent.name!r}: {path}, line {line_no}: damaged event ({_why(exc)}); "
+            "restore the file from a backup"
         ) from exc
 
 
@@ -211,6 +274,33 @@ def _skip_lines(file: io.BufferedReader, count: int) -> int:
         file.seek(cut + 1 - len(chunk), os.SEEK_CUR)
         return count
     return skipped
+
+
+def _check_header(header: Any, session_id: str) -> None:
+    """Check the header fields the store itself relies on (the record's are checked on use)."""
+    if type(header) is not dict:
+        raise TypeError(f"a JSON {type(header).__name__}, not an object")
+    if header.get("id") != session_id:
+        raise ValueError(f"its id is {header.get('id')!r}, not {session_id!r}")
+    if type(header.get("deleted", False)) is not bool:
+        raise TypeError(f"deleted {header['deleted']!r} is not true or false")
+    children = header.get("children", [])
+    if type(children) is not list or any(type(c) is not str for c in children):
+        raise TypeError(f"children {str(children)[:80]} is not a list of session ids")
+    if type(header.get("create_id")) not in (str, type(None)):
+        raise TypeError(f"create_id {header['create_id']!r} is not a string")
+    for name in ("created_at", "expires_at"):
+        value = header.get(name)
+        if type(value) not in (float, int) and not (value is None and name == "expires_at"):
+            raise TypeError(f"{name} {value!r} is not a number")
+    parent = header.get("parent")
+    if parent is not None and (
+        type(parent) is not dict
+        or type(parent.get("session_id")) is not str
+        or type(parent.get("seq")) is not int
+        or parent["seq"] < 0
+    ):
+        raise TypeError(f"parent {str(parent)[:80]} is not {{session_id, seq}}")
 
 
 class _Tail:
@@ -245,8 +335,8 @@ class _Segment:
 
     def _missing(self, line_no: int, why: str) -> CorruptDataError:
         return CorruptDataError(
-            f"{self.path}: events {self.next_seq}..{self.hi} expected, but {why} at line "
-            f"{line_no}; restore the file from a backup"
+            f"session {self.path.parent.name!r}: {self.path}: events {self.next_seq}..{self.hi} "
+            f"expected, but {why} at line {line_no}; restore the file from a backup"
         )
 
     def take(self, count: int) -> list[StoredEvent]:
@@ -264,8 +354,8 @@ class _Segment:
             event = _parse_event(self.path, raw[:-1], line_no)
             if event.seq != self.next_seq:
                 raise CorruptDataError(
-                    f"{self.path}, line {line_no}: seq {event.seq}, expected {self.next_seq}; "
-                    "restore the file from a backup"
+                    f"session {self.path.parent.name!r}: {self.path}, line {line_no}: seq "
+                    f"{event.seq}, expected {self.next_seq}; restore the file from a backup"
                 )
             out.append(event)
             self.next_seq += 1
@@ -293,14 +383,18 @@ class JSONLStore:
         Raises:
             InvalidURLError: A malformed URL or an unknown option.
         """
-        parts = urlsplit(url)
+        shown = redact_url(url)
+        try:
+            parts = urlsplit(url)
+        except ValueError as exc:
+            raise InvalidURLError(f"cannot parse the file URL {shown}: {exc}") from None
         if parts.netloc not in ("", "localhost"):
             raise InvalidURLError(
-                f"file URL {url!r} names a host; use file:///absolute/dir or file:relative/dir"
+                f"file URL {shown} names a host; use file:///absolute/dir or file:relative/dir"
             )
         path = unquote(parts.path)
         if not path:
-            raise InvalidURLError(f"file URL {url!r} names no directory; e.g. file:///srv/sessions")
+            raise InvalidURLError(f"file URL {shown} names no directory; e.g. file:///srv/sessions")
         query = dict(parse_qsl(parts.query, keep_blank_values=True))
         query.update({k: str(v) for k, v in options.items()})
         unknown = set(query) - {"fsync"}
@@ -419,15 +513,16 @@ class JSONLStore:
         except FileNotFoundError:
             return None
         try:
-            header = json.loads(raw)
-            if not isinstance(header, dict) or header.get("id") != session_id:
-                raise ValueError("not this session's header")
-            return header
-        except ValueError as exc:
+            header = _loads(raw)
+            _check_header(header, session_id)
+            fields = {k: v for k, v in header.items() if k not in _BOOKKEEPING}
+            SessionRecord.model_validate(fields, strict=True)  # every field, for every caller
+        except (ValueError, TypeError, KeyError, RecursionError) as exc:
             raise CorruptDataError(
-                f"{path} is damaged ({exc}); restore it from a backup or rewrite it by hand "
-                "(see docs/stores.md for its fields)"
+                f"session {session_id!r}: {path} is damaged ({_why(exc)}); restore it from a "
+                "backup or rewrite it by hand (see docs/stores.md for its fields)"
             ) from exc
+        return header  # type: ignore[no-any-return]
 
     def _write_header(self, header: dict[str, Any]) -> None:
         path = self._dir(header["id"]) / HEADER
@@ -450,10 +545,12 @@ class JSONLStore:
     def _record(self, header: dict[str, Any], head: int) -> SessionRecord:
         fields = {k: v for k, v in header.items() if k not in _BOOKKEEPING}
         try:
-            record = SessionRecord.model_validate({**fields, "head": head})
+            record = SessionRecord.model_validate({**fields, "head": head}, strict=True)
         except ValueError as exc:
             raise CorruptDataError(
-                f"{self._dir(header.get('id', '?')) / HEADER} has invalid fields ({exc})"
+                f"session {header['id']!r}: {self._dir(header['id']) / HEADER} has an invalid "
+                f"field ({_why(exc)}); restore it from a backup or rewrite it by hand (see "
+                "docs/stores.md for its fields)"
             ) from exc
         return record
 
@@ -584,15 +681,12 @@ class JSONLStore:
                     break  # the end of the file, maybe a line cut off by a crash
                 line_no = head - fork_seq + 1
                 try:
-                    obj = json.loads(line)
-                    if not isinstance(obj, dict):
-                        raise TypeError(f"a JSON {type(obj).__name__}, not an object")
-                    seq = obj["seq"]
+                    obj = _loads(line)
+                    seq = _event_fields(obj)[0]
                     batch = obj.get("batch", 1) if pending == 0 else 1
-                    if type(seq) is not int or type(batch) is not int or batch < 1:
-                        raise TypeError(f"bad seq {seq!r} or batch {batch!r}")
-                except (ValueError, KeyError, TypeError) as exc:
-                    raise self._damaged(path, line_no, exc, last=not f.peek(1)) from exc
+                except (ValueError, KeyError, TypeError, RecursionError) as exc:
+                    why = _why(exc)
+                    raise self._damaged(path, line_no, why, last=not f.peek(1)) from exc
                 if seq != head + 1:
                     why = f"seq {seq} where {head + 1} was expected"
                     raise self._damaged(path, line_no, why, last=not f.peek(1))
@@ -613,7 +707,8 @@ class JSONLStore:
             else "or repair that line by hand (one JSON event a line, seqs without gaps)"
         )
         return CorruptDataError(
-            f"{path}, line {line_no}: damaged event ({why}). The line is complete, so it is not "
+            f"session {path.parent.name!r}: {path}, line {line_no}: damaged event ({why}). The "
+            "line is complete, so it is not "
             "a write cut off by a crash: the file was damaged or edited. The lines before it "
             f"are intact; restore the file from a backup, {fix}"
         )
@@ -724,7 +819,8 @@ class JSONLStore:
 
     async def update(self, record: SessionRecord, expected_version: int) -> SessionRecord:
         """See :meth:`Store.update`."""
-        validate_id(record.id)
+        check_record(record)
+        _check_version(expected_version)
 
         def work() -> SessionRecord:
             with self._root_lock(), self._locked(record.id) as (header, _, tail):
@@ -778,14 +874,19 @@ class JSONLStore:
 
         await self._run(work, f"delete session {session_id!r}", session_id)
 
-    def _headers(self) -> Iterator[dict[str, Any]]:
+    def _headers(self, doing: str) -> Iterator[dict[str, Any]]:
+        """Every session's header; a damaged one is skipped with a warning naming it."""
         try:
             entries = list(os.scandir(self.root))
         except FileNotFoundError:
             return  # nothing was ever created here
         for entry in entries:
             if entry.is_dir() and not entry.name.startswith("."):
-                header = self._read_header(entry.name)
+                try:
+                    header = self._read_header(entry.name)
+                except CorruptDataError as exc:
+                    logger.warning("%s skips session %r: %s", doing, entry.name, exc)
+                    continue
                 if header is not None:
                     yield header
 
@@ -799,14 +900,18 @@ class JSONLStore:
         limit: int = 50,
         cursor: str | None = None,
     ) -> Page:
-        """See :meth:`Store.list_sessions`."""
+        """See :meth:`Store.list_sessions`.
+
+        A session whose files are damaged is skipped, with a warning logged.
+        """
         check_limit(limit)
-        after = decode_cursor(cursor) if cursor else None
+        _check_filters(user_id=user_id, agent_id=agent_id, window_id=window_id, state=state)
+        after = decode_cursor(cursor) if cursor is not None else None
 
         def work() -> list[SessionRecord]:
             at = now()
             found = []
-            for h in self._headers():
+            for h in self._headers("list_sessions"):
                 if h.get("deleted") or (h.get("expires_at") is not None and h["expires_at"] <= at):
                     continue
                 if any(
@@ -823,14 +928,20 @@ class JSONLStore:
                     continue
                 found.append(h)
             found.sort(key=lambda h: (h["created_at"], h["id"]), reverse=True)
-            records = []
-            for h in found[: limit + 1]:
+            records: list[SessionRecord] = []
+            for h in found:
+                if len(records) > limit:
+                    break
                 try:
                     with self._locked(h["id"]) as (header, fd, tail):
                         mtime = os.fstat(fd).st_mtime
+                    record = self._record(header, tail.head)
                 except SessionNotFoundError:
                     continue  # deleted since it was listed
-                records.append(self._with_mtime(self._record(header, tail.head), mtime))
+                except CorruptDataError as exc:
+                    logger.warning("list_sessions skips session %r: %s", h["id"], exc)
+                    continue
+                records.append(self._with_mtime(record, mtime))
             return records
 
         records = await self._run(work, "list sessions")
@@ -866,14 +977,22 @@ class JSONLStore:
         return await self._run(work, f"append to session {session_id!r}", session_id)
 
     def _lineage(self, header: dict[str, Any]) -> list[tuple[str, int]]:
-        chain = []
+        chain: list[tuple[str, int]] = []
         current: dict[str, Any] | None = header
         while current is not None:
             chain.append((current["id"], self._fork_seq(current)))
             parent = current.get("parent")
-            current = self._read_header(parent["session_id"]) if parent else None
-            if parent and current is None:
-                raise CorruptDataError(f"the parent {parent['session_id']!r} of a fork is missing")
+            if not parent:
+                break
+            parent_id = parent["session_id"]
+            if any(node == parent_id for node, _ in chain):
+                raise _fork_loop(header["id"], [node for node, _ in chain] + [parent_id])
+            current = self._read_header(parent_id)
+            if current is None:
+                raise CorruptDataError(
+                    f"session {header['id']!r}: its fork ancestor {parent_id!r} is missing "
+                    f"from {self.root}; restore that folder from a backup"
+                )
         return chain
 
     def _open_segment(
@@ -943,7 +1062,8 @@ class JSONLStore:
     async def fork(self, session_id: str, at_seq: int, new_record: SessionRecord) -> SessionRecord:
         """See :meth:`Store.fork`."""
         validate_id(session_id)
-        validate_id(new_record.id)
+        _check_fork_at(at_seq)
+        check_record(new_record)
 
         def work() -> SessionRecord:
             with self._root_lock():
@@ -963,6 +1083,7 @@ class JSONLStore:
     async def put_blob(self, session_id: str, data: bytes, media_type: str = "") -> str:
         """See :meth:`Store.put_blob`."""
         validate_id(session_id)
+        check_blob(data, media_type)
         blob_id = hashlib.sha256(data).hexdigest()
 
         def work() -> None:
@@ -994,14 +1115,18 @@ class JSONLStore:
     # -- upkeep ----------------------------------------------------------------
 
     async def purge_expired(self, before: float | None = None) -> int:
-        """See :meth:`Store.purge_expired`."""
+        """See :meth:`Store.purge_expired`.
+
+        A session whose header is damaged is skipped, with a warning logged.
+        """
+        _check_before(before)
         at = now() if before is None else before
 
         def work() -> int:
             with self._root_lock():
                 expired = [
                     h["id"]
-                    for h in self._headers()
+                    for h in self._headers("purge_expired")
                     if not h.get("deleted")
                     and h.get("expires_at") is not None
                     and h["expires_at"] <= at
