@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.abc
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -168,7 +169,65 @@ def test_fork_segments_plan_reads_across_a_chain() -> None:
 
 def test_public_names_are_exported() -> None:
     public = sorted(n for n in dir(chatsession) if not n.startswith("_") and n != "annotations")
-    modules = {"errors", "log", "store", "session", "transfer", "blocking", "agent", "cli"}
     assert sorted(set(chatsession.__all__) - {"__version__"}) == sorted(
-        n for n in public if n not in modules
+        n for n in public if not isinstance(getattr(chatsession, n), types.ModuleType)
     )
+
+
+# -- secrets in URLs ------------------------------------------------------------
+
+SECRET = "hunter2-s3cr3t"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"mongodb://admin:{SECRET}@127.0.0.1/x",  # unknown scheme
+        f"redis://admin:{SECRET}@127.0.0.1:abc/0",  # port not a number
+        f"redis://admin:{SECRET}@127.0.0.1:65536/0",  # port out of range
+        f"postgresql://admin:{SECRET}@127.0.0.1:-5/db",
+        f"postgresql://admin:{SECRET}@[::1/db",  # IPv6 host left open
+        f"sqlite://admin:{SECRET}@host/x.db",  # sqlite takes no host
+        f"file://admin:{SECRET}@host/dir",  # file takes no host
+        f"memory://admin:{SECRET}@host",  # memory takes nothing
+        f"sqlite:///x.db?password={SECRET}",  # unknown option
+        f"file:///x?token={SECRET}",  # unknown option
+        f"memory://?api_key={SECRET}",
+    ],
+)
+def test_bad_urls_never_show_the_password(url: str) -> None:
+    with pytest.raises(InvalidURLError) as info:
+        open_store(url)
+    message = str(info.value)
+    assert SECRET not in message and SECRET not in repr(info.value)
+    if "admin" in message:  # the URL is shown: with its password masked
+        assert "admin:***@" in message, message
+    cause = info.value.__cause__ or info.value.__context__
+    assert cause is None or SECRET not in str(cause)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["redis://h:port/0", "redis://h:70000/0", "postgresql://u@h:5432x/db", "sqlite://h:x/a.db"],
+)
+def test_a_bad_port_is_an_invalid_url(url: str) -> None:
+    with pytest.raises(InvalidURLError, match="port"):
+        open_store(url)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"redis://admin:{SECRET}@127.0.0.1:6379/0",
+        f"rediss://:{SECRET}@127.0.0.1:6380/0",
+        f"postgresql://admin:{SECRET}@127.0.0.1:5432/test",
+        f"postgres://admin:{SECRET}@127.0.0.1/test?sslmode=disable",
+    ],
+)
+async def test_opened_stores_never_show_the_password(url: str) -> None:
+    store = open_store(url)  # connects lazily: nothing is reached here
+    try:
+        assert SECRET not in store.url and "***" in store.url
+        assert SECRET not in repr(store) and SECRET not in str(store)
+    finally:
+        await store.aclose()

@@ -13,6 +13,10 @@ URL                        backend                                     extra
 
 With no URL, :func:`open_store` uses ``CHATSESSION_STORE_URL`` or, when that is
 unset, ``sqlite:///`` + the platform's user data directory + ``sessions.db``.
+
+Passwords never leave :func:`open_store` and the stores it opens: error
+messages, ``repr`` and ``store.url`` show them as ``***``
+(:func:`~chatsession.store.base.redact_url`).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from chatsession.store.base import (
     SessionState,
     Store,
     StoredEvent,
+    redact_url,
     validate_id,
 )
 
@@ -89,18 +94,30 @@ def open_store(url: str | None = None, **options: Any) -> Store:
         A :class:`~chatsession.store.base.Store`. Close it with ``await store.aclose()``.
 
     Raises:
-        InvalidURLError: The URL is malformed or its scheme is unknown.
+        InvalidURLError: The URL is malformed (a port that is not a number from
+            0 to 65535 included) or its scheme is unknown. The message shows the
+            URL with its password masked.
         MissingDependencyError: The backend needs an extra that is not installed.
     """
     if url is None:
         url = default_store_url()
     if not isinstance(url, str) or not url.strip():
-        raise InvalidURLError(f"store URL must be a non-empty string, got {url!r}")
-    scheme = urlsplit(url).scheme.lower()
+        shown = redact_url(url) if isinstance(url, str) else type(url).__name__
+        raise InvalidURLError(f"store URL must be a non-empty string, got {shown}")
+    shown = redact_url(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - parsing the port is the check
+    except ValueError as exc:  # its text may quote the URL's parts: keep it out
+        why = "its port is not a number from 0 to 65535"
+        if "port" not in str(exc).lower():
+            why = "it cannot be parsed (is a [bracketed] IPv6 host left open?)"
+        raise InvalidURLError(f"store URL {shown} is malformed: {why}") from None
+    scheme = parts.scheme.lower()
     if scheme not in _BACKENDS:
         known = ", ".join(f"{s}://" for s in sorted(_BACKENDS))
         raise InvalidURLError(
-            f"unknown store URL scheme {scheme + '://' if scheme else '(none)'} in {url!r}; "
+            f"unknown store URL scheme {scheme + '://' if scheme else '(none)'} in {shown}; "
             f"use one of: {known} (for example sqlite:///sessions.db)"
         )
     module_name, class_name, extra, driver = _BACKENDS[scheme]
