@@ -39,6 +39,7 @@ __all__ = [
     "session_ids",
     "storable_floats",
     "texts",
+    "times",
     "titles",
     "turn_ids",
     "unstorable_payloads",
@@ -184,10 +185,18 @@ def titles() -> st.SearchStrategy[str | None]:
     return st.one_of(st.none(), st.just(""), texts(nul=False))
 
 
-def _times() -> st.SearchStrategy[float]:
+def times() -> st.SearchStrategy[float]:
+    """Finite timestamps (``ts``, ``created_at``...): any finite float but ``-0.0``.
+
+    SQLite's REAL columns give ``-0.0`` back as ``0.0``; whether a store must
+    keep the sign of a zero timestamp is the contract's call (see
+    ``check_event``), so these draw every other finite float.
+    """
     return st.one_of(
         st.floats(min_value=1.0, max_value=4e9),
-        st.floats(allow_nan=False, allow_infinity=False),
+        st.floats(allow_nan=False, allow_infinity=False).filter(
+            lambda t: t != 0.0 or math.copysign(1.0, t) > 0
+        ),
     )
 
 
@@ -214,8 +223,8 @@ def records(max_depth: int = 4) -> st.SearchStrategy[SessionRecord]:
         window_id=free,
         title=titles(),
         state=st.sampled_from(["active", "idle", "archived", "expired"]),
-        created_at=_times(),
-        updated_at=_times(),
+        created_at=times(),
+        updated_at=times(),
         expires_at=_future(),
         metadata=st.dictionaries(texts(max_size=8), json_values(max_depth - 1), max_size=4),
         fingerprint=st.one_of(
@@ -231,9 +240,9 @@ def new_events(max_depth: int = 4) -> st.SearchStrategy[NewEvent]:
         NewEvent,
         type=event_types(),
         data=json_texts(max_depth),
-        ts=storable_floats(),
+        ts=times(),
         turn_id=turn_ids(),
-        schema_version=st.one_of(st.just(1), st.integers(min_value=0, max_value=2**31 - 1)),
+        schema_version=st.one_of(st.just(1), st.integers(min_value=0, max_value=32767)),
     )
 
 

@@ -7,6 +7,7 @@ bad hand edit would, using its own on-disk (or in-server) format.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import warnings
 from collections.abc import Awaitable, Callable
@@ -20,10 +21,13 @@ from chatsession import (
     NewEvent,
     SessionNotFoundError,
     SessionRecord,
+    Store,
     StoreRepairWarning,
     StoreUnavailableError,
     open_store,
 )
+from chatsession.store.base import now
+from tests.conformance.conftest import damage_record, make_fork_cycle
 
 
 async def _seed(url: str, n: int = 20) -> None:
@@ -205,3 +209,87 @@ async def test_damage_is_reported_never_silent(durable_backend: str, tmp_path: P
                     assert seqs == list(range(1, len(seqs) + 1))
         finally:
             await cleanup(durable_backend, namespace)
+
+
+# -- damage every backend must survive (the hooks live in conftest.py) ------------
+
+
+async def _read_all(store: Store, session_id: str) -> list[int]:
+    return [r.seq async for batch in store.read(session_id) for r in batch]
+
+
+@pytest.mark.timeout(60, method="thread")  # old code looped forever: end the run, loudly
+async def test_a_fork_parent_cycle_is_corrupt_data_not_an_endless_loop(
+    store: Store, backend: str, store_url: str
+) -> None:
+    await store.create(SessionRecord(id="a"))
+    await store.append("a", [NewEvent("message", json.dumps({"n": i}), 1.0) for i in range(3)], 0)
+    await store.fork("a", 2, SessionRecord(id="b"))
+    await store.append("b", [NewEvent("message", "{}", 2.0)], 2)
+    await store.create(SessionRecord(id="bystander"))
+    await make_fork_cycle(backend, store, store_url, "a", "b")
+
+    stores = [store] if backend == "memory" else [store, open_store(store_url)]
+    try:
+        for current in stores:
+            for session_id in ("a", "b"):
+                with pytest.raises(CorruptDataError) as info:
+                    await _read_all(current, session_id)
+                message = str(info.value)
+                assert f"'{session_id}'" in message, message
+                assert "loop" in message or "cycle" in message, message
+                assert any(word in message.lower() for word in REMEDIES), message
+                with pytest.raises(CorruptDataError):
+                    await current.get_blob(session_id, "0" * 64)
+            assert await _read_all(current, "bystander") == []
+            assert "bystander" in {r.id for r in (await current.list_sessions()).records}
+    finally:
+        for other in stores[1:]:
+            await other.aclose()
+
+
+async def test_one_damaged_session_does_not_break_the_listing(
+    durable_backend: str, durable_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = open_store(durable_url)
+    try:
+        for i in range(5):
+            await store.create(SessionRecord(id=f"s{i}", user_id="u", created_at=1000.0 + i))
+        await store.create(SessionRecord(id="old", created_at=999.0, expires_at=now() + 1000))
+        await damage_record(durable_backend, store, durable_url, "s2")
+    finally:
+        await store.aclose()
+
+    store = open_store(durable_url)  # a fresh object: nothing cached from before the damage
+    try:
+        with pytest.raises(CorruptDataError) as info:
+            await store.get("s2")
+        assert "'s2'" in str(info.value) or _names_the_damage(
+            str(info.value), durable_url, durable_backend
+        )
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="chatsession.store"):
+            page = await store.list_sessions()
+        assert [r.id for r in page.records] == ["s4", "s3", "s1", "s0", "old"]
+        warned = [
+            r
+            for r in caplog.records
+            if r.name.startswith("chatsession.store") and r.levelno == logging.WARNING
+        ]
+        assert any("s2" in r.getMessage() for r in warned), [r.getMessage() for r in warned]
+
+        for limit in (1, 2, 3):  # a page never stops short of the sessions after the damage
+            seen: list[str] = []
+            cursor = None
+            while True:
+                page = await store.list_sessions(user_id="u", limit=limit, cursor=cursor)
+                seen.extend(r.id for r in page.records)
+                if page.next_cursor is None:
+                    break
+                cursor = page.next_cursor
+            assert seen == ["s4", "s3", "s1", "s0"], (limit, seen)
+
+        assert await store.purge_expired(before=now() + 2000) == 1  # the damage stops no cleanup
+        assert [r.id for r in (await store.list_sessions()).records] == ["s4", "s3", "s1", "s0"]
+    finally:
+        await store.aclose()
