@@ -13,7 +13,7 @@ import re
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,8 @@ from urllib.parse import urlsplit
 import asyncpg
 import asyncpg.exceptions as pgerr
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 import chatsession.store.postgres as pg_store
 from chatsession import (
@@ -39,9 +41,10 @@ from chatsession import (
     UnsupportedValueError,
     open_store,
 )
-from chatsession.store.base import EVENT_SCHEMA_VERSION
+from chatsession.store.base import EVENT_SCHEMA_VERSION, check_payload
 from chatsession.store.postgres import MIGRATIONS, PostgresStore
 from tests.store.tcp_proxy import TCPProxy
+from tests.strategies import json_texts
 
 POSTGRES_URL = os.environ.get(
     "CHATSESSION_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
@@ -1621,3 +1624,54 @@ def test_no_assert_guards_a_runtime_condition() -> None:
         and getattr(node.exc.func, "id", "") == "AssertionError"
     ]
     assert asserts == [] and raises == []
+
+
+# -- the client's jsonb-or-text decision, against the server --------------------------
+
+#: JSON number texts in every form: sign, digits, fraction, exponent (the forms
+#: jsonb rewrites are here, not only those json.dumps writes).
+NUMBER_TEXTS = st.builds(
+    lambda sign, whole, fraction, exponent: f"{sign}{whole}{fraction}{exponent}",
+    st.sampled_from(["", "-"]),
+    st.sampled_from(["0", "1", "7", "10", "123456789012345678901"]),
+    st.sampled_from(["", ".0", ".00", ".5", ".25", ".000", ".0001", ".10"]),
+    st.sampled_from(
+        ["", "e0", "e1", "E+2", "e-1", "e-5", "e16", "E-3", "e+300", "e-300", "e-16384"]
+    ),
+)
+PAYLOAD_TEXTS = json_texts(max_depth=3) | st.lists(NUMBER_TEXTS, min_size=1, max_size=4).map(
+    lambda numbers: "[" + ",".join(numbers) + "]"
+)
+
+
+@pytest.fixture(scope="module")
+def server_jsonb() -> Iterator[Callable[[str], str | None]]:
+    """``text::jsonb::text`` as the server gives it back, or None if jsonb refuses it."""
+    loop = asyncio.new_event_loop()
+    conn = loop.run_until_complete(asyncpg.connect(POSTGRES_URL))
+
+    def jsonb(text: str) -> str | None:
+        try:
+            return str(loop.run_until_complete(conn.fetchval("SELECT $1::text::jsonb::text", text)))
+        except (pgerr.DataError, pgerr.InvalidTextRepresentationError):
+            return None
+
+    try:
+        yield jsonb
+    finally:
+        loop.run_until_complete(conn.close())
+        loop.close()
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=PAYLOAD_TEXTS)
+def test_the_client_keeps_as_jsonb_exactly_what_jsonb_gives_back_the_same(
+    server_jsonb: Callable[[str], str | None], text: str
+) -> None:
+    try:
+        check_payload(text)
+    except UnsupportedValueError:
+        assume(False)  # refused before a store sees it (an infinite float, say)
+    back = server_jsonb(text)
+    kept_the_same = back is not None and same_json(json.loads(back), json.loads(text))
+    assert pg_store._jsonb_changes(text) is not kept_the_same, (text, back)
