@@ -274,7 +274,7 @@ async def test_caller_objects_changed_after_a_write_do_not_change_stored_data(
     assert (await store.get("mut")).metadata == {"v": [1]}
     assert (await store.get("mut-f")).metadata == {"f": [0]}
     rows = await read_all(store, "mut")
-    assert [(r.seq, r.data) for r in rows] == [(1, '{"n":1}')]
+    assert [(r.seq, json.loads(r.data)) for r in rows] == [(1, {"n": 1})]
     blob = bytearray(b"blob")
     blob_id = await store.put_blob("mut", blob)
     blob[:] = b"BLOB"
