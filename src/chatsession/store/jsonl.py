@@ -198,9 +198,13 @@ def _why(exc: BaseException) -> str:
     return str(exc)[:200]
 
 
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)  # one, not one per call
+
+
 def _loads(raw: bytes | str) -> Any:
-    """Strict JSON: NaN and Infinity refused (``ValueError``), deep nesting a ``RecursionError``."""
-    return json.loads(raw, parse_constant=_refuse_constant)
+    """Strict JSON in strict UTF-8: NaN and Infinity refused (``ValueError``), deep nesting a
+    ``RecursionError``."""
+    return _DECODER.decode(raw.decode() if isinstance(raw, bytes) else raw)
 
 
 def _event_fields(obj: Any) -> tuple[int, str, float, str | None, int]:

@@ -736,7 +736,11 @@ class SQLiteStore:
                         f"{start + expected} are incomplete (found {len(rows)}); the file is "
                         "damaged: restore it from a backup"
                     )
-                if {tuple(map(type, r)) for r in rows} - _EVENT_ROW_TYPES:
+                kinds = {
+                    (type(a), type(b), type(c), type(d), type(e), type(f))
+                    for a, b, c, d, e, f in rows
+                }  # SQLite's columns keep any type: a damaged row must not pass as an event
+                if not kinds <= _EVENT_ROW_TYPES:
                     raise self._bad_event_row(session_id, rows)
                 yield [make(r) for r in rows]
                 start += expected
