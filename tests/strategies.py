@@ -188,9 +188,9 @@ def titles() -> st.SearchStrategy[str | None]:
 def times() -> st.SearchStrategy[float]:
     """Finite timestamps (``ts``, ``created_at``...): any finite float but ``-0.0``.
 
-    SQLite's REAL columns give ``-0.0`` back as ``0.0``; whether a store must
-    keep the sign of a zero timestamp is the contract's call (see
-    ``check_event``), so these draw every other finite float.
+    ``-0.0`` times are refused (``check_event``/``check_record``: SQLite's REAL
+    columns would give them back as ``0.0``), so these draw every other finite
+    float; payload values keep ``-0.0``.
     """
     return st.one_of(
         st.floats(min_value=1.0, max_value=4e9),

@@ -109,11 +109,15 @@ from chatsession.store.base import (
     SessionState,
     StoredEvent,
     check_append,
+    check_before,
     check_blob,
+    check_filters,
+    check_fork_at,
     check_fork_point,
     check_limit,
     check_read,
     check_record,
+    check_version,
     decode_cursor,
     encode_cursor,
     fork_segments,
@@ -123,13 +127,7 @@ from chatsession.store.base import (
     updated_record,
     validate_id,
 )
-from chatsession.store.memory import (
-    _check_before,
-    _check_filters,
-    _check_fork_at,
-    _check_version,
-    _fork_loop,
-)
+from chatsession.store.memory import _fork_loop
 
 __all__ = ["JSONLStore"]
 
@@ -824,7 +822,7 @@ class JSONLStore:
     async def update(self, record: SessionRecord, expected_version: int) -> SessionRecord:
         """See :meth:`Store.update`."""
         check_record(record)
-        _check_version(expected_version)
+        check_version(expected_version)
 
         def work() -> SessionRecord:
             with self._root_lock(), self._locked(record.id) as (header, _, tail):
@@ -909,7 +907,7 @@ class JSONLStore:
         A session whose files are damaged is skipped, with a warning logged.
         """
         check_limit(limit)
-        _check_filters(user_id=user_id, agent_id=agent_id, window_id=window_id, state=state)
+        check_filters(user_id=user_id, agent_id=agent_id, window_id=window_id, state=state)
         after = decode_cursor(cursor) if cursor is not None else None
 
         def work() -> list[SessionRecord]:
@@ -1066,7 +1064,7 @@ class JSONLStore:
     async def fork(self, session_id: str, at_seq: int, new_record: SessionRecord) -> SessionRecord:
         """See :meth:`Store.fork`."""
         validate_id(session_id)
-        _check_fork_at(at_seq)
+        check_fork_at(at_seq)
         check_record(new_record)
 
         def work() -> SessionRecord:
@@ -1123,7 +1121,7 @@ class JSONLStore:
 
         A session whose header is damaged is skipped, with a warning logged.
         """
-        _check_before(before)
+        check_before(before)
         at = now() if before is None else before
 
         def work() -> int:

@@ -10,14 +10,13 @@ in and out (changing a dict passed to ``create`` or one returned by ``get``
 changes nothing stored), events are immutable tuples of immutable values,
 and blobs are copied to ``bytes``.
 
-This module also holds the argument checks every backend runs before any
-I/O beyond those of :mod:`chatsession.store.base`.
+The message for a fork chain that loops back on itself is made here and
+shared with the other embedded backends.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Self
@@ -28,11 +27,9 @@ from chatsession.errors import (
     ChatSessionClosedError,
     ConflictError,
     CorruptDataError,
-    InvalidArgumentError,
     InvalidURLError,
     SessionExistsError,
     SessionNotFoundError,
-    UnsupportedValueError,
 )
 from chatsession.store.base import (
     DEFAULT_READ_BATCH,
@@ -43,12 +40,15 @@ from chatsession.store.base import (
     SessionState,
     StoredEvent,
     check_append,
+    check_before,
     check_blob,
+    check_filters,
+    check_fork_at,
     check_fork_point,
     check_limit,
     check_read,
     check_record,
-    check_text,
+    check_version,
     decode_cursor,
     encode_cursor,
     fork_segments,
@@ -60,50 +60,6 @@ from chatsession.store.base import (
 )
 
 __all__ = ["MemoryStore"]
-
-_STATES = ("active", "idle", "archived", "expired")
-
-
-def _check_version(expected_version: object) -> None:
-    """Refuse an ``update`` version that is not an int >= 0 (before any I/O)."""
-    if type(expected_version) is not int or expected_version < 0:
-        raise InvalidArgumentError(
-            f"expected_version must be an int >= 0 (the version of the record as read), "
-            f"got {expected_version!r}"
-        )
-
-
-def _check_fork_at(at_seq: object) -> None:
-    """Refuse a fork point that is not an int >= 0 (before any I/O; the head is checked later)."""
-    if type(at_seq) is not int or at_seq < 0:
-        raise InvalidArgumentError(
-            f"at_seq must be an int >= 0 (a seq of the parent session), got {at_seq!r}"
-        )
-
-
-def _check_filters(**filters: object) -> None:
-    """Refuse ``list_sessions`` filters that no stored record could hold (before any I/O)."""
-    for name, value in filters.items():
-        if name == "state":
-            if value is not None and (type(value) is not str or value not in _STATES):
-                raise InvalidArgumentError(
-                    f"state filter {value!r} is not one of {', '.join(_STATES)} (or None)"
-                )
-            continue
-        try:
-            check_text(value, name, optional=True, controls=False)
-        except UnsupportedValueError as exc:
-            raise InvalidArgumentError(
-                f"{name} filter {str(value)[:40]!r} can match no session: {exc}"
-            ) from None
-
-
-def _check_before(before: object) -> None:
-    """Refuse a ``purge_expired`` time that is not None or a number (NaN included)."""
-    if before is None:
-        return
-    if type(before) not in (int, float) or math.isnan(before):  # type: ignore[arg-type]
-        raise InvalidArgumentError(f"before must be None or a time in Unix seconds, got {before!r}")
 
 
 def _fork_loop(session_id: str, chain: Sequence[object]) -> CorruptDataError:
@@ -224,7 +180,7 @@ class MemoryStore:
     async def update(self, record: SessionRecord, expected_version: int) -> SessionRecord:
         """See :meth:`Store.update`."""
         check_record(record)
-        _check_version(expected_version)
+        check_version(expected_version)
         entry = self._visible(record.id)
         if entry.record.version != expected_version:
             raise ConflictError(record.id, expected_version, entry.record.version, "version")
@@ -251,7 +207,7 @@ class MemoryStore:
     ) -> Page:
         """See :meth:`Store.list_sessions`."""
         check_limit(limit)
-        _check_filters(user_id=user_id, agent_id=agent_id, window_id=window_id, state=state)
+        check_filters(user_id=user_id, agent_id=agent_id, window_id=window_id, state=state)
         after = decode_cursor(cursor) if cursor is not None else None
         self._check_open()
         at = now()
@@ -312,7 +268,7 @@ class MemoryStore:
     async def fork(self, session_id: str, at_seq: int, new_record: SessionRecord) -> SessionRecord:
         """See :meth:`Store.fork`."""
         validate_id(session_id)
-        _check_fork_at(at_seq)
+        check_fork_at(at_seq)
         check_record(new_record)
         parent = self._visible(session_id)
         check_fork_point(session_id, at_seq, parent.record.head)
@@ -350,7 +306,7 @@ class MemoryStore:
 
     async def purge_expired(self, before: float | None = None) -> int:
         """See :meth:`Store.purge_expired`."""
-        _check_before(before)
+        check_before(before)
         self._check_open()
         at = now() if before is None else before
         expired = [

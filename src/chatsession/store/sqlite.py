@@ -77,11 +77,15 @@ from chatsession.store.base import (
     SessionState,
     StoredEvent,
     check_append,
+    check_before,
     check_blob,
+    check_filters,
+    check_fork_at,
     check_fork_point,
     check_limit,
     check_read,
     check_record,
+    check_version,
     decode_cursor,
     encode_cursor,
     fork_segments,
@@ -91,13 +95,7 @@ from chatsession.store.base import (
     updated_record,
     validate_id,
 )
-from chatsession.store.memory import (
-    _check_before,
-    _check_filters,
-    _check_fork_at,
-    _check_version,
-    _fork_loop,
-)
+from chatsession.store.memory import _fork_loop
 
 __all__ = ["SQLiteStore"]
 
@@ -540,7 +538,7 @@ class SQLiteStore:
     async def update(self, record: SessionRecord, expected_version: int) -> SessionRecord:
         """See :meth:`Store.update`."""
         check_record(record)
-        _check_version(expected_version)
+        check_version(expected_version)
 
         def work(db: sqlite3.Connection) -> SessionRecord:
             db.execute("BEGIN IMMEDIATE")
@@ -615,7 +613,7 @@ class SQLiteStore:
         A session whose record is damaged is skipped, with a warning logged.
         """
         check_limit(limit)
-        _check_filters(user_id=user_id, agent_id=agent_id, window_id=window_id, state=state)
+        check_filters(user_id=user_id, agent_id=agent_id, window_id=window_id, state=state)
         after: tuple[Any, Any] | None = decode_cursor(cursor) if cursor is not None else None
         where = ["s.deleted = 0", "(s.expires_at IS NULL OR s.expires_at > ?)"]
         params: list[Any] = [now()]
@@ -776,7 +774,7 @@ class SQLiteStore:
     async def fork(self, session_id: str, at_seq: int, new_record: SessionRecord) -> SessionRecord:
         """See :meth:`Store.fork`."""
         validate_id(session_id)
-        _check_fork_at(at_seq)
+        check_fork_at(at_seq)
         check_record(new_record)
 
         def work(db: sqlite3.Connection) -> SessionRecord:
@@ -832,7 +830,7 @@ class SQLiteStore:
 
     async def purge_expired(self, before: float | None = None) -> int:
         """See :meth:`Store.purge_expired`."""
-        _check_before(before)
+        check_before(before)
         at = now() if before is None else before
 
         def work(db: sqlite3.Connection) -> int:
