@@ -453,7 +453,7 @@ class PostgresFloor:
     server's JSON parsing on write and printing on read.
     """
 
-    def __init__(self, url: str, schema: str, synchronous_commit: str) -> None:
+    def __init__(self, url: str, schema: str, synchronous_commit: str | None) -> None:
         self.url = url
         self.table = f'"{schema}".bench_floor'
         self.synchronous_commit = synchronous_commit
@@ -464,9 +464,13 @@ class PostgresFloor:
         """Create the scratch table (``data jsonb``, as the store's) and COPY the history."""
         import asyncpg
 
-        self.conn = await asyncpg.connect(
-            self.url, server_settings={"synchronous_commit": self.synchronous_commit}
+        # the same setting as the store's connections: the URL's, else the server's
+        settings = (
+            {}
+            if self.synchronous_commit is None
+            else {"synchronous_commit": self.synchronous_commit}
         )
+        self.conn = await asyncpg.connect(self.url, server_settings=settings)
         await self.conn.execute(
             f"CREATE TABLE {self.table} (id bigint NOT NULL, seq bigint NOT NULL, "
             "data jsonb NOT NULL, PRIMARY KEY (id, seq))"
