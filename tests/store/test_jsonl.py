@@ -610,3 +610,24 @@ async def test_a_missing_fork_parent_is_corrupt_data(tmp_path: Path) -> None:
             await seq_list(url, "f")
         with pytest.raises(CorruptDataError, match="'p' is missing"):
             await store.get_blob("f", "ab" * 32)
+
+
+async def test_what_the_store_creates_is_its_owners_only(tmp_path: Path) -> None:
+    url = f"file://{tmp_path}/root"
+    async with open_store(url) as store:
+        await store.create(SessionRecord(id="s"))
+        await store.append("s", [ev(1)], 0)
+        blob = await store.put_blob("s", b"secret output")
+        await store.get("s")
+    root = tmp_path / "root"
+    for path in (root, root / "s", root / "s" / "offload"):
+        assert path.stat().st_mode & 0o777 == 0o700, path
+    for path in (
+        root / "s" / "session.json",
+        root / "s" / "context.jsonl",
+        root / "s" / "offload" / blob,
+        root / "s" / ".lock",
+        root / ".chatsession.lock",
+    ):
+        if path.exists():  # lock files may be removed on release
+            assert path.stat().st_mode & 0o777 == 0o600, path

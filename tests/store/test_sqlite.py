@@ -317,3 +317,18 @@ async def test_a_damaged_event_row_is_corrupt_data_naming_its_seq(
         with pytest.raises(CorruptDataError, match=r"'s'.*events row at seq 3.*restore"):
             await _read(store)
         assert [r.seq async for b in store.read("s", upto_seq=2) for r in b] == [1, 2]
+
+
+async def test_a_new_database_is_its_owners_only(tmp_path: Path) -> None:
+    path = tmp_path / "new.db"
+    async with open_store(f"sqlite:///{path}") as store:
+        await store.create(SessionRecord(id="s"))
+        await store.append("s", [NewEvent("message", "{}", 1.0)], 0)
+        for file in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+            assert file.stat().st_mode & 0o777 == 0o600, file
+    existing = tmp_path / "shared.db"
+    existing.touch(mode=0o640)
+    existing.chmod(0o640)
+    async with open_store(f"sqlite:///{existing}") as store:
+        await store.create(SessionRecord(id="s"))
+    assert existing.stat().st_mode & 0o777 == 0o640  # an existing file keeps its mode

@@ -53,6 +53,8 @@ Guarantees:
   disk, an I/O error, a store folder that is a file) raises
   :class:`~chatsession.errors.StoreUnavailableError`, never
   :class:`~chatsession.errors.SessionNotFoundError`.
+- What the store creates is its owner's only: folders ``0700``, files
+  ``0600`` (an existing folder keeps its mode).
 - ``read`` streams: memory is bounded by ``batch_size``, not by the history. A
   session deleted (or deleted and re-created) while it is being read raises
   ``SessionNotFoundError`` at the next batch.
@@ -474,13 +476,13 @@ class JSONLStore:
 
     @contextlib.contextmanager
     def _root_lock(self) -> Iterator[None]:
-        self.root.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(self.root / ".chatsession.lock"), timeout=_LOCK_TIMEOUT):
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with FileLock(str(self.root / ".chatsession.lock"), timeout=_LOCK_TIMEOUT, mode=0o600):
             yield
 
     @contextlib.contextmanager
     def _session_lock(self, session_id: str) -> Iterator[None]:
-        with FileLock(str(self._dir(session_id) / ".lock"), timeout=_LOCK_TIMEOUT):
+        with FileLock(str(self._dir(session_id) / ".lock"), timeout=_LOCK_TIMEOUT, mode=0o600):
             yield
 
     def _write_atomic(self, path: Path, data: bytes) -> None:
@@ -603,7 +605,7 @@ class JSONLStore:
         """
         for _ in range(_RELOCKS):
             before = self._visible_header(session_id)
-            lock = FileLock(str(self._dir(session_id) / ".lock"), timeout=_LOCK_TIMEOUT)
+            lock = FileLock(str(self._dir(session_id) / ".lock"), timeout=_LOCK_TIMEOUT, mode=0o600)
             try:
                 lock.acquire()
             except FileNotFoundError:  # the folder went away while we came to lock it
@@ -790,8 +792,9 @@ class JSONLStore:
         folder = self._dir(session_id)
         if self._read_header(session_id) is not None:
             raise SessionExistsError(session_id)
-        (folder / OFFLOAD).mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder / LOG, os.O_WRONLY | os.O_CREAT, 0o644)
+        folder.mkdir(mode=0o700, exist_ok=True)
+        (folder / OFFLOAD).mkdir(mode=0o700, exist_ok=True)
+        fd = os.open(folder / LOG, os.O_WRONLY | os.O_CREAT, 0o600)
         try:
             if os.fstat(fd).st_size:
                 raise CorruptDataError(
@@ -1092,7 +1095,7 @@ class JSONLStore:
             self._visible_header(session_id)
             path = self._dir(session_id) / OFFLOAD / blob_id
             if not path.exists():
-                path.parent.mkdir(exist_ok=True)
+                path.parent.mkdir(mode=0o700, exist_ok=True)
                 self._write_atomic(path, bytes(data))
 
         await self._run(work, f"store a blob for session {session_id!r}", session_id)

@@ -25,6 +25,10 @@ a raw "database is locked". Do not put the file on a network file system.
 Each store object owns one connection on one worker thread, so blocking
 SQLite calls never run on the event loop.
 
+A new database file is created readable and writable by its owner only
+(``0600``); SQLite gives its ``-wal`` and ``-shm`` files the same mode. An
+existing file keeps its mode.
+
 Schema changes are named migrations recorded in ``chatsession_migrations``;
 they run once, inside a write transaction, so processes starting at once are
 safe.
@@ -47,6 +51,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import sqlite3
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -281,6 +286,15 @@ class SQLiteStore:
                     f"cannot create the directory {str(parent)!r} for the SQLite store: "
                     f"{exc.strerror or exc}; choose a writable path (CHATSESSION_STORE_URL or "
                     "CHATSESSION_DATA_DIR)"
+                ) from exc
+            try:  # a new database holds conversations: readable by its owner only
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise StoreUnavailableError(
+                    f"cannot create the SQLite file {self.path!r}: {exc.strerror or exc}; "
+                    "choose a writable path (CHATSESSION_STORE_URL or CHATSESSION_DATA_DIR)"
                 ) from exc
         try:
             db = sqlite3.connect(
