@@ -296,10 +296,11 @@ class TCPCounter(_Threaded):
                 if limit is not None and sent + len(data) >= limit:
                     writer.write(data[: limit - sent])
                     await writer.drain()
-                    while writer.transport.get_write_buffer_size():
-                        await asyncio.sleep(0.01)
                     self.cuts += 1
-                    writer.transport.abort()
+                    # a FIN mid-body, not a reset: a reset can make the client's kernel
+                    # drop bytes it received but had not read yet (the cut would then
+                    # fall before the first token on a quiet machine)
+                    writer.close()
                     up_writer.transport.abort()
                     return
                 sent += len(data)

@@ -342,7 +342,10 @@ async def test_a_stream_cut_after_output_is_not_retried(
 ) -> None:
     # the real server's answer, cut once some tokens have gone through
     with TCPCounter(llama_address, cut_after=1600) as proxy:
-        llm = OpenAILLM("smollm2", base_url=proxy.url, max_tokens=200, temperature=0)
+        # context_window given: the session asks no /v1/models on the counted connection
+        llm = OpenAILLM(
+            "smollm2", base_url=proxy.url, max_tokens=200, temperature=0, context_window=2048
+        )
         async with ChatSession(Agent(llm), store="memory://") as session:
             events = [e async for e in session.query_stream("Write a long story about a ship.")]
             deltas = "".join(e.content for e in events if isinstance(e, TextEvent))
