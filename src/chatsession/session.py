@@ -88,6 +88,7 @@ from chatsession.log import (
     StateChange,
     StateEntry,
     TextPart,
+    ToolCall,
     TurnEnd,
     TurnEndEntry,
     TurnStartEntry,
@@ -335,6 +336,20 @@ def _storable(message: Message) -> Message:
         return value
 
     return Message.model_validate(clean(message.model_dump()))
+
+
+def _unfinished_call(call: ToolCall, turn_id: str | None, status: str) -> MessageEntry:
+    """The error result that answers a tool call whose turn ended before it returned."""
+    return MessageEntry(
+        turn_id=turn_id,
+        data=Message(
+            role="tool",
+            tool_call_id=call.id,
+            name=call.name,
+            is_error=True,
+            content=f"tool call not completed: the turn ended ({status}) before it returned",
+        ),
+    )
 
 
 def _json_key(value: Any) -> str:
@@ -1050,16 +1065,7 @@ class ChatSession:
         recent.extend(e.data for e in pending if isinstance(e, MessageEntry))
         answered = {m.tool_call_id for m in recent if m.role == "tool"}
         return [
-            MessageEntry(
-                turn_id=turn_id,
-                data=Message(
-                    role="tool",
-                    tool_call_id=call.id,
-                    name=call.name,
-                    is_error=True,
-                    content=f"tool call not completed: the turn ended ({status}) before it returned",
-                ),
-            )
+            _unfinished_call(call, turn_id, status)
             for m in recent
             if m.role == "assistant"
             for call in m.tool_calls
@@ -1079,19 +1085,7 @@ class ChatSession:
         if open_turn is None and not dangling:
             return
         status = "interrupted" if open_turn is not None else "not answered"
-        events: list[LogEvent] = [
-            MessageEntry(
-                turn_id=open_turn,
-                data=Message(
-                    role="tool",
-                    tool_call_id=call.id,
-                    name=call.name,
-                    is_error=True,
-                    content=f"tool call not completed: the turn ended ({status}) before it returned",
-                ),
-            )
-            for call in dangling
-        ]
+        events: list[LogEvent] = [_unfinished_call(call, open_turn, status) for call in dangling]
         if open_turn is not None:
             events.append(
                 TurnEndEntry(

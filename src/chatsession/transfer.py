@@ -36,6 +36,7 @@ from chatsession.errors import (
 )
 from chatsession.log import ConversationState, LogEvent, MessageEntry, encode, fold
 from chatsession.store.base import (
+    STRICT_JSON,
     NewEvent,
     SessionRecord,
     Store,
@@ -233,12 +234,8 @@ class opened_for_writing:
             self._owned.close()
 
 
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
-
-
 def _loads(text: str) -> Any:
-    return json.loads(text, parse_constant=_no_constants)
+    return STRICT_JSON.decode(text)
 
 
 class ExportReader:

@@ -22,9 +22,14 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any, Literal, NamedTuple, Protocol, Self, TypeVar, runtime_checkable
 from urllib.parse import parse_qsl, urlencode
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from chatsession.errors import InvalidArgumentError, InvalidIdError, UnsupportedValueError
+from chatsession.errors import (
+    CorruptDataError,
+    InvalidArgumentError,
+    InvalidIdError,
+    UnsupportedValueError,
+)
 
 __all__ = [
     "DEFAULT_READ_BATCH",
@@ -36,6 +41,7 @@ __all__ = [
     "MAX_JSON_DEPTH",
     "MAX_PAYLOAD_BYTES",
     "MAX_SCHEMA_VERSION",
+    "STRICT_JSON",
     "NewEvent",
     "Page",
     "ParentRef",
@@ -58,7 +64,9 @@ __all__ = [
     "check_text",
     "check_version",
     "decode_cursor",
+    "describe_failure",
     "encode_cursor",
+    "fork_loop",
     "fork_segments",
     "initial_record",
     "now",
@@ -471,6 +479,33 @@ def check_json_value(value: object, what: str, *, max_depth: int = MAX_JSON_DEPT
 
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
+
+
+#: Strict JSON: ``NaN``, ``Infinity`` and ``-Infinity`` are refused (``ValueError``).
+STRICT_JSON = json.JSONDecoder(parse_constant=_refuse_constant)
+
+
+def describe_failure(exc: BaseException) -> str:
+    """A short reason for a parse or validation failure, for a ``CorruptDataError`` message."""
+    if isinstance(exc, ValidationError):
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        return f"{where}: {first['msg']}" if where else str(first["msg"])
+    if isinstance(exc, RecursionError):
+        return "JSON nested too deeply to read"
+    if isinstance(exc, KeyError):
+        return f"the field {exc.args[0]!r} is missing"
+    return str(exc)[:200]
+
+
+def fork_loop(session_id: str, chain: Sequence[object]) -> CorruptDataError:
+    """The error for a fork chain that comes back to a session already in it."""
+    path = " -> ".join(repr(str(node)) for node in chain)
+    return CorruptDataError(
+        f"session {session_id!r}: its fork parents loop ({path}), so its events cannot be "
+        "read; the store was edited by hand or restored badly: restore it from a backup, "
+        "or give one of these sessions its real parent back"
+    )
 
 
 def _finite_float(text: str) -> float:

@@ -88,7 +88,6 @@ from typing import Any, Self, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from filelock import FileLock, Timeout
-from pydantic import ValidationError
 
 from chatsession.errors import (
     BlobNotFoundError,
@@ -104,6 +103,7 @@ from chatsession.errors import (
 )
 from chatsession.store.base import (
     DEFAULT_READ_BATCH,
+    STRICT_JSON,
     NewEvent,
     Page,
     ParentRef,
@@ -121,7 +121,9 @@ from chatsession.store.base import (
     check_record,
     check_version,
     decode_cursor,
+    describe_failure,
     encode_cursor,
+    fork_loop,
     fork_segments,
     initial_record,
     now,
@@ -129,7 +131,6 @@ from chatsession.store.base import (
     updated_record,
     validate_id,
 )
-from chatsession.store.memory import _fork_loop
 
 __all__ = ["JSONLStore"]
 
@@ -181,30 +182,10 @@ def _errno(exc: OSError) -> int | None:
     return None
 
 
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _why(exc: BaseException) -> str:
-    """A short reason for a parse or validation failure."""
-    if isinstance(exc, ValidationError):
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        return f"{where}: {first['msg']}" if where else str(first["msg"])
-    if isinstance(exc, RecursionError):
-        return "JSON nested too deeply to read"
-    if isinstance(exc, KeyError):
-        return f"the field {exc.args[0]!r} is missing"
-    return str(exc)[:200]
-
-
-_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)  # one, not one per call
-
-
 def _loads(raw: bytes | str) -> Any:
     """Strict JSON in strict UTF-8: NaN and Infinity refused (``ValueError``), deep nesting a
     ``RecursionError``."""
-    return _DECODER.decode(raw.decode() if isinstance(raw, bytes) else raw)
+    return STRICT_JSON.decode(raw.decode() if isinstance(raw, bytes) else raw)
 
 
 def _event_fields(obj: Any) -> tuple[int, str, float, str | None, int]:
@@ -251,7 +232,7 @@ def _parse_event(path: Path, raw: bytes, line_no: int) -> StoredEvent:
         return StoredEvent(seq, kind, ts, turn_id, data, version)
     except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise CorruptDataError(
-            f"session {path.parent.name!r}: {path}, line {line_no}: damaged event ({_why(exc)}); "
+            f"session {path.parent.name!r}: {path}, line {line_no}: damaged event ({describe_failure(exc)}); "
             "restore the file from a backup"
         ) from exc
 
@@ -523,7 +504,7 @@ class JSONLStore:
             SessionRecord.model_validate(fields, strict=True)  # every field, for every caller
         except (ValueError, TypeError, KeyError, RecursionError) as exc:
             raise CorruptDataError(
-                f"session {session_id!r}: {path} is damaged ({_why(exc)}); restore it from a "
+                f"session {session_id!r}: {path} is damaged ({describe_failure(exc)}); restore it from a "
                 "backup or rewrite it by hand (see docs/stores.md for its fields)"
             ) from exc
         return header  # type: ignore[no-any-return]
@@ -553,7 +534,7 @@ class JSONLStore:
         except ValueError as exc:
             raise CorruptDataError(
                 f"session {header['id']!r}: {self._dir(header['id']) / HEADER} has an invalid "
-                f"field ({_why(exc)}); restore it from a backup or rewrite it by hand (see "
+                f"field ({describe_failure(exc)}); restore it from a backup or rewrite it by hand (see "
                 "docs/stores.md for its fields)"
             ) from exc
         return record
@@ -689,7 +670,7 @@ class JSONLStore:
                     seq = _event_fields(obj)[0]
                     batch = obj.get("batch", 1) if pending == 0 else 1
                 except (ValueError, KeyError, TypeError, RecursionError) as exc:
-                    why = _why(exc)
+                    why = describe_failure(exc)
                     raise self._damaged(path, line_no, why, last=not f.peek(1)) from exc
                 if seq != head + 1:
                     why = f"seq {seq} where {head + 1} was expected"
@@ -991,7 +972,7 @@ class JSONLStore:
                 break
             parent_id = parent["session_id"]
             if any(node == parent_id for node, _ in chain):
-                raise _fork_loop(header["id"], [node for node, _ in chain] + [parent_id])
+                raise fork_loop(header["id"], [node for node, _ in chain] + [parent_id])
             current = self._read_header(parent_id)
             if current is None:
                 raise CorruptDataError(

@@ -51,6 +51,7 @@ from chatsession.store.base import (
     check_version,
     decode_cursor,
     encode_cursor,
+    fork_loop,
     fork_segments,
     initial_record,
     now,
@@ -60,16 +61,6 @@ from chatsession.store.base import (
 )
 
 __all__ = ["MemoryStore"]
-
-
-def _fork_loop(session_id: str, chain: Sequence[object]) -> CorruptDataError:
-    """The error for a fork chain that comes back to a session already in it."""
-    path = " -> ".join(repr(str(node)) for node in chain)
-    return CorruptDataError(
-        f"session {session_id!r}: its fork parents loop ({path}), so its events cannot be "
-        "read; the store was edited by hand or restored badly: restore it from a backup, "
-        "or give one of these sessions its real parent back"
-    )
 
 
 @dataclass
@@ -141,7 +132,7 @@ class MemoryStore:
             if parent is None:
                 break
             if parent.session_id in seen:
-                raise _fork_loop(entry.record.id, [sid for sid, _ in chain] + [parent.session_id])
+                raise fork_loop(entry.record.id, [sid for sid, _ in chain] + [parent.session_id])
             current = self._entries.get(parent.session_id)
             if current is None:
                 raise CorruptDataError(

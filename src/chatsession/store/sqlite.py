@@ -61,8 +61,6 @@ from pathlib import Path
 from typing import Any, Self, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from pydantic import ValidationError
-
 from chatsession.errors import (
     BlobNotFoundError,
     ChatSessionClosedError,
@@ -75,6 +73,7 @@ from chatsession.errors import (
 )
 from chatsession.store.base import (
     DEFAULT_READ_BATCH,
+    STRICT_JSON,
     NewEvent,
     Page,
     ParentRef,
@@ -92,7 +91,9 @@ from chatsession.store.base import (
     check_record,
     check_version,
     decode_cursor,
+    describe_failure,
     encode_cursor,
+    fork_loop,
     fork_segments,
     initial_record,
     now,
@@ -100,7 +101,6 @@ from chatsession.store.base import (
     updated_record,
     validate_id,
 )
-from chatsession.store.memory import _fork_loop
 
 __all__ = ["SQLiteStore"]
 
@@ -119,21 +119,6 @@ _EVENT_ROW_TYPES = frozenset(
     {(int, str, float, str, str, int), (int, str, float, type(None), str, int)}
 )
 _EVENT_COLUMNS = ("seq", "type", "ts", "turn_id", "data", "v")
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _why(exc: BaseException) -> str:
-    """A short reason for a parse or validation failure."""
-    if isinstance(exc, ValidationError):
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        return f"{where}: {first['msg']}" if where else str(first["msg"])
-    if isinstance(exc, RecursionError):
-        return "JSON nested too deeply to read"
-    return str(exc)[:200]
 
 
 def _migration_1(db: sqlite3.Connection) -> None:
@@ -416,7 +401,7 @@ class SQLiteStore:
         try:
             if type(row[13]) is not str:
                 raise TypeError(f"a {type(row[13]).__name__}, not JSON text")
-            body = json.loads(row[13], parse_constant=_refuse_constant)
+            body = STRICT_JSON.decode(row[13])
             if type(body) is not dict or not body.keys() <= _BODY_KEYS:
                 raise TypeError(f"not a JSON object with keys {sorted(_BODY_KEYS)}")
             where = "the sessions row"
@@ -443,7 +428,7 @@ class SQLiteStore:
                 strict=True,
             )
         except (ValueError, TypeError, RecursionError) as exc:
-            raise self._damaged(row[1], where, _why(exc)) from exc
+            raise self._damaged(row[1], where, describe_failure(exc)) from exc
 
     def _check_head(self, session_id: str, head: object, expires_at: object) -> int:
         """The head of a sessions row, after checking the columns append and fork rely on."""
@@ -506,7 +491,7 @@ class SQLiteStore:
             chain.append((current, fork_seq))
             if any(node == parent_pk for node, _ in chain):
                 looped = db.execute("SELECT id FROM sessions WHERE pk = ?", (parent_pk,)).fetchone()
-                raise _fork_loop(session_id, [*names, looped[0] if looped else parent_pk])
+                raise fork_loop(session_id, [*names, looped[0] if looped else parent_pk])
             current = parent_pk
         return chain
 
