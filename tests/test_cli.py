@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
 import pexpect
@@ -11,18 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from chatsession.cli import main
-
-
-def spawn(home: Path, *args: str, timeout: float = 30) -> pexpect.spawn:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CHATSESSION_")}
-    env.update(CHATSESSION_DATA_DIR=str(home), TERM="dumb", COLUMNS="200")
-    return pexpect.spawn(
-        sys.executable,
-        ["-m", "chatsession", "chat", *args],
-        env=env,
-        encoding="utf-8",
-        timeout=timeout,
-    )
+from tests.cli_pty import spawn
 
 
 def quit_(child: pexpect.spawn) -> None:

@@ -10,9 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-import os
 import stat
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +25,7 @@ from chatsession.cli.local_state import HEADER, last_session, remember_session
 from chatsession.cli.redaction import Redactor, display_url
 from chatsession.errors import SessionNotFoundError
 from chatsession.store import open_store
+from tests.cli_pty import spawn
 from tests.conftest import POSTGRES_URL
 
 PASSWORD = "S3cret-Pa55word"
@@ -37,19 +36,6 @@ def with_password(url: str, password: str = PASSWORD, host: str | None = None) -
     user = parts.username or "postgres"
     netloc = f"{user}:{password}@{host or parts.hostname}:{parts.port or 5432}"
     return urlunsplit(parts._replace(netloc=netloc))
-
-
-def spawn(home: Path, *args: str) -> pexpect.spawn:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CHATSESSION_")}
-    env.update(CHATSESSION_DATA_DIR=str(home), TERM="dumb", COLUMNS="200")
-    return pexpect.spawn(
-        sys.executable,
-        ["-m", "chatsession", "chat", *args],
-        env=env,
-        encoding="utf-8",
-        dimensions=(24, 200),
-        timeout=60,
-    )
 
 
 def mode(path: Path) -> int:

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import sqlite3
-import sys
 from pathlib import Path
 
 import pexpect
@@ -28,6 +26,7 @@ from chatsession.cli.output import make_console
 from chatsession.cli.redaction import Redactor
 from chatsession.cli.terminal import TerminalSanitizer, sanitize
 from chatsession.errors import ModelError
+from tests.cli_pty import spawn
 
 ESC = "\x1b"
 CLIPBOARD = f"{ESC}]52;c;cm0gLXJmIH4K{ESC}\\"  # OSC 52 (clipboard write) ended by ST
@@ -139,19 +138,6 @@ def test_any_split_gives_the_same_safe_text(text: str, cuts: list[int]) -> None:
 
 # --------------------------------------------------------------------------
 # the REPL in a pseudo-terminal
-
-
-def spawn(home: Path, *args: str) -> pexpect.spawn:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CHATSESSION_")}
-    env.update(CHATSESSION_DATA_DIR=str(home), TERM="dumb", COLUMNS="200")
-    return pexpect.spawn(
-        sys.executable,
-        ["-m", "chatsession", "chat", *args],
-        env=env,
-        encoding="utf-8",
-        dimensions=(24, 200),
-        timeout=30,
-    )
 
 
 def test_escape_sequences_in_a_streamed_answer_never_reach_the_terminal(env_setup: Path) -> None:

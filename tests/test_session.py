@@ -36,6 +36,7 @@ from chatsession import (
     tool,
 )
 from chatsession.log import Message, MessageEntry, TurnEndEntry, decode, fold
+from tests.tools import add
 
 
 @pytest.fixture
@@ -62,17 +63,6 @@ async def collect_answers(session: ChatSession, answers: list[str]) -> None:
 
 def statuses(events: Sequence[object]) -> list[str]:
     return [e.data.status for e in events if isinstance(e, TurnEndEntry)]  # type: ignore[attr-defined]
-
-
-@tool
-def add(a: int, b: int) -> int:
-    """Add two numbers.
-
-    Args:
-        a: The first number.
-        b: The second number.
-    """
-    return a + b
 
 
 # --------------------------------------------------------------------------

@@ -50,6 +50,7 @@ from chatsession.log import (
     decode,
 )
 from tests.strategies import same
+from tests.tools import add
 
 
 async def stored(url: str, session_id: str) -> list[LogEvent]:
@@ -75,17 +76,6 @@ def assert_valid_context(messages: Sequence[Message]) -> None:
             answered.add(later.tool_call_id)
         missing = {c.id for c in message.tool_calls} - answered
         assert not missing, f"tool calls without a result: {missing}"
-
-
-@tool
-def add(a: int, b: int) -> int:
-    """Add two numbers.
-
-    Args:
-        a: The first number.
-        b: The second number.
-    """
-    return a + b
 
 
 # --------------------------------------------------------------------------

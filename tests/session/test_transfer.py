@@ -29,25 +29,14 @@ from chatsession import (
     SessionNotFoundError,
     StoreUnavailableError,
     open_store,
-    tool,
 )
 from chatsession.log import Message, MessageEntry, TurnEndEntry, TurnStartEntry, encode
 from chatsession.store.base import SessionRecord
 from chatsession.transfer import IMPORTING, import_into_store
 from tests.strategies import json_values, same, texts
+from tests.tools import add
 
 TRICKY = "line\u2028para\u2029nel\x85 fs\x1c gs\x1d rs\x1e us\x1f vt\x0b ff\x0c cr\r nul\x00 é 😀"
-
-
-@tool
-def add(a: int, b: int) -> int:
-    """Add two numbers.
-
-    Args:
-        a: The first number.
-        b: The second number.
-    """
-    return a + b
 
 
 def dump(events: list[Any]) -> list[Any]:

@@ -46,28 +46,6 @@ REDIS_URL = os.environ.get("CHATSESSION_TEST_REDIS_URL", "redis://127.0.0.1:6379
 WRITER = Path(__file__).with_name("turn_writer.py")
 
 
-@pytest.fixture
-async def prefix() -> AsyncIterator[str]:
-    """A unique key prefix, every key under it deleted afterwards."""
-    value = f"cstest-{uuid.uuid4().hex[:10]}:"  # no glob characters: safe in MATCH
-    yield value
-    client = aioredis.Redis.from_url(REDIS_URL)
-    try:
-        keys = [k async for k in client.scan_iter(match=f"{value}*", count=1000)]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
-
-
-@pytest.fixture
-async def raw() -> AsyncIterator[aioredis.Redis]:
-    """A plain client on the shared test server, for looking under the store."""
-    client = aioredis.Redis.from_url(REDIS_URL)
-    yield client
-    await client.aclose()
-
-
 def ev(n: int) -> NewEvent:
     return NewEvent("message", json.dumps({"n": n}), 1.0)
 
