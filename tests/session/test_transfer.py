@@ -12,6 +12,7 @@ import asyncio
 import io
 import json
 import tracemalloc
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -291,7 +292,11 @@ def test_export_and_import_memory_does_not_grow_with_the_session(tmp_path: Path)
     assert big_import < big_file and big_export < big_file, (big_file, big_import, big_export)
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=20,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(
     state=st.dictionaries(texts(max_size=8), json_values(4), max_size=4),
     metadata=st.dictionaries(texts(max_size=8), json_values(3).filter(lambda v: v is not None)),
@@ -299,24 +304,28 @@ def test_export_and_import_memory_does_not_grow_with_the_session(tmp_path: Path)
     checkpoint=json_values(3),
     fmt=st.sampled_from(["json", "jsonl"]),
 )
-def test_any_storable_session_round_trips_through_both_formats(
-    state: dict[str, Any], metadata: dict[str, Any], message: str, checkpoint: Any, fmt: str
+async def test_any_storable_session_round_trips_through_both_formats_on_every_backend(
+    store_url: str,
+    state: dict[str, Any],
+    metadata: dict[str, Any],
+    message: str,
+    checkpoint: Any,
+    fmt: str,
 ) -> None:
-    async def run() -> None:
-        async with open_store("memory://") as store:
-            async with ChatSession(Agent(ScriptedLLM()), "src", store=store) as session:
-                await session.query(message or "hi")
-                session.state.update(state)
-                await session.save_state()
-                await session.set_metadata(**metadata)
-                await session.checkpoint("c", data=checkpoint)
-                out = io.StringIO()
-                await session.export(out, fmt)  # type: ignore[arg-type]
-                original = await session.read_events()
-            out.seek(0)
-            await import_into_store(out, store, session_id="copy")
-            async with ChatSession.resume(Agent(ScriptedLLM()), "copy", store=store) as copy:
-                assert same(dump(await copy.read_events()), dump(original))
-                assert same(dict(copy.state), state)
-
-    asyncio.run(run())
+    # the store's data outlives the examples: each one uses ids of its own
+    source, copy_id = f"src-{uuid.uuid4().hex}", f"copy-{uuid.uuid4().hex}"
+    async with open_store(store_url) as store:
+        async with ChatSession(Agent(ScriptedLLM()), source, store=store) as session:
+            await session.query(message or "hi")
+            session.state.update(state)
+            await session.save_state()
+            await session.set_metadata(**metadata)
+            await session.checkpoint("c", data=checkpoint)
+            out = io.StringIO()
+            await session.export(out, fmt)  # type: ignore[arg-type]
+            original = await session.read_events()
+        out.seek(0)
+        await import_into_store(out, store, session_id=copy_id)
+        async with ChatSession.resume(Agent(ScriptedLLM()), copy_id, store=store) as copy:
+            assert same(dump(await copy.read_events()), dump(original))
+            assert same(dict(copy.state), state)
