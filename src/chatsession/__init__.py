@@ -34,6 +34,7 @@ from chatsession.errors import (
     InvalidArgumentError,
     InvalidIdError,
     InvalidURLError,
+    LeaseLostError,
     MissingDependencyError,
     ModelError,
     SessionBusyError,
@@ -49,6 +50,7 @@ from chatsession.errors import (
 )
 from chatsession.session import ChatSession, ContextInfo, ModelUsage, UsageSummary
 from chatsession.store import (
+    Lease,
     NewEvent,
     Page,
     ParentRef,
@@ -80,6 +82,8 @@ __all__ = [
     "InvalidArgumentError",
     "InvalidIdError",
     "InvalidURLError",
+    "Lease",
+    "LeaseLostError",
     "MissingDependencyError",
     "ModelError",
     "ModelUsage",

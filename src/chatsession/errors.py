@@ -15,7 +15,8 @@ failures (the world did something: a conflict, an outage, a corrupt file)::
     │   ├── SessionNotFoundError        no such (visible) session
     │   ├── SessionExistsError          create() with an id already taken
     │   ├── ConflictError               the head or version moved (optimistic concurrency)
-    │   │   └── SessionBusyError        another turn holds the session's lease
+    │   │   ├── SessionBusyError        another writer holds the session's lease
+    │   │   └── LeaseLostError          our lease expired or was taken: nothing was written
     │   ├── BlobNotFoundError           no blob with that id for the session
     │   ├── StoreUnavailableError       the store cannot be reached or refused service
     │   └── CorruptDataError            stored bytes that cannot be read back
@@ -46,6 +47,7 @@ __all__ = [
     "InvalidArgumentError",
     "InvalidIdError",
     "InvalidURLError",
+    "LeaseLostError",
     "MissingDependencyError",
     "ModelError",
     "SessionBusyError",
@@ -186,21 +188,49 @@ class ConflictError(StoreError):
 
 
 class SessionBusyError(ConflictError):
-    """Raised when a session cannot take a turn now because another writer is using it.
+    """Raised when a session cannot take a turn now because another writer holds it.
 
-    ``holder`` says who, when known. Wait for that writer to finish, then retry.
+    Attributes:
+        holder: Who holds the session's lease, when known.
+        retry_after: Seconds until that lease runs out (a hint for waiting), when known.
     """
 
-    def __init__(self, session_id: str, holder: str | None = None) -> None:
+    def __init__(
+        self, session_id: str, holder: str | None = None, retry_after: float | None = None
+    ) -> None:
         self.session_id = session_id
         self.expected = 0
         self.actual = None
         self.holder = holder
+        self.retry_after = retry_after
         by = f" ({holder})" if holder else ""
+        wait = f"; it is free in {retry_after:.1f} s at the latest" if retry_after else ""
         StoreError.__init__(
             self,
-            f"session {session_id!r} is busy: another writer is using it{by}; "
+            f"session {session_id!r} is busy: another writer is using it{by}{wait}; "
             "wait for it to finish, then retry",
+        )
+
+
+class LeaseLostError(ConflictError):
+    """Raised when a write made under a lease finds it is no longer the holder.
+
+    The lease expired (the process was paused, or renewal failed) or another
+    writer took it over; nothing was written. Stop the turn: another writer may
+    be changing the session. Take the lease again to continue.
+    """
+
+    def __init__(self, session_id: str, token: int, detail: str = "") -> None:
+        self.session_id = session_id
+        self.expected = token
+        self.actual = None
+        self.token = token
+        more = f" ({detail})" if detail else ""
+        StoreError.__init__(
+            self,
+            f"the lease on session {session_id!r} (token {token}) is no longer held{more}; "
+            "nothing was written: another writer may have taken over, so take the lease "
+            "again and re-read the session before writing",
         )
 
 

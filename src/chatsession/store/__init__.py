@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 
 from chatsession.errors import InvalidURLError, MissingDependencyError
 from chatsession.store.base import (
+    Lease,
     NewEvent,
     Page,
     ParentRef,
@@ -41,6 +42,7 @@ from chatsession.store.base import (
 )
 
 __all__ = [
+    "Lease",
     "NewEvent",
     "Page",
     "ParentRef",

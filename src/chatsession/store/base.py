@@ -18,6 +18,7 @@ import json
 import math
 import re
 import time
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Literal, NamedTuple, Protocol, Self, TypeVar, runtime_checkable
 from urllib.parse import parse_qsl, urlencode
@@ -39,9 +40,11 @@ __all__ = [
     "MAX_FIELD_LENGTH",
     "MAX_ID_LENGTH",
     "MAX_JSON_DEPTH",
+    "MAX_LEASE_TTL",
     "MAX_PAYLOAD_BYTES",
     "MAX_SCHEMA_VERSION",
     "STRICT_JSON",
+    "Lease",
     "NewEvent",
     "Page",
     "ParentRef",
@@ -57,10 +60,13 @@ __all__ = [
     "check_fork_at",
     "check_fork_point",
     "check_json_value",
+    "check_lease",
+    "check_lease_request",
     "check_limit",
     "check_payload",
     "check_read",
     "check_record",
+    "check_snapshot",
     "check_text",
     "check_version",
     "decode_cursor",
@@ -69,6 +75,7 @@ __all__ = [
     "fork_loop",
     "fork_segments",
     "initial_record",
+    "new_event_id",
     "now",
     "redact_text",
     "redact_url",
@@ -106,6 +113,7 @@ MAX_SCHEMA_VERSION = 32767
 MAX_FIELD_LENGTH = 1024
 
 _EVENT_TYPE_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
+_EVENT_ID_RE = re.compile(r"[A-Za-z0-9_\-]{1,64}")
 _ESCAPED_SURROGATE_RE = re.compile(r"\\u[dD][89a-fA-F]")
 _LINE_BREAKS = ("\n", "\r")
 
@@ -166,6 +174,9 @@ class NewEvent(NamedTuple):
         ts: When it happened (Unix seconds).
         turn_id: The turn it belongs to, if any.
         schema_version: The payload format version (see ``chatsession.log``).
+        event_id: A unique id the writer gives the event (``new_event_id()``):
+            an append whose reply was lost and that is sent again is then
+            recognised and applied once (see :meth:`Store.append`).
     """
 
     type: str
@@ -173,6 +184,7 @@ class NewEvent(NamedTuple):
     ts: float
     turn_id: str | None = None
     schema_version: int = EVENT_SCHEMA_VERSION
+    event_id: str | None = None
 
 
 class StoredEvent(NamedTuple):
@@ -185,6 +197,7 @@ class StoredEvent(NamedTuple):
         turn_id: The turn it belongs to, if any.
         data: The payload JSON text as appended (equal JSON; see the module docstring).
         schema_version: The payload format version it was written with.
+        event_id: The id it was appended with, if any.
     """
 
     seq: int
@@ -193,6 +206,7 @@ class StoredEvent(NamedTuple):
     turn_id: str | None
     data: str
     schema_version: int
+    event_id: str | None = None
 
     def to_json(self) -> str:
         """The event as one JSON object ``{seq, type, ts, turn_id, v, data}``."""
@@ -201,6 +215,74 @@ class StoredEvent(NamedTuple):
             f'{{"seq":{self.seq},"type":{json.dumps(self.type)},"ts":{self.ts!r},'
             f'"turn_id":{turn},"v":{self.schema_version},"data":{self.data}}}'
         )
+
+
+class Lease(NamedTuple):
+    """A session's write lease: one writer at a time, across processes and machines.
+
+    Attributes:
+        session_id: The session it is for.
+        owner: Who holds it (any string the holder chooses, e.g. host:pid:uuid).
+        token: The fencing token: it grows with every new holder, never with a
+            renewal. Appends made under the lease carry it, so a holder whose
+            lease expired (a paused process) cannot write after another took over.
+        expires_at: When it runs out, in Unix seconds by the store's clock.
+    """
+
+    session_id: str
+    owner: str
+    token: int
+    expires_at: float
+
+
+def new_event_id() -> str:
+    """A fresh event id (32 hex digits): unique, so a re-sent append is recognised."""
+    return uuid.uuid4().hex
+
+
+#: The longest lease a holder may ask for, in seconds.
+MAX_LEASE_TTL = 24 * 3600.0
+
+
+def check_lease_request(session_id: str, owner: object, ttl: object) -> None:
+    """Reject a bad lease request before any I/O.
+
+    Raises:
+        InvalidIdError: A bad session id.
+        InvalidArgumentError: ``owner`` is not a 1-200 character string without
+            control characters, or ``ttl`` is not a number of seconds in
+            (0, :data:`MAX_LEASE_TTL`].
+    """
+    validate_id(session_id)
+    if (
+        type(owner) is not str
+        or not 0 < len(owner) <= 200
+        or any(ord(c) < 32 or c == "\x7f" for c in owner)
+    ):
+        raise InvalidArgumentError(
+            f"a lease owner is 1-200 characters without control characters, got {owner!r}"[:200]
+        )
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl <= MAX_LEASE_TTL:
+        raise InvalidArgumentError(
+            f"a lease ttl is a number of seconds above 0 and at most {MAX_LEASE_TTL:.0f}, "
+            f"got {ttl!r}"
+        )
+
+
+def check_lease(lease: object) -> Lease:
+    """Reject something that is not a :class:`Lease` a store handed out (before any I/O).
+
+    Raises:
+        InvalidArgumentError: Not a ``Lease`` with a valid id, owner and int token.
+    """
+    if not isinstance(lease, Lease):
+        raise InvalidArgumentError(
+            f"expected a Lease from acquire_lease(), not {type(lease).__name__}"
+        )
+    validate_id(lease.session_id)
+    if not _is_int(lease.token) or lease.token < 1:
+        raise InvalidArgumentError(f"a lease token is an int >= 1, got {lease.token!r}")
+    return lease
 
 
 class ParentRef(BaseModel):
@@ -574,8 +656,14 @@ def check_event(event: object, index: int = 0) -> None:
             f"events[{index}] must be a NewEvent (see chatsession.log.encode), "
             f"not {type(event).__name__}"
         )
-    kind, data, ts, turn_id, version = event
+    kind, data, ts, turn_id, version, event_id = event
     what = f"events[{index}]"
+    if event_id is not None and (
+        type(event_id) is not str or _EVENT_ID_RE.fullmatch(event_id) is None
+    ):
+        raise _unsupported(
+            f"{what}.event_id", f"{event_id!r} is not 1-64 characters of A-Z a-z 0-9 _ -"[:160]
+        )
     if type(kind) is not str or _EVENT_TYPE_RE.fullmatch(kind) is None:
         raise _unsupported(
             f"{what}.type {kind!r}"[:120], "use 1-64 characters of a-z, 0-9 and '_', a letter first"
@@ -623,6 +711,21 @@ def check_record(record: SessionRecord) -> None:
         check_json_value(record.fingerprint, "fingerprint")
     if record.parent is not None and not isinstance(record.parent, ParentRef):
         raise InvalidArgumentError("parent must be a ParentRef or None")
+
+
+def check_snapshot(seq: object, data: object) -> None:
+    """Reject a snapshot that is not ``bytes`` of at most :data:`MAX_BLOB_BYTES` at an int seq >= 0.
+
+    Raises:
+        InvalidArgumentError: A bad seq.
+        UnsupportedValueError: Bad data.
+    """
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+        raise InvalidArgumentError(f"a snapshot's seq is an int >= 0, got {seq!r}")
+    if not isinstance(data, bytes):
+        raise _unsupported("snapshot", f"it must be bytes, not {type(data).__name__}")
+    if len(data) > MAX_BLOB_BYTES:
+        raise _unsupported("snapshot", f"it is {len(data)} bytes; the limit is {MAX_BLOB_BYTES}")
 
 
 def check_blob(data: object, media_type: object) -> None:
@@ -871,20 +974,99 @@ class Store(Protocol):
         """
         ...
 
-    async def append(self, session_id: str, events: Sequence[NewEvent], expected_seq: int) -> int:
+    async def append(
+        self,
+        session_id: str,
+        events: Sequence[NewEvent],
+        expected_seq: int,
+        *,
+        lease: Lease | None = None,
+    ) -> int:
         """Append events atomically if the head is still ``expected_seq``.
 
         The events get seqs ``expected_seq + 1 ...``; all are stored or none.
         When this returns, the events are durable to the backend's documented
         guarantee and every later ``read`` sees them.
 
+        Leases: with ``lease``, the append happens only if that lease is still
+        the session's current one and has not expired (by the store's clock),
+        checked in the same atomic step. Without one, it happens only if no
+        other writer holds a live lease.
+
+        Retries: when the head is not ``expected_seq`` but the event at
+        ``expected_seq + 1`` carries the ``event_id`` of ``events[0]``, this
+        append was already applied (its reply was lost): it returns
+        ``expected_seq + len(events)`` and writes nothing.
+
         Returns:
-            The new head seq.
+            The head right after these events.
 
         Raises:
             ConflictError: The head is not ``expected_seq``; nothing was written.
+            LeaseLostError: ``lease`` is no longer current or has expired;
+                nothing was written.
+            SessionBusyError: No ``lease`` was given and another writer holds a
+                live one; nothing was written.
             SessionNotFoundError: No visible session with that id.
-            ValueError: ``events`` is empty.
+            InvalidArgumentError: ``events`` is empty or ``expected_seq`` bad.
+            UnsupportedValueError: An event cannot be stored exactly.
+        """
+        ...
+
+    async def acquire_lease(self, session_id: str, owner: str, ttl: float) -> Lease:
+        """Take the session's write lease for ``ttl`` seconds.
+
+        Succeeds when no lease is held, the held one has expired, or ``owner``
+        already holds it (then it is renewed, keeping its token). A new holder
+        gets a token greater than every earlier one of the session. Atomic.
+
+        Returns:
+            The lease now held.
+
+        Raises:
+            SessionBusyError: Another owner holds a live lease (``holder`` and
+                ``retry_after``, the seconds until it runs out, are set).
+            SessionNotFoundError: No visible session with that id.
+            InvalidArgumentError: A bad owner or ttl.
+        """
+        ...
+
+    async def renew_lease(self, lease: Lease, ttl: float) -> Lease:
+        """Extend a lease still held to ``ttl`` seconds from now (same token).
+
+        A lease that expired but that nobody else took may be renewed.
+
+        Raises:
+            LeaseLostError: It was released, or another owner took it.
+            SessionNotFoundError: No visible session with that id.
+        """
+        ...
+
+    async def release_lease(self, lease: Lease) -> None:
+        """Give the lease up, if it is still this one (same token). Idempotent."""
+        ...
+
+    async def put_snapshot(self, session_id: str, seq: int, data: bytes) -> None:
+        """Keep ``data`` as the session's snapshot of its log at ``seq``.
+
+        Snapshots are derived data (a cache of the fold, written by the
+        session layer): the store keeps the one with the highest seq (a
+        snapshot at a lower seq than the kept one is ignored), deletes it with
+        the session, and never fences it with a lease. Forks do not share
+        their parent's.
+
+        Raises:
+            SessionNotFoundError: No visible session with that id.
+            InvalidArgumentError: ``seq`` is not an int in ``0..head``.
+            UnsupportedValueError: ``data`` is not bytes, or over ``MAX_BLOB_BYTES``.
+        """
+        ...
+
+    async def get_snapshot(self, session_id: str) -> tuple[int, bytes] | None:
+        """The session's kept snapshot as ``(seq, data)``, or None.
+
+        Raises:
+            SessionNotFoundError: No visible session with that id.
         """
         ...
 

@@ -27,12 +27,16 @@ from chatsession.errors import (
     ChatSessionClosedError,
     ConflictError,
     CorruptDataError,
+    InvalidArgumentError,
     InvalidURLError,
+    LeaseLostError,
+    SessionBusyError,
     SessionExistsError,
     SessionNotFoundError,
 )
 from chatsession.store.base import (
     DEFAULT_READ_BATCH,
+    Lease,
     NewEvent,
     Page,
     ParentRef,
@@ -45,9 +49,12 @@ from chatsession.store.base import (
     check_filters,
     check_fork_at,
     check_fork_point,
+    check_lease,
+    check_lease_request,
     check_limit,
     check_read,
     check_record,
+    check_snapshot,
     check_version,
     decode_cursor,
     encode_cursor,
@@ -70,6 +77,9 @@ class _Entry:
     blobs: dict[str, bytes] = field(default_factory=dict)
     children: set[str] = field(default_factory=set)
     deleted: bool = False
+    lease: Lease | None = None  # the current holder (expired or not)
+    last_token: int = 0  # the highest fencing token handed out
+    snapshot: tuple[int, bytes] | None = None
 
 
 class MemoryStore:
@@ -221,21 +231,117 @@ class MemoryStore:
 
     # -- events ----------------------------------------------------------
 
-    async def append(self, session_id: str, events: Sequence[NewEvent], expected_seq: int) -> int:
+    async def append(
+        self,
+        session_id: str,
+        events: Sequence[NewEvent],
+        expected_seq: int,
+        *,
+        lease: Lease | None = None,
+    ) -> int:
         """See :meth:`Store.append`."""
         check_append(events, expected_seq)
+        if lease is not None:
+            check_lease(lease)
         entry = self._visible(session_id)
         head = entry.record.head
         if head != expected_seq:
+            if self._applied_already(entry, events, expected_seq):
+                return expected_seq + len(events)
             raise ConflictError(session_id, expected_seq, head)
+        self._check_writer(entry, lease)
         entry.events.extend(
-            StoredEvent(head + i, e.type, float(e.ts), e.turn_id, e.data, e.schema_version)
+            StoredEvent(
+                head + i, e.type, float(e.ts), e.turn_id, e.data, e.schema_version, e.event_id
+            )
             for i, e in enumerate(events, start=1)
         )
         entry.record = entry.record.model_copy(
             update={"head": head + len(events), "updated_at": now()}
         )
         return head + len(events)
+
+    def _applied_already(
+        self, entry: _Entry, events: Sequence[NewEvent], expected_seq: int
+    ) -> bool:
+        """Whether this exact append (by its first event's id) is already in the log."""
+        first_id = events[0].event_id
+        if first_id is None or expected_seq >= entry.record.head:
+            return False
+        own_start = entry.record.parent.seq if entry.record.parent else 0
+        if expected_seq < own_start:
+            return False  # before the fork point: the parent's events, not ours
+        stored = entry.events[expected_seq - own_start]
+        return stored.event_id == first_id
+
+    def _check_writer(self, entry: _Entry, lease: Lease | None) -> None:
+        """Raise unless ``lease`` is the live current one (or, without one, none is live)."""
+        held = entry.lease
+        at = now()
+        if lease is not None:
+            if held is None or held.token != lease.token or held.expires_at <= at:
+                why = (
+                    "it expired"
+                    if held is not None and held.token == lease.token
+                    else "it was taken over or released"
+                )
+                raise LeaseLostError(entry.record.id, lease.token, why)
+        elif held is not None and held.expires_at > at:
+            raise SessionBusyError(entry.record.id, held.owner, held.expires_at - at)
+
+    # -- leases and snapshots --------------------------------------------
+
+    async def acquire_lease(self, session_id: str, owner: str, ttl: float) -> Lease:
+        """See :meth:`Store.acquire_lease`."""
+        check_lease_request(session_id, owner, ttl)
+        entry = self._visible(session_id)
+        at = now()
+        held = entry.lease
+        if held is not None and held.expires_at > at and held.owner != owner:
+            raise SessionBusyError(session_id, held.owner, held.expires_at - at)
+        if held is not None and held.owner == owner and held.expires_at > at:
+            token = held.token  # the holder asks again: a renewal
+        else:
+            entry.last_token += 1
+            token = entry.last_token
+        entry.lease = Lease(session_id, owner, token, at + ttl)
+        return entry.lease
+
+    async def renew_lease(self, lease: Lease, ttl: float) -> Lease:
+        """See :meth:`Store.renew_lease`."""
+        check_lease(lease)
+        check_lease_request(lease.session_id, lease.owner, ttl)
+        entry = self._visible(lease.session_id)
+        held = entry.lease
+        if held is None or held.token != lease.token:
+            raise LeaseLostError(lease.session_id, lease.token, "it was taken over or released")
+        entry.lease = held._replace(expires_at=now() + ttl)
+        return entry.lease
+
+    async def release_lease(self, lease: Lease) -> None:
+        """See :meth:`Store.release_lease`."""
+        check_lease(lease)
+        self._check_open()
+        entry = self._entries.get(lease.session_id)
+        if entry is not None and entry.lease is not None and entry.lease.token == lease.token:
+            entry.lease = None
+
+    async def put_snapshot(self, session_id: str, seq: int, data: bytes) -> None:
+        """See :meth:`Store.put_snapshot`."""
+        validate_id(session_id)
+        check_snapshot(seq, data)
+        entry = self._visible(session_id)
+        if seq > entry.record.head:
+            raise InvalidArgumentError(
+                f"a snapshot of session {session_id!r} at seq {seq} is past its head "
+                f"{entry.record.head}"
+            )
+        if entry.snapshot is None or entry.snapshot[0] <= seq:
+            entry.snapshot = (seq, bytes(data))
+
+    async def get_snapshot(self, session_id: str) -> tuple[int, bytes] | None:
+        """See :meth:`Store.get_snapshot`."""
+        return self._visible(session_id).snapshot
 
     async def read(
         self,
