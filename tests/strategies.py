@@ -243,6 +243,7 @@ def new_events(max_depth: int = 4) -> st.SearchStrategy[NewEvent]:
         ts=times(),
         turn_id=turn_ids(),
         schema_version=st.one_of(st.just(1), st.integers(min_value=0, max_value=32767)),
+        event_id=st.one_of(st.none(), st.from_regex(r"\A[A-Za-z0-9_\-]{1,64}\Z")),
     )
 
 

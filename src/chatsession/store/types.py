@@ -1,0 +1,308 @@
+"""The values the storage contract speaks in: records, events, leases, ids and limits.
+
+Re-exported by :mod:`chatsession.store.base`, which holds the ``Store`` protocol.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any, Literal, NamedTuple, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from chatsession.errors import InvalidArgumentError, InvalidIdError
+
+#: The version of the event payload format this code writes. ``chatsession.log``
+#: upgrades older versions when it reads them.
+EVENT_SCHEMA_VERSION = 2
+
+
+#: How many events ``Store.read`` yields per batch unless told otherwise.
+DEFAULT_READ_BATCH = 2000
+
+
+#: The longest id accepted for sessions, blobs and the like.
+MAX_ID_LENGTH = 128
+
+
+#: The deepest nesting of arrays and objects accepted in a stored JSON value
+#: (an event payload, a record's metadata or fingerprint). State, metadata and
+#: checkpoint values sit 2 to 3 levels inside their event's payload.
+MAX_JSON_DEPTH = 128
+
+
+#: The largest event payload (UTF-8 bytes of its JSON text); larger tool
+#: outputs belong in blobs, which ``ChatSession`` makes on its own.
+MAX_PAYLOAD_BYTES = 16 * 1024 * 1024
+
+
+#: The largest blob accepted by ``put_blob``.
+MAX_BLOB_BYTES = 256 * 1024 * 1024
+
+
+#: The highest event ``schema_version`` a store keeps (PostgreSQL's ``smallint``).
+MAX_SCHEMA_VERSION = 32767
+
+
+#: The longest ``user_id``, ``agent_id``, ``window_id``, ``title``, event
+#: ``turn_id`` or media type accepted.
+MAX_FIELD_LENGTH = 1024
+
+
+_ID_RE = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]*")
+
+
+K = TypeVar("K")  # how a backend names a session in a fork chain (id or row key)
+
+
+SessionState = Literal["active", "idle", "archived", "expired"]
+
+
+def validate_id(value: object, what: str = "session id") -> str:
+    """Check that ``value`` is safe as a file name and as a key in every backend.
+
+    Args:
+        value: The candidate id.
+        what: What the id names, for the error message.
+
+    Returns:
+        The id, unchanged.
+
+    Raises:
+        InvalidIdError: If the id is not a string of 1-128 characters from
+            ``A-Z a-z 0-9 - _ .`` that does not start with ``.``.
+    """
+    if not isinstance(value, str):
+        raise InvalidIdError(f"{what} must be a string, got {type(value).__name__}")
+    if not value:
+        raise InvalidIdError(f"{what} must not be empty")
+    if len(value) > MAX_ID_LENGTH:
+        raise InvalidIdError(
+            f"{what} is {len(value)} characters long; the limit is {MAX_ID_LENGTH}"
+        )
+    if _ID_RE.fullmatch(value) is None:
+        bad = sorted({c for c in value if not (c.isascii() and (c.isalnum() or c in "-_."))})
+        if bad:
+            shown = ", ".join(repr(c) for c in bad[:5])
+            reason = f"it contains {shown}"
+        else:
+            reason = "it starts with '.'"
+        raise InvalidIdError(
+            f"{what} {value[:40]!r} is not allowed: {reason}; use letters, digits, "
+            "'-', '_' and '.' (not first), at most 128 characters"
+        )
+    return value
+
+
+def now() -> float:
+    """The current time as a Unix timestamp (seconds, float); used for ``ts`` fields."""
+    return time.time()
+
+
+class NewEvent(NamedTuple):
+    """An event to append; the store gives it the next seq.
+
+    Attributes:
+        type: The event type (``message``, ``usage``, ...); opaque to the store.
+        data: The payload as JSON text; returned as equal JSON (see the module docstring).
+        ts: When it happened (Unix seconds).
+        turn_id: The turn it belongs to, if any.
+        schema_version: The payload format version (see ``chatsession.log``).
+        event_id: A unique id the writer gives the event (``new_event_id()``):
+            an append whose reply was lost and that is sent again is then
+            recognised and applied once (see :meth:`Store.append`).
+    """
+
+    type: str
+    data: str
+    ts: float
+    turn_id: str | None = None
+    schema_version: int = EVENT_SCHEMA_VERSION
+    event_id: str | None = None
+
+
+class StoredEvent(NamedTuple):
+    """An event read back from a store.
+
+    Attributes:
+        seq: Position in the session's log, from 1; contiguous.
+        type: The event type.
+        ts: When it happened (Unix seconds).
+        turn_id: The turn it belongs to, if any.
+        data: The payload JSON text as appended (equal JSON; see the module docstring).
+        schema_version: The payload format version it was written with.
+        event_id: The id it was appended with, if any.
+    """
+
+    seq: int
+    type: str
+    ts: float
+    turn_id: str | None
+    data: str
+    schema_version: int
+    event_id: str | None = None
+
+    def to_json(self) -> str:
+        """The event as one JSON object ``{seq, type, ts, turn_id, v, data}``."""
+        turn = "null" if self.turn_id is None else json.dumps(self.turn_id)
+        return (
+            f'{{"seq":{self.seq},"type":{json.dumps(self.type)},"ts":{self.ts!r},'
+            f'"turn_id":{turn},"v":{self.schema_version},"data":{self.data}}}'
+        )
+
+
+class Lease(NamedTuple):
+    """A session's write lease: one writer at a time, across processes and machines.
+
+    Attributes:
+        session_id: The session it is for.
+        owner: Who holds it (any string the holder chooses, e.g. host:pid:uuid).
+        token: The fencing token: it grows with every new holder, never with a
+            renewal. Appends made under the lease carry it, so a holder whose
+            lease expired (a paused process) cannot write after another took over.
+        expires_at: When it runs out, in Unix seconds by the store's clock.
+    """
+
+    session_id: str
+    owner: str
+    token: int
+    expires_at: float
+
+
+def new_event_id() -> str:
+    """A fresh event id (32 hex digits): unique, so a re-sent append is recognised."""
+    return uuid.uuid4().hex
+
+
+#: The longest lease a holder may ask for, in seconds.
+MAX_LEASE_TTL = 24 * 3600.0
+
+
+class ParentRef(BaseModel):
+    """Where a fork branches off: the parent session and the last shared seq."""
+
+    model_config = ConfigDict(frozen=True)
+
+    session_id: str
+    seq: int = Field(ge=0)
+
+
+class SessionRecord(BaseModel):
+    """What a store keeps about one session besides its events.
+
+    ``head``, ``version`` and ``parent`` are maintained by the store: values
+    passed in by callers are ignored on ``create`` and checked on ``update``.
+
+    Attributes:
+        id: The session id (see :func:`validate_id`).
+        user_id: The owner, if any.
+        agent_id: Which agent the session belongs to, if any.
+        window_id: Which client window (tab, device) it belongs to, if any.
+        title: A human title.
+        state: ``active``, ``idle``, ``archived`` or ``expired``.
+        created_at: Unix seconds, set by ``create``/``fork``.
+        updated_at: Unix seconds, refreshed by ``append`` and ``update``.
+        expires_at: Unix seconds after which the session is invisible, or None.
+        metadata: Free JSON-compatible key-values.
+        parent: The fork point, for a fork.
+        fingerprint: The agent's fingerprint (model, prompt and tool hashes).
+        head: The seq of the last event (including inherited ones for a fork).
+        version: Incremented by every ``update``; used for conditional updates.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    user_id: str | None = None
+    agent_id: str | None = None
+    window_id: str | None = None
+    title: str | None = None
+    state: SessionState = "active"
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    expires_at: float | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    parent: ParentRef | None = None
+    fingerprint: dict[str, Any] | None = None
+    head: int = 0
+    version: int = 0
+
+    def is_expired(self, at: float | None = None) -> bool:
+        """Whether ``expires_at`` has passed (at ``at``, default now)."""
+        return self.expires_at is not None and self.expires_at <= (now() if at is None else at)
+
+
+class Page(NamedTuple):
+    """One page of a listing.
+
+    Attributes:
+        records: The records, newest first (by ``created_at``, then id).
+        next_cursor: Pass to the next ``list_sessions`` call; None on the last page.
+    """
+
+    records: list[SessionRecord]
+    next_cursor: str | None
+
+
+def encode_cursor(record: SessionRecord) -> str:
+    """The keyset cursor that resumes a listing after ``record``."""
+    raw = json.dumps([record.created_at, record.id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[float, str]:
+    """Parse a cursor made by :func:`encode_cursor`.
+
+    Raises:
+        InvalidArgumentError: If the cursor was not made by this library.
+    """
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created_at, session_id = json.loads(raw)
+        return float(created_at), validate_id(session_id)
+    except (ValueError, TypeError) as exc:
+        shown = cursor[:40] if isinstance(cursor, str) else cursor
+        raise InvalidArgumentError(
+            f"bad listing cursor {shown!r}: pass back a next_cursor from list_sessions"
+        ) from exc
+
+
+def fork_segments(
+    lineage: Sequence[tuple[K, int]], head: int, after_seq: int = 0, upto_seq: int | None = None
+) -> list[tuple[K, int, int]]:
+    """Plan a read across a fork chain.
+
+    Args:
+        lineage: ``(key, fork_seq)`` from the session itself up to the
+            root (``key`` is whatever names a session in the backend), where ``fork_seq`` is the last seq that node inherits from
+            its parent (0 for the root).
+        head: The session's head seq.
+        after_seq: Read events with seq greater than this.
+        upto_seq: Read events with seq up to this (default: the head).
+
+    Returns:
+        ``(session_id, lo, hi)`` segments in read order: read that session's own
+        events with ``lo < seq <= hi``. Empty segments are left out.
+    """
+    limit = head if upto_seq is None else min(upto_seq, head)
+    segments: list[tuple[K, int, int]] = []
+    for session_id, fork_seq in lineage:
+        lo, hi = max(fork_seq, after_seq), limit
+        if hi > lo:
+            segments.append((session_id, lo, hi))
+        limit = min(limit, fork_seq)
+        if limit <= after_seq:
+            break
+    segments.reverse()
+    return segments
+
+
+#: Record fields a caller may change through ``Store.update``.
+EDITABLE_FIELDS = frozenset(
+    {"user_id", "agent_id", "window_id", "title", "state", "expires_at", "metadata", "fingerprint"}
+)
