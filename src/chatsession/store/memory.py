@@ -20,7 +20,7 @@ import hashlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Self
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import urlsplit
 
 from chatsession.errors import (
     BlobNotFoundError,
@@ -29,8 +29,6 @@ from chatsession.errors import (
     CorruptDataError,
     InvalidArgumentError,
     InvalidURLError,
-    LeaseLostError,
-    SessionBusyError,
     SessionExistsError,
     SessionNotFoundError,
 )
@@ -66,6 +64,9 @@ from chatsession.store.base import (
     updated_record,
     validate_id,
 )
+from chatsession.store.leases import check_writer, granted, renewed
+from chatsession.store.options import parse_options
+from chatsession.store.records import check_visible, is_visible
 
 __all__ = ["MemoryStore"]
 
@@ -101,12 +102,11 @@ class MemoryStore:
             parts = urlsplit(url)
         except ValueError:
             raise InvalidURLError(f"cannot parse {redact_url(url)}; use plain memory://") from None
-        given = sorted({*options, *(k for k, _ in parse_qsl(parts.query, keep_blank_values=True))})
-        if given or parts.netloc or parts.path not in ("", "/") or parts.fragment:
-            what = f"options {given}" if given else redact_url(url)
+        if parts.netloc or parts.path not in ("", "/") or parts.fragment:
             raise InvalidURLError(
-                f"memory:// takes no host, path or options, got {what}; use plain memory://"
+                f"memory:// takes no host or path, got {redact_url(url)}; use plain memory://"
             )
+        parse_options(url, {}, options, backend="memory")
         return cls(url)
 
     async def __aenter__(self) -> Self:
@@ -125,10 +125,9 @@ class MemoryStore:
         self._check_open()
         validate_id(session_id)
         entry = self._entries.get(session_id)
-        if entry is None or entry.deleted:
+        if entry is None:
             raise SessionNotFoundError(session_id)
-        if entry.record.is_expired():
-            raise SessionNotFoundError(session_id, "expired")
+        check_visible(session_id, entry.deleted, entry.record.expires_at)
         return entry
 
     def _lineage(self, entry: _Entry) -> list[tuple[str, int]]:
@@ -215,8 +214,7 @@ class MemoryStore:
         rows = [
             e.record
             for e in self._entries.values()
-            if not e.deleted
-            and not e.record.is_expired(at)
+            if is_visible(e.deleted, e.record.expires_at, at)
             and (user_id is None or e.record.user_id == user_id)
             and (agent_id is None or e.record.agent_id == agent_id)
             and (window_id is None or e.record.window_id == window_id)
@@ -249,7 +247,7 @@ class MemoryStore:
             if self._applied_already(entry, events, expected_seq):
                 return expected_seq + len(events)
             raise ConflictError(session_id, expected_seq, head)
-        self._check_writer(entry, lease)
+        check_writer(session_id, entry.lease, lease, now())
         entry.events.extend(
             StoredEvent(
                 head + i, e.type, float(e.ts), e.turn_id, e.data, e.schema_version, e.event_id
@@ -274,37 +272,14 @@ class MemoryStore:
         stored = entry.events[expected_seq - own_start]
         return stored.event_id == first_id
 
-    def _check_writer(self, entry: _Entry, lease: Lease | None) -> None:
-        """Raise unless ``lease`` is the live current one (or, without one, none is live)."""
-        held = entry.lease
-        at = now()
-        if lease is not None:
-            if held is None or held.token != lease.token or held.expires_at <= at:
-                why = (
-                    "it expired"
-                    if held is not None and held.token == lease.token
-                    else "it was taken over or released"
-                )
-                raise LeaseLostError(entry.record.id, lease.token, why)
-        elif held is not None and held.expires_at > at:
-            raise SessionBusyError(entry.record.id, held.owner, held.expires_at - at)
-
     # -- leases and snapshots --------------------------------------------
 
     async def acquire_lease(self, session_id: str, owner: str, ttl: float) -> Lease:
         """See :meth:`Store.acquire_lease`."""
         check_lease_request(session_id, owner, ttl)
         entry = self._visible(session_id)
-        at = now()
-        held = entry.lease
-        if held is not None and held.expires_at > at and held.owner != owner:
-            raise SessionBusyError(session_id, held.owner, held.expires_at - at)
-        if held is not None and held.owner == owner and held.expires_at > at:
-            token = held.token  # the holder asks again: a renewal
-        else:
-            entry.last_token += 1
-            token = entry.last_token
-        entry.lease = Lease(session_id, owner, token, at + ttl)
+        entry.lease = granted(session_id, entry.lease, entry.last_token, owner, ttl, now())
+        entry.last_token = max(entry.last_token, entry.lease.token)
         return entry.lease
 
     async def renew_lease(self, lease: Lease, ttl: float) -> Lease:
@@ -312,10 +287,7 @@ class MemoryStore:
         check_lease(lease)
         check_lease_request(lease.session_id, lease.owner, ttl)
         entry = self._visible(lease.session_id)
-        held = entry.lease
-        if held is None or held.token != lease.token:
-            raise LeaseLostError(lease.session_id, lease.token, "it was taken over or released")
-        entry.lease = held._replace(expires_at=now() + ttl)
+        entry.lease = renewed(lease, entry.lease, ttl, now())
         return entry.lease
 
     async def release_lease(self, lease: Lease) -> None:
