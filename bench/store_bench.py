@@ -512,11 +512,14 @@ class PostgresFloor:
 class SQLiteFloor:
     """Bare ``sqlite3`` on the event loop's thread, in a scratch file beside the store's.
 
-    The same table shape as the store's ``events`` (``WITHOUT ROWID``, keyed by
-    session and seq), WAL and ``synchronous=NORMAL`` like the store's default:
-    one ``INSERT`` of the turn's two rows in one transaction; one ``SELECT`` of
-    the rows (``fetchall``). No worker thread, no row objects: the least any
-    Python code can pay for the same rows on this machine.
+    The same tables as the store's (``events`` ``WITHOUT ROWID``, keyed by
+    session and seq, with the event id; a ``sessions`` row holding the head),
+    WAL and ``synchronous=NORMAL`` like the store's default. An append is what
+    the store must do at the least: one ``BEGIN IMMEDIATE`` transaction that
+    inserts the turn's two rows and moves the head, committed. A read is one
+    ``SELECT`` of the rows (``fetchall``) from a new connection. No worker
+    thread, no checks, no row objects: the least any Python code can pay for
+    the same rows on this machine.
     """
 
     def __init__(self, path: Path) -> None:
@@ -526,7 +529,7 @@ class SQLiteFloor:
 
     def _rows(self, start: int, events: list[NewEvent]) -> list[tuple[Any, ...]]:
         return [
-            (1, start + k + 1, e.type, e.ts, e.turn_id, e.data, e.schema_version)
+            (1, start + k + 1, e.type, e.ts, e.turn_id, e.schema_version, e.data, e.event_id)
             for k, e in enumerate(events)
         ]
 
@@ -536,22 +539,30 @@ class SQLiteFloor:
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA synchronous = NORMAL")
         db.execute(
+            "CREATE TABLE sessions (pk INTEGER PRIMARY KEY, head INTEGER NOT NULL, "
+            "updated_at REAL NOT NULL)"
+        )
+        db.execute(
             "CREATE TABLE events (session_pk INTEGER NOT NULL, seq INTEGER NOT NULL, "
-            "type TEXT NOT NULL, ts REAL NOT NULL, turn_id TEXT, data TEXT NOT NULL, "
-            "v INTEGER NOT NULL, PRIMARY KEY (session_pk, seq)) WITHOUT ROWID"
+            "type TEXT NOT NULL, ts REAL NOT NULL, turn_id TEXT, v INTEGER NOT NULL, "
+            "data TEXT NOT NULL, event_id TEXT, PRIMARY KEY (session_pk, seq)) WITHOUT ROWID"
         )
         db.execute("BEGIN")
-        db.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?)", self._rows(0, events))
+        db.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)", self._rows(0, events))
+        db.execute("INSERT INTO sessions VALUES (1, ?, ?)", (len(events), time.time()))
         db.execute("COMMIT")
         self.seq = len(events)
 
     async def append(self, turn: list[NewEvent]) -> None:
-        """One transaction inserting the turn's two rows."""
+        """One transaction inserting the turn's two rows and moving the head."""
         assert self.db is not None
         rows = self._rows(self.seq, turn)
         self.seq += len(rows)
-        self.db.execute("BEGIN")
-        self.db.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+        self.db.execute("BEGIN IMMEDIATE")
+        self.db.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        self.db.execute(
+            "UPDATE sessions SET head = ?, updated_at = ? WHERE pk = 1", (self.seq, time.time())
+        )
         self.db.execute("COMMIT")
 
     async def read(self) -> int:
@@ -559,7 +570,7 @@ class SQLiteFloor:
         db = sqlite3.connect(self.path)
         try:
             rows = db.execute(
-                "SELECT seq, type, ts, turn_id, data, v FROM events "
+                "SELECT seq, type, ts, turn_id, data, v, event_id FROM events "
                 "WHERE session_pk = 1 AND seq > 0 ORDER BY seq"
             ).fetchall()
         finally:

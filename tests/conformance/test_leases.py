@@ -259,3 +259,116 @@ async def test_snapshots_are_checked_and_belong_to_one_session(store: Store) -> 
     with pytest.raises(SessionNotFoundError):
         await store.get_snapshot("s")
     assert await store.get_snapshot("f") == (1, b"fork's")
+
+
+# --------------------------------------------------------------------------
+# more of the contract: ids read back, leases across store objects and time,
+# snapshots of a session kept only for its forks
+
+
+async def test_event_ids_read_back_exactly_also_through_a_fork(store: Store) -> None:
+    await store.create(SessionRecord(id="p"))
+    ids = [new_event_id(), None, "custom_id-7", new_event_id()]
+    await store.append("p", [ev(1, ids[0]), ev(2, ids[1])], 0)
+    await store.append("p", [ev(3, ids[2])], 2)
+    await store.fork("p", 3, SessionRecord(id="f"))
+    await store.append("f", [ev(4, ids[3])], 3)
+    assert [r.event_id async for b in store.read("p") for r in b] == ids[:3]
+    assert [r.event_id async for b in store.read("f") for r in b] == ids
+    assert [r.event_id async for b in store.read("f", after_seq=1, batch_size=1) for r in b] == ids[
+        1:
+    ]
+
+
+async def test_a_lease_outlives_the_store_object_that_took_it(durable_url: str) -> None:
+    first = open_store(durable_url)
+    await first.create(SessionRecord(id="s"))
+    lease = await first.acquire_lease("s", "a", 30)
+    await first.aclose()
+    async with open_store(durable_url) as second:
+        with pytest.raises(SessionBusyError) as busy:
+            await second.acquire_lease("s", "b", 30)
+        assert busy.value.holder == "a"
+        with pytest.raises(SessionBusyError):
+            await second.append("s", [ev(1)], 0)
+        assert await second.append("s", [ev(1)], 0, lease=lease) == 1
+        assert (await second.renew_lease(lease, 30)).token == lease.token
+        await second.release_lease(lease)
+        assert (await second.acquire_lease("s", "b", 30)).token > lease.token
+
+
+async def test_an_expired_lease_lets_anyone_write_and_a_retry_is_still_recognised(
+    store: Store,
+) -> None:
+    await store.create(SessionRecord(id="s"))
+    lease = await store.acquire_lease("s", "a", 0.3)
+    batch = [ev(1, new_event_id()), ev(2, new_event_id())]
+    assert await store.append("s", batch, 0, lease=lease) == 2
+    await asyncio.sleep(0.45)
+    assert await store.append("s", [ev(3)], 2) == 3  # no live lease: free to write
+    # the holder's reply was lost and it sends the batch again, its lease long gone:
+    # the batch is recognised as applied (not refused, not written twice)
+    assert await store.append("s", batch, 0, lease=lease) == 2
+    with pytest.raises(LeaseLostError):
+        await store.append("s", [ev(4)], 3, lease=lease)
+    assert await rows(store, "s") == [1, 2, 3]
+
+
+async def test_a_lease_of_another_session_fences_nothing(store: Store) -> None:
+    await store.create(SessionRecord(id="a"))
+    await store.create(SessionRecord(id="b"))
+    lease_a = await store.acquire_lease("a", "w", 30)
+    await store.acquire_lease("b", "w", 30)  # the same token number, most likely
+    with pytest.raises(InvalidArgumentError, match="'a'"):
+        await store.append("b", [ev(1)], 0, lease=lease_a)
+    assert (await store.get("b")).head == 0
+
+
+async def test_leases_of_an_expired_or_deleted_session_are_not_found(store: Store) -> None:
+    await store.create(SessionRecord(id="gone"))
+    lease = await store.acquire_lease("gone", "a", 30)
+    await store.delete("gone")
+    with pytest.raises(SessionNotFoundError):
+        await store.renew_lease(lease, 30)
+    with pytest.raises(SessionNotFoundError):
+        await store.append("gone", [ev(1)], 0, lease=lease)
+    await store.release_lease(lease)  # idempotent, also for a session gone
+    await store.create(SessionRecord(id="old", expires_at=1.0))
+    with pytest.raises(SessionNotFoundError):
+        await store.acquire_lease("old", "a", 30)
+
+
+async def test_a_parent_kept_for_its_forks_has_no_snapshot_and_the_fork_reads_on(
+    store: Store,
+) -> None:
+    await store.create(SessionRecord(id="p"))
+    await store.append("p", [ev(1), ev(2)], 0)
+    await store.put_snapshot("p", 2, b"parent at two")
+    await store.fork("p", 2, SessionRecord(id="f"))
+    await store.append("f", [ev(3)], 2)
+    await store.put_snapshot("f", 3, b"fork at three")
+    await store.delete("p")  # kept, invisibly, for the fork
+    for call in (store.get_snapshot("p"), store.put_snapshot("p", 1, b"x")):
+        with pytest.raises(SessionNotFoundError):
+            await call
+    with pytest.raises(SessionNotFoundError):
+        await store.acquire_lease("p", "a", 30)
+    assert await store.get_snapshot("f") == (3, b"fork at three")
+    assert await rows(store, "f") == [1, 2, 3]
+    await store.delete("f")  # the last fork goes: so does the parent
+    with pytest.raises(SessionNotFoundError):
+        await store.get_snapshot("f")
+    await store.create(SessionRecord(id="p"))  # the id is free again, with no snapshot
+    assert await store.get_snapshot("p") is None
+
+
+async def test_a_snapshot_is_kept_exactly_across_store_objects(durable_url: str) -> None:
+    data = bytes(range(256)) * 4096 + b"\x00\n\r end"
+    async with open_store(durable_url) as first:
+        await first.create(SessionRecord(id="s"))
+        await first.append("s", [ev(1)], 0)
+        await first.put_snapshot("s", 1, data)
+    async with open_store(durable_url) as second:
+        assert await second.get_snapshot("s") == (1, data)
+        await second.put_snapshot("s", 0, b"older")
+        assert await second.get_snapshot("s") == (1, data)

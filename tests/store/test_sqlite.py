@@ -23,6 +23,7 @@ from chatsession import (
     StoreUnavailableError,
     open_store,
 )
+from chatsession.store.base import new_event_id
 from chatsession.store.sqlite import MIGRATIONS, SQLiteStore
 
 
@@ -332,3 +333,154 @@ async def test_a_new_database_is_its_owners_only(tmp_path: Path) -> None:
     async with open_store(f"sqlite:///{existing}") as store:
         await store.create(SessionRecord(id="s"))
     assert existing.stat().st_mode & 0o777 == 0o640  # an existing file keeps its mode
+
+
+# -- issue 10: the fast path, the lease columns, the migration ---------------------------
+
+_HOLD_THE_WRITE_LOCK = (
+    "import sqlite3, sys\n"
+    "db = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+    "db.execute('BEGIN IMMEDIATE')\n"
+    "print('LOCKED', flush=True)\n"
+    "sys.stdin.readline()\n"
+    "db.execute('COMMIT')\n"
+)
+
+
+@pytest.mark.slow  # starts a process
+async def test_an_append_waiting_for_another_process_does_not_block_the_loop(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "s.db"
+    async with open_store(f"sqlite:///{path}") as store:
+        await store.create(SessionRecord(id="s"))
+        assert await store.append("s", [NewEvent("message", "{}", 1.0)], 0) == 1
+        holder = subprocess.Popen(
+            [sys.executable, "-c", _HOLD_THE_WRITE_LOCK, str(path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        try:
+            assert holder.stdout is not None and holder.stdout.readline() == b"LOCKED\n"
+            ticks = 0
+            stop = False
+
+            async def ticker() -> None:
+                nonlocal ticks
+                while not stop:
+                    ticks += 1
+                    await asyncio.sleep(0.01)
+
+            ticking = asyncio.create_task(ticker())
+            waiting = asyncio.create_task(store.append("s", [NewEvent("message", "{}", 2.0)], 1))
+            await asyncio.sleep(0.6)
+            assert not waiting.done(), "the append did not wait for the other process's lock"
+            assert ticks >= 20, f"the event loop stalled while the append waited ({ticks} ticks)"
+            assert holder.stdin is not None
+            holder.stdin.write(b"go\n")
+            holder.stdin.flush()
+            assert await asyncio.wait_for(waiting, 30) == 2
+            stop = True
+            await ticking
+        finally:
+            holder.kill()
+            holder.communicate()
+        assert [r.seq async for b in store.read("s") for r in b] == [1, 2]
+
+
+def _old_database(path: Path) -> None:
+    """A database as the store left it before migration 003 (no leases, ids or snapshots)."""
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode = WAL")
+    db.execute("CREATE TABLE chatsession_migrations (name TEXT PRIMARY KEY, applied_at REAL)")
+    for name, migration in MIGRATIONS[:2]:
+        migration(db)
+        db.execute("INSERT INTO chatsession_migrations VALUES (?, 0)", (name,))
+    db.execute(
+        "INSERT INTO sessions (id, state, created_at, updated_at, head, body) "
+        "VALUES ('old', 'active', 1.0, 1.0, 2, '{\"title\":\"kept\"}')"
+    )
+    for seq in (1, 2):
+        db.execute(
+            "INSERT INTO events (session_pk, seq, type, ts, turn_id, v, data) "
+            "VALUES (1, ?, 'message', 1.5, NULL, 2, ?)",
+            (seq, f'{{"n":{seq}}}'),
+        )
+    db.close()
+
+
+async def test_an_older_database_upgrades_when_opened(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    _old_database(path)
+    async with open_store(f"sqlite:///{path}") as store:
+        record = await store.get("old")
+        assert (record.title, record.head) == ("kept", 2)
+        rows = [r async for b in store.read("old") for r in b]
+        assert [(r.seq, r.data, r.event_id) for r in rows] == [
+            (1, '{"n":1}', None),
+            (2, '{"n":2}', None),
+        ]
+        lease = await store.acquire_lease("old", "a", 30)
+        assert lease.token == 1
+        event_id = new_event_id()
+        batch = [NewEvent("message", "{}", 3.0, event_id=event_id)]
+        assert await store.append("old", batch, 2, lease=lease) == 3
+        assert await store.append("old", batch, 2, lease=lease) == 3  # a retry: applied once
+        await store.put_snapshot("old", 3, b"state")
+        assert await store.get_snapshot("old") == (3, b"state")
+    db = sqlite3.connect(path)
+    names = [r[0] for r in db.execute("SELECT name FROM chatsession_migrations ORDER BY name")]
+    assert names == [name for name, _ in MIGRATIONS]
+    assert db.execute("SELECT count(*) FROM events").fetchone()[0] == 3
+    db.close()
+
+
+async def test_a_damaged_snapshot_row_counts_as_none(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = await _seeded(tmp_path)
+    async with open_store(url) as store:
+        await store.put_snapshot("s", 4, b"good")
+    _edit(tmp_path, "UPDATE snapshots SET data = 'text, not bytes'")
+    async with open_store(url) as store:
+        with caplog.at_level(logging.WARNING, logger="chatsession.store"):
+            assert await store.get_snapshot("s") is None
+        assert any("snapshot" in r.getMessage() and "'s'" in r.getMessage() for r in caplog.records)
+        await store.put_snapshot("s", 2, b"rebuilt")  # a damaged one never wins over a new one
+        assert await store.get_snapshot("s") == (2, b"rebuilt")
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [("lease_token", "'seven'"), ("lease_owner", "x'61'"), ("lease_expires", "'soon'")],
+)
+async def test_a_damaged_lease_column_is_corrupt_data(
+    tmp_path: Path, column: str, value: str
+) -> None:
+    url = await _seeded(tmp_path)
+    async with open_store(url) as store:
+        await store.acquire_lease("s", "a", 30)
+    _edit(tmp_path, f"UPDATE sessions SET {column} = {value} WHERE id = 's'")
+    async with open_store(url) as store:
+        for call in (
+            lambda: store.acquire_lease("s", "b", 30),
+            lambda: store.append("s", [NewEvent("message", "{}", 1.0)], 4),
+        ):
+            with pytest.raises(CorruptDataError, match=r"'s'.*lease"):
+                await call()
+
+
+async def test_options_are_strict_typed_and_never_show_a_secret(tmp_path: Path) -> None:
+    for url in (
+        f"sqlite:///{tmp_path}/a.db?busy_timeout=5&busy_timeout=6",  # repeated
+        f"sqlite:///{tmp_path}/a.db?busy_timeout=-1",  # out of range
+        f"sqlite:///{tmp_path}/a.db?busy_timeout=1.5",  # not whole
+        f"sqlite:///{tmp_path}/a.db?synchronous",  # malformed query
+    ):
+        with pytest.raises(InvalidURLError, match="sqlite"):
+            open_store(url)
+    with pytest.raises(InvalidURLError, match="busy_timeout") as info:
+        open_store(f"sqlite:///{tmp_path}/a.db?password=hunter2&busy_timeout=x")
+    assert "hunter2" not in str(info.value)
+    store = open_store(f"sqlite:///{tmp_path}/a.db?synchronous=FULL", busy_timeout="250")
+    assert (store.synchronous, store.busy_timeout) == ("full", 250)  # type: ignore[attr-defined]

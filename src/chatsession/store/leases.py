@@ -11,10 +11,28 @@ PostgreSQL, which decide in the server, follow the same rules.
 
 from __future__ import annotations
 
-from chatsession.errors import LeaseLostError, SessionBusyError
+from chatsession.errors import InvalidArgumentError, LeaseLostError, SessionBusyError
+from chatsession.store.checks import check_lease
 from chatsession.store.types import Lease
 
-__all__ = ["check_writer", "granted", "renewed"]
+__all__ = ["check_lease_for", "check_writer", "granted", "renewed"]
+
+
+def check_lease_for(lease: object, session_id: str) -> Lease:
+    """Refuse, before any I/O, what is not a lease of ``session_id`` (for a fenced append).
+
+    Raises:
+        InvalidArgumentError: Not a :class:`Lease` a store handed out
+            (:func:`~chatsession.store.checks.check_lease`), or one of another
+            session (its token means nothing for this one).
+    """
+    checked = check_lease(lease)
+    if checked.session_id != session_id:
+        raise InvalidArgumentError(
+            f"the lease passed is for session {checked.session_id!r}, not {session_id!r}: "
+            "pass the lease acquire_lease() gave for this session"
+        )
+    return checked
 
 
 def granted(

@@ -64,7 +64,7 @@ from chatsession.store.base import (
     updated_record,
     validate_id,
 )
-from chatsession.store.leases import check_writer, granted, renewed
+from chatsession.store.leases import check_lease_for, check_writer, granted, renewed
 from chatsession.store.options import parse_options
 from chatsession.store.records import check_visible, is_visible
 
@@ -240,7 +240,7 @@ class MemoryStore:
         """See :meth:`Store.append`."""
         check_append(events, expected_seq)
         if lease is not None:
-            check_lease(lease)
+            check_lease_for(lease, session_id)
         entry = self._visible(session_id)
         head = entry.record.head
         if head != expected_seq:

@@ -37,6 +37,7 @@ __all__ = [
     "integer",
     "parse_options",
     "query_options",
+    "read_options",
     "seconds",
     "text",
 ]
@@ -218,10 +219,25 @@ def parse_options(
             message names the option and what it takes, never a secret.
     """
     given: dict[str, object] = dict(query_options(url, backend=backend))
-    for name, value in (overrides or {}).items():
-        if value is not None:
-            given[name] = value
-    unknown = sorted(name for name in given if name not in spec)
+    given.update(overrides or {})
+    return read_options(spec, given, backend=backend, url=url)
+
+
+def read_options(
+    spec: Mapping[str, Option], given: Mapping[str, object], *, backend: str, url: str
+) -> dict[str, Any]:
+    """Check options already gathered (``given``, by name) against ``spec``.
+
+    For a store built from its parts rather than a URL; ``url`` is only shown
+    (redacted). A None value counts as not given.
+
+    Returns:
+        Every option of ``spec`` by name: its typed value, or its default.
+
+    Raises:
+        InvalidURLError: As :func:`parse_options`.
+    """
+    unknown = sorted(name for name, value in given.items() if name not in spec)
     if unknown:
         names = ", ".join(repr(name[:40]) for name in unknown)
         known = ", ".join(spec) if spec else "none"
@@ -231,10 +247,10 @@ def parse_options(
         )
     values: dict[str, Any] = {}
     for name, option in spec.items():
-        if name not in given:
+        value = given.get(name)
+        if value is None:
             values[name] = option.default
             continue
-        value = given[name]
         try:
             values[name] = option.read(value)
         except ValueError:

@@ -88,15 +88,13 @@ def encode_body(record: SessionRecord) -> str:
 
 
 def decode_body(raw: object, session_id: object, place: str) -> dict[str, Any]:
-    """The body fields of a stored body (JSON text or UTF-8 bytes).
+    """The body fields of a stored body (JSON text: a ``str``; bytes are damage too).
 
     Raises:
         CorruptDataError: Not text, not strict JSON, not an object, or keys
             other than :data:`BODY_FIELDS` (names ``session_id`` and ``place``).
     """
     try:
-        if isinstance(raw, bytes):
-            raw = raw.decode()
         if type(raw) is not str:
             raise TypeError(f"a {type(raw).__name__}, not JSON text")
         body = STRICT_JSON.decode(raw)

@@ -1,0 +1,610 @@
+"""``SQLiteStore``: records, events, forks and blobs (leases and snapshots in ``leases.py``)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Sequence
+from functools import partial
+from typing import Any, Self, TypeVar
+from urllib.parse import unquote, urlsplit
+
+from chatsession.errors import (
+    BlobNotFoundError,
+    ConflictError,
+    CorruptDataError,
+    InvalidURLError,
+    SessionExistsError,
+    SessionNotFoundError,
+)
+from chatsession.store.base import (
+    DEFAULT_READ_BATCH,
+    Lease,
+    NewEvent,
+    Page,
+    ParentRef,
+    SessionRecord,
+    SessionState,
+    StoredEvent,
+    check_append,
+    check_before,
+    check_blob,
+    check_filters,
+    check_fork_at,
+    check_fork_point,
+    check_lease,
+    check_limit,
+    check_read,
+    check_record,
+    check_version,
+    decode_cursor,
+    encode_cursor,
+    fork_loop,
+    fork_segments,
+    initial_record,
+    now,
+    redact_url,
+    updated_record,
+    validate_id,
+)
+from chatsession.store.leases import check_lease_for, check_writer
+from chatsession.store.options import choice, integer, parse_options, read_options
+from chatsession.store.records import check_visible, encode_body
+from chatsession.store.sqlite import leases
+from chatsession.store.sqlite.connection import Connections
+from chatsession.store.sqlite.rows import (
+    EVENT_COLUMNS,
+    HEAD,
+    ID,
+    PK,
+    RECORD_COLUMNS,
+    RECORD_FROM,
+    bad_event_rows,
+    check_head,
+    damaged_in,
+    held_lease,
+    past_head,
+    record_of,
+    visible_row,
+)
+
+__all__ = ["SQLiteStore"]
+
+T = TypeVar("T")
+logger = logging.getLogger("chatsession.store.sqlite")
+
+#: The options of a ``sqlite://`` URL (see the package docstring).
+OPTIONS = {
+    "synchronous": choice("normal", "full", default="normal"),
+    "busy_timeout": integer(0, 24 * 3600 * 1000, default=30_000),
+}
+
+_APPEND_SQL = (
+    "SELECT pk, head, deleted, expires_at, lease_owner, lease_token, lease_expires "
+    "FROM sessions WHERE id = ?"
+)
+_INSERT_EVENTS_SQL = (
+    "INSERT INTO events (session_pk, seq, type, ts, turn_id, v, data, event_id) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_READ_SQL = (
+    f"SELECT {', '.join(EVENT_COLUMNS)} FROM events "
+    "WHERE session_pk = ? AND seq > ? AND seq <= ? ORDER BY seq LIMIT ?"
+)
+
+
+def _fetch(sql: str, params: tuple[Any, ...], db: sqlite3.Connection) -> list[Any]:
+    return db.execute(sql, params).fetchall()
+
+
+def _path_from_url(url: str) -> str:
+    shown = redact_url(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        raise InvalidURLError(f"cannot parse the sqlite URL {shown}: {exc}") from None
+    if parts.scheme.lower() != "sqlite":
+        raise InvalidURLError(f"not a sqlite:// URL: {shown}")
+    if parts.netloc:
+        raise InvalidURLError(
+            f"sqlite URL {shown} has a host part; use sqlite:///relative.db or "
+            "sqlite:////absolute/path.db"
+        )
+    path = unquote(parts.path)
+    if path.startswith("/"):
+        path = path[1:]
+    if not path:
+        raise InvalidURLError(f"sqlite URL {shown} names no file; e.g. sqlite:///sessions.db")
+    return path
+
+
+class SQLiteStore:
+    """The SQLite store (``sqlite://``). See :mod:`chatsession.store.sqlite`.
+
+    Args:
+        path: The database file (``:memory:`` for a private in-memory one).
+        synchronous: ``normal`` (default) or ``full``.
+        busy_timeout: Milliseconds a write waits for another process's lock.
+
+    Raises:
+        InvalidURLError: A bad ``synchronous`` or ``busy_timeout``.
+    """
+
+    def __init__(
+        self, path: str, *, synchronous: str = "normal", busy_timeout: int = 30000
+    ) -> None:
+        self.url = "sqlite:///" + path
+        values = read_options(
+            OPTIONS,
+            {"synchronous": synchronous, "busy_timeout": busy_timeout},
+            backend="sqlite",
+            url=self.url,
+        )
+        self.path = path
+        self.synchronous: str = values["synchronous"]
+        self.busy_timeout: int = values["busy_timeout"]
+        self._db = Connections(path, self.busy_timeout, self.synchronous, self.url)
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> Self:
+        """Open ``sqlite:///path.db`` (see :mod:`chatsession.store.sqlite` for options).
+
+        Raises:
+            InvalidURLError: A malformed URL, an unknown or repeated option, or a bad value.
+        """
+        path = _path_from_url(url)
+        values = parse_options(url, OPTIONS, options, backend="sqlite")
+        return cls(path, **values)
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore({self.url!r})"
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn(connection)`` on the worker thread."""
+        return await self._db.run(fn)
+
+    def _visible(self, db: sqlite3.Connection, session_id: str) -> Any:
+        return visible_row(db, self.path, session_id)
+
+    def _lineage(self, db: sqlite3.Connection, session_id: str, pk: int) -> list[tuple[int, int]]:
+        """``(pk, fork_seq)`` from the session up to the root."""
+        chain: list[tuple[int, int]] = []
+        names: list[str] = []
+        current: int | None = pk
+        while current is not None:
+            row = db.execute(
+                "SELECT parent_pk, parent_seq, id FROM sessions WHERE pk = ?", (current,)
+            ).fetchone()
+            if row is None:
+                raise damaged_in(
+                    self.path,
+                    session_id,
+                    "its fork chain",
+                    f"the ancestor in sessions row {current} is missing",
+                )
+            parent_pk, fork_seq, name = row
+            names.append(name)
+            if parent_pk is None:
+                chain.append((current, 0))
+                break
+            if type(parent_pk) is not int or type(fork_seq) is not int or fork_seq < 0:
+                raise damaged_in(
+                    self.path,
+                    session_id,
+                    f"the fork point of {name!r} (columns parent_pk, parent_seq)",
+                    f"{parent_pk!r}, {fork_seq!r}",
+                )
+            chain.append((current, fork_seq))
+            if any(node == parent_pk for node, _ in chain):
+                looped = db.execute("SELECT id FROM sessions WHERE pk = ?", (parent_pk,)).fetchone()
+                raise fork_loop(session_id, [*names, looped[0] if looped else parent_pk])
+            current = parent_pk
+        return chain
+
+    # -- records -------------------------------------------------------------
+
+    async def create(self, record: SessionRecord) -> SessionRecord:
+        """See :meth:`Store.create`."""
+        stored = initial_record(record)
+
+        def work(db: sqlite3.Connection) -> None:
+            db.execute("BEGIN IMMEDIATE")
+            self._insert(db, stored, None)
+            db.execute("COMMIT")
+
+        await self._db.call(work)
+        return stored
+
+    def _insert(self, db: sqlite3.Connection, r: SessionRecord, parent_pk: int | None) -> None:
+        try:
+            db.execute(
+                "INSERT INTO sessions (id, user_id, agent_id, window_id, state, created_at, "
+                "updated_at, expires_at, parent_pk, parent_seq, head, version, body) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    r.id,
+                    r.user_id,
+                    r.agent_id,
+                    r.window_id,
+                    r.state,
+                    r.created_at,
+                    r.updated_at,
+                    r.expires_at,
+                    parent_pk,
+                    r.parent.seq if r.parent else None,
+                    r.head,
+                    r.version,
+                    encode_body(r),
+                ),
+            )
+        except sqlite3.IntegrityError:
+            raise SessionExistsError(r.id) from None
+
+    async def get(self, session_id: str) -> SessionRecord:
+        """See :meth:`Store.get`."""
+        validate_id(session_id)
+        row = await self._db.call(lambda db: self._visible(db, session_id))
+        return record_of(row, self.path)
+
+    async def update(self, record: SessionRecord, expected_version: int) -> SessionRecord:
+        """See :meth:`Store.update`."""
+        check_record(record)
+        check_version(expected_version)
+
+        def work(db: sqlite3.Connection) -> SessionRecord:
+            db.execute("BEGIN IMMEDIATE")
+            current = record_of(self._visible(db, record.id), self.path)
+            if current.version != expected_version:
+                raise ConflictError(record.id, expected_version, current.version, "version")
+            new = updated_record(current, record)
+            db.execute(
+                "UPDATE sessions SET user_id = ?, agent_id = ?, window_id = ?, state = ?, "
+                "expires_at = ?, updated_at = ?, version = ?, body = ? WHERE id = ?",
+                (
+                    new.user_id,
+                    new.agent_id,
+                    new.window_id,
+                    new.state,
+                    new.expires_at,
+                    new.updated_at,
+                    new.version,
+                    encode_body(new),
+                    new.id,
+                ),
+            )
+            db.execute("COMMIT")
+            return new
+
+        return await self._db.call(work)
+
+    def _remove(self, db: sqlite3.Connection, pk: int) -> None:
+        """Delete a session row (tombstone if it has forks), then unneeded ancestors.
+
+        A tombstone keeps the events its forks read, and loses its snapshot.
+        """
+        row = db.execute("SELECT children, parent_pk FROM sessions WHERE pk = ?", (pk,)).fetchone()
+        if row is None:
+            return
+        db.execute("DELETE FROM snapshots WHERE session_pk = ?", (pk,))
+        if row[0] > 0:
+            db.execute(
+                "UPDATE sessions SET deleted = 1, lease_owner = NULL, lease_expires = NULL "
+                "WHERE pk = ?",
+                (pk,),
+            )
+            return
+        db.execute("DELETE FROM events WHERE session_pk = ?", (pk,))
+        db.execute("DELETE FROM blobs WHERE session_pk = ?", (pk,))
+        db.execute("DELETE FROM sessions WHERE pk = ?", (pk,))
+        parent = row[1]
+        if parent is not None:
+            db.execute("UPDATE sessions SET children = children - 1 WHERE pk = ?", (parent,))
+            left = db.execute(
+                "SELECT children, deleted FROM sessions WHERE pk = ?", (parent,)
+            ).fetchone()
+            if left is not None and left[0] <= 0 and left[1]:
+                self._remove(db, parent)
+
+    async def delete(self, session_id: str) -> None:
+        """See :meth:`Store.delete`."""
+        validate_id(session_id)
+
+        def work(db: sqlite3.Connection) -> None:
+            db.execute("BEGIN IMMEDIATE")
+            self._remove(db, self._visible(db, session_id)[PK])
+            db.execute("COMMIT")
+
+        await self._db.run(work)
+
+    async def list_sessions(
+        self,
+        *,
+        user_id: str | None = None,
+        agent_id: str | None = None,
+        window_id: str | None = None,
+        state: SessionState | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> Page:
+        """See :meth:`Store.list_sessions`.
+
+        A session whose record is damaged is skipped, with a warning logged.
+        """
+        check_limit(limit)
+        check_filters(user_id=user_id, agent_id=agent_id, window_id=window_id, state=state)
+        after: tuple[Any, Any] | None = decode_cursor(cursor) if cursor is not None else None
+        where = ["s.deleted = 0", "(s.expires_at IS NULL OR s.expires_at > ?)"]
+        params: list[Any] = [now()]
+        for column, value in (
+            ("user_id", user_id),
+            ("agent_id", agent_id),
+            ("window_id", window_id),
+            ("state", state),
+        ):
+            if value is not None:
+                where.append(f"s.{column} = ?")
+                params.append(value)
+        base_sql = f"SELECT {RECORD_COLUMNS} FROM {RECORD_FROM} WHERE {' AND '.join(where)}"
+        order = " ORDER BY s.created_at DESC, s.id DESC LIMIT ?"
+        keyset = " AND (s.created_at < ? OR (s.created_at = ? AND s.id < ?))"
+        records: list[SessionRecord] = []
+        while len(records) <= limit:
+            want = limit + 1 - len(records)
+            if after is None:
+                sql, args = base_sql + order, [*params, want]
+            else:
+                sql, args = base_sql + keyset + order, [*params, after[0], after[0], after[1], want]
+            rows = await self._db.run(partial(_fetch, sql, tuple(args)))
+            for row in rows:
+                try:
+                    records.append(record_of(row, self.path))
+                except CorruptDataError as exc:
+                    logger.warning("list_sessions skips session %r: %s", row[ID], exc)
+            if len(rows) < want:
+                break
+            after = (rows[-1][6], rows[-1][ID])  # go on after the last row, sound or not
+        more = len(records) > limit
+        records = records[:limit]
+        return Page(records, encode_cursor(records[-1]) if more else None)
+
+    # -- events --------------------------------------------------------------
+
+    async def append(
+        self,
+        session_id: str,
+        events: Sequence[NewEvent],
+        expected_seq: int,
+        *,
+        lease: Lease | None = None,
+    ) -> int:
+        """See :meth:`Store.append`.
+
+        Runs on the event loop's thread when the write lock is free at once,
+        on the worker thread (waiting up to ``busy_timeout``) when it is not.
+        """
+        check_append(events, expected_seq)
+        validate_id(session_id)
+        if lease is not None:
+            check_lease_for(lease, session_id)
+        path = self.path
+
+        def work(db: sqlite3.Connection) -> int:
+            db.execute("BEGIN IMMEDIATE")
+            row = db.execute(_APPEND_SQL, (session_id,)).fetchone()
+            if row is None:
+                raise SessionNotFoundError(session_id)
+            pk, head, deleted, expires_at, owner, token, lease_expires = row
+            head = check_head(path, session_id, head, expires_at)
+            at = now()
+            check_visible(session_id, deleted, expires_at, at)
+            if head != expected_seq:
+                if self._applied_already(db, pk, head, events, expected_seq):
+                    db.execute("ROLLBACK")
+                    return expected_seq + len(events)
+                raise ConflictError(session_id, expected_seq, head)
+            check_writer(
+                session_id, held_lease(path, session_id, owner, token, lease_expires), lease, at
+            )
+            try:
+                db.executemany(
+                    _INSERT_EVENTS_SQL,
+                    [
+                        (
+                            pk,
+                            head + i,
+                            e.type,
+                            e.ts,
+                            e.turn_id,
+                            e.schema_version,
+                            e.data,
+                            e.event_id,
+                        )
+                        for i, e in enumerate(events, start=1)
+                    ],
+                )
+            except sqlite3.IntegrityError as exc:
+                raise past_head(db, path, session_id, pk, head) from exc
+            new_head = head + len(events)
+            db.execute(
+                "UPDATE sessions SET head = ?, updated_at = ? WHERE pk = ?", (new_head, at, pk)
+            )
+            db.execute("COMMIT")
+            return new_head
+
+        return await self._db.call(work)
+
+    @staticmethod
+    def _applied_already(
+        db: sqlite3.Connection, pk: int, head: int, events: Sequence[NewEvent], expected_seq: int
+    ) -> bool:
+        """Whether this append (by its first event's id) is already the session's own at
+        ``expected_seq + 1`` (an inherited seq is not in this session's rows)."""
+        first_id = events[0].event_id
+        if first_id is None or expected_seq >= head:
+            return False
+        found = db.execute(
+            "SELECT event_id FROM events WHERE session_pk = ? AND seq = ?", (pk, expected_seq + 1)
+        ).fetchone()
+        return found is not None and found[0] == first_id
+
+    async def read(
+        self,
+        session_id: str,
+        after_seq: int = 0,
+        upto_seq: int | None = None,
+        *,
+        batch_size: int = DEFAULT_READ_BATCH,
+    ) -> AsyncIterator[list[StoredEvent]]:
+        """See :meth:`Store.read`."""
+        validate_id(session_id)
+        check_read(after_seq, upto_seq, batch_size)
+
+        def plan(db: sqlite3.Connection) -> list[tuple[int, int, int]]:
+            row = self._visible(db, session_id)
+            stray = db.execute(
+                "SELECT 1 FROM events WHERE session_pk = ? AND seq > ? LIMIT 1",
+                (row[PK], row[HEAD]),
+            ).fetchone()
+            if stray is not None:
+                raise past_head(db, self.path, session_id, row[PK], row[HEAD])
+            lineage = self._lineage(db, session_id, row[PK])
+            return fork_segments(lineage, row[HEAD], after_seq, upto_seq)
+
+        segments = await self._db.run(plan)
+        new = tuple.__new__  # StoredEvent._make without its length check: rows have 7 columns
+        for pk, lo, hi in segments:
+            start = lo
+            while start < hi:
+                rows = await self._db.run(partial(_fetch, _READ_SQL, (pk, start, hi, batch_size)))
+                expected = min(batch_size, hi - start)
+                if len(rows) != expected or (
+                    rows and (rows[0][0] != start + 1 or rows[-1][0] != start + expected)
+                ):
+                    # deleted (or expired) since the read began: not damage
+                    await self._db.run(lambda db: self._visible(db, session_id))
+                    raise damaged_in(
+                        self.path,
+                        session_id,
+                        f"events {start + 1}..{start + expected}",
+                        f"they are incomplete (found {len(rows)})",
+                    )
+                damage = bad_event_rows(self.path, session_id, rows)
+                if damage is not None:
+                    raise damage
+                yield [new(StoredEvent, r) for r in rows]
+                start += expected
+
+    async def fork(self, session_id: str, at_seq: int, new_record: SessionRecord) -> SessionRecord:
+        """See :meth:`Store.fork`."""
+        validate_id(session_id)
+        check_fork_at(at_seq)
+        check_record(new_record)
+
+        def work(db: sqlite3.Connection) -> SessionRecord:
+            db.execute("BEGIN IMMEDIATE")
+            row = self._visible(db, session_id)
+            check_fork_point(session_id, at_seq, row[HEAD])
+            stored = initial_record(new_record, ParentRef(session_id=session_id, seq=at_seq))
+            self._insert(db, stored, row[PK])
+            db.execute("UPDATE sessions SET children = children + 1 WHERE pk = ?", (row[PK],))
+            db.execute("COMMIT")
+            return stored
+
+        return await self._db.call(work)
+
+    # -- leases and snapshots ------------------------------------------------
+
+    async def acquire_lease(self, session_id: str, owner: str, ttl: float) -> Lease:
+        """See :meth:`Store.acquire_lease`."""
+        return await self._db.call(partial(leases.acquire, self.path, session_id, owner, ttl))
+
+    async def renew_lease(self, lease: Lease, ttl: float) -> Lease:
+        """See :meth:`Store.renew_lease`."""
+        return await self._db.call(partial(leases.renew, self.path, lease, ttl))
+
+    async def release_lease(self, lease: Lease) -> None:
+        """See :meth:`Store.release_lease`."""
+        check_lease(lease)
+        await self._db.call(partial(leases.release, lease))
+
+    async def put_snapshot(self, session_id: str, seq: int, data: bytes) -> None:
+        """See :meth:`Store.put_snapshot`."""
+        leases.check_snapshot_args(session_id, seq, data)
+        await self._db.run(partial(leases.put_snapshot, self.path, session_id, seq, data))
+
+    async def get_snapshot(self, session_id: str) -> tuple[int, bytes] | None:
+        """See :meth:`Store.get_snapshot`. A damaged snapshot row counts as none (logged)."""
+        validate_id(session_id)
+        return await self._db.run(partial(leases.get_snapshot, self.path, session_id))
+
+    # -- blobs ---------------------------------------------------------------
+
+    async def put_blob(self, session_id: str, data: bytes, media_type: str = "") -> str:
+        """See :meth:`Store.put_blob`."""
+        validate_id(session_id)
+        check_blob(data, media_type)
+        blob_id = hashlib.sha256(data).hexdigest()
+
+        def work(db: sqlite3.Connection) -> None:
+            db.execute("BEGIN IMMEDIATE")
+            row = self._visible(db, session_id)
+            db.execute(
+                "INSERT OR IGNORE INTO blobs (session_pk, id, media_type, data) VALUES (?, ?, ?, ?)",
+                (row[PK], blob_id, media_type, bytes(data)),
+            )
+            db.execute("COMMIT")
+
+        await self._db.run(work)
+        return blob_id
+
+    async def get_blob(self, session_id: str, blob_id: str) -> bytes:
+        """See :meth:`Store.get_blob`."""
+        validate_id(session_id)
+        validate_id(blob_id, "blob id")
+
+        def work(db: sqlite3.Connection) -> bytes:
+            row = self._visible(db, session_id)
+            for pk, _ in self._lineage(db, session_id, row[PK]):
+                found = db.execute(
+                    "SELECT data FROM blobs WHERE session_pk = ? AND id = ?", (pk, blob_id)
+                ).fetchone()
+                if found is not None:
+                    return bytes(found[0])
+            raise BlobNotFoundError(f"blob {blob_id!r} not found for session {session_id!r}")
+
+        return await self._db.run(work)
+
+    # -- upkeep --------------------------------------------------------------
+
+    async def purge_expired(self, before: float | None = None) -> int:
+        """See :meth:`Store.purge_expired`."""
+        check_before(before)
+        at = now() if before is None else before
+
+        def work(db: sqlite3.Connection) -> int:
+            db.execute("BEGIN IMMEDIATE")
+            pks = [
+                r[0]
+                for r in db.execute(
+                    "SELECT pk FROM sessions WHERE deleted = 0 AND expires_at IS NOT NULL "
+                    "AND expires_at <= ?",
+                    (at,),
+                )
+            ]
+            for pk in pks:
+                self._remove(db, pk)
+            db.execute("COMMIT")
+            return len(pks)
+
+        return await self._db.run(work)
+
+    async def aclose(self) -> None:
+        """Close the connections and stop the worker thread. Idempotent."""
+        await self._db.aclose()
