@@ -341,4 +341,6 @@ def same(a: Any, b: Any) -> bool:
         return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
     if hasattr(a, "model_dump") and hasattr(type(a), "model_fields"):
         return all(same(getattr(a, name), getattr(b, name)) for name in type(a).model_fields)
+    if hasattr(type(a), "__struct_fields__"):  # msgspec structs (log events and payloads)
+        return all(same(getattr(a, name), getattr(b, name)) for name in type(a).__struct_fields__)
     return bool(a == b)

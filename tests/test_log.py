@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -45,6 +45,8 @@ from chatsession.log import (
     encode,
     fold,
     fold_rows,
+    replace,
+    to_builtins,
 )
 from chatsession.store import NewEvent, SessionRecord, open_store
 from chatsession.store.base import StoredEvent
@@ -154,7 +156,7 @@ def logs(draw: st.DrawFn, max_events: int = 40) -> list[LogEvent]:
 
 
 def _totals(totals: UsageTotals) -> dict[str, Any]:
-    return dataclasses.asdict(totals)
+    return msgspec.structs.asdict(totals)
 
 
 def snapshot(state: ConversationState) -> dict[str, Any]:
@@ -165,22 +167,24 @@ def snapshot(state: ConversationState) -> dict[str, Any]:
     """
     return {
         "head": state.head,
-        "messages": [m.model_dump() for m in state.messages],
-        "context": [(s, m.model_dump()) for s, m in state.context],
-        "history": [(s, m.model_dump()) for s, m in state.history],
+        "messages": [to_builtins(m) for m in state.messages],
+        "context": [(s, to_builtins(m)) for s, m in state.context],
+        "history": [(s, to_builtins(m)) for s, m in state.history or []],
+        "count": state.message_count,
+        "segments": (state.segments, state.summary_seq),
         "usage": _totals(state.usage),
         "by_model": {k: _totals(v) for k, v in state.usage_by_model.items()},
         "by_level": {k: _totals(v) for k, v in state.usage_by_level.items()},
         "checkpoints": {
-            k: (s, copy.deepcopy(c.model_dump())) for k, (s, c) in state.checkpoints.items()
+            k: (s, copy.deepcopy(to_builtins(c))) for k, (s, c) in state.checkpoints.items()
         },
         "state": copy.deepcopy(state.state),
         "metadata": copy.deepcopy(state.metadata),
         "turns": dict(state.turns),
         "open_turn": state.open_turn,
-        "offloads": {k: v.model_dump() for k, v in state.offloads.items()},
+        "offloads": {k: to_builtins(v) for k, v in state.offloads.items()},
         "counts": (state.resets, state.rewinds, state.compactions),
-        "dangling": [c.model_dump() for c in state.dangling_tool_calls()],
+        "dangling": [to_builtins(c) for c in state.dangling_tool_calls()],
         "steps": (state.steps, state.turn_seconds),
     }
 
@@ -215,7 +219,7 @@ def test_fold_does_not_change_its_initial_state(
     initial = fold(first)
     before = snapshot(initial)
     offset = len(first)
-    shifted = [e.model_copy(update={"seq": e.seq + offset}) for e in more]
+    shifted = [replace(e, seq=e.seq + offset) for e in more]
     result = fold(shifted, initial)
     snapshot(result)  # reading the result (its usage and message caches) must not touch initial
     assert snapshot(initial) == before

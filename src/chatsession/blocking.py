@@ -175,9 +175,13 @@ class SyncChatSession:
         return self._session.messages
 
     @property
-    def history(self) -> list[Message]:
-        """Every message ever recorded."""
-        return self._session.history
+    def message_count(self) -> int:
+        """How many messages were ever recorded. See :attr:`ChatSession.message_count`."""
+        return self._session.message_count
+
+    def read_history(self) -> list[Message]:
+        """Every message ever recorded (reads the log). See :meth:`ChatSession.read_history`."""
+        return self._portal.run(self._session.read_history)
 
     def open(self) -> Self:
         """Load or create the session now. See :meth:`ChatSession.open`."""

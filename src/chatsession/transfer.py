@@ -26,7 +26,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from pydantic import TypeAdapter, ValidationError
+import msgspec
+from pydantic import ValidationError
 
 from chatsession.errors import (
     ChatSessionError,
@@ -34,7 +35,8 @@ from chatsession.errors import (
     SessionExistsError,
     UsageError,
 )
-from chatsession.log import ConversationState, LogEvent, MessageEntry, encode, fold
+from chatsession.log import ConversationState, LogEvent, MessageEntry, encode, fold, to_builtins
+from chatsession.log.codec import tag_content_parts
 from chatsession.store.base import (
     STRICT_JSON,
     NewEvent,
@@ -72,7 +74,6 @@ IMPORTING = "chatsession.importing"
 #: Events per append while importing.
 IMPORT_BATCH = 1000
 
-_EVENT: TypeAdapter[LogEvent] = TypeAdapter(LogEvent)
 _EVENTS_OPEN = '"events":['
 _JSON_END = "]}"
 
@@ -112,7 +113,7 @@ def export_header(
             "turns": state.turns,
             "steps": state.steps,
             "duration": state.turn_seconds,
-            "messages": len(state.history),
+            "messages": state.message_count,
             "created_at": record.created_at,
             "updated_at": record.updated_at,
             "exported_at": now(),
@@ -158,7 +159,7 @@ class ExportWriter:
         if self.format == "markdown":
             self.out.write(_markdown(events))
             return
-        lines = [_dumps(event.model_dump(mode="json")) for event in events]
+        lines = [_dumps(to_builtins(event)) for event in events]
         if not lines:
             return
         if self.format == "json":
@@ -398,15 +399,17 @@ class ExportReader:
         for where, raw in self._raw_events():
             expected += 1
             try:
-                event = _EVENT.validate_python(raw)
+                if (
+                    isinstance(raw, dict)
+                    and raw.get("type") == "message"
+                    and isinstance(raw.get("data"), dict)
+                ):  # exports up to schema 2 left the type of content parts out
+                    raw = {**raw, "data": tag_content_parts(raw["data"])}
+                event = msgspec.convert(raw, LogEvent)
                 stored = encode(event)
                 check_event(stored)
-            except ValidationError as exc:
-                first = exc.errors()[0]
-                place = ".".join(map(str, first["loc"])) or "event"
-                raise CorruptDataError(
-                    f"{where}: not a valid event: {first['msg']} at {place}"
-                ) from None
+            except msgspec.ValidationError as exc:
+                raise CorruptDataError(f"{where}: not a valid event: {exc}") from None
             except ChatSessionError as exc:
                 raise CorruptDataError(f"{where}: the event cannot be imported: {exc}") from None
             if event.seq != expected:

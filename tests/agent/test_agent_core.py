@@ -39,7 +39,7 @@ from chatsession.agent.llm.messages import check_empty_content, to_openai_messag
 from chatsession.agent.pricing import cost_of
 from chatsession.agent.tools import schema_hash
 from chatsession.errors import InvalidArgumentError, ModelError, ToolError
-from chatsession.log import Message, ToolCall, Usage
+from chatsession.log import Message, ToolCall, Usage, replace
 
 
 class Color(enum.Enum):
@@ -292,10 +292,8 @@ def test_fingerprint_uses_full_hashes_and_sees_changes() -> None:
 def test_pricing() -> None:
     usage = Usage(model="gpt-4o-mini", prompt_tokens=1_000_000, completion_tokens=1_000_000)
     assert cost_of(usage) == pytest.approx(0.75)
-    assert cost_of(usage.model_copy(update={"model": "gpt-4o-mini-2024-07-18"})) == pytest.approx(
-        0.75
-    )
-    mystery = usage.model_copy(update={"model": "mystery"})
+    assert cost_of(replace(usage, model="gpt-4o-mini-2024-07-18")) == pytest.approx(0.75)
+    mystery = replace(usage, model="mystery")
     assert cost_of(mystery) is None
     table = PriceTable({"mystery": (1.0, 2.0)})
     assert table.cost(mystery) == pytest.approx(3.0)

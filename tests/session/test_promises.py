@@ -331,7 +331,7 @@ async def test_loading_keeps_the_garbage_collector_on_and_leaves_no_cycles(tmp_p
     async with open_store(url) as store:
         for _ in range(5):
             async with ChatSession.resume(Agent(ScriptedLLM()), "s", store=store) as resumed:
-                assert len(resumed.history) == 120
+                assert resumed.message_count == 120 == len(resumed.messages)
     stop.set()
     await watcher
     assert seen and all(seen), "the garbage collector was switched off while sessions loaded"
@@ -398,7 +398,7 @@ async def test_resume_reports_a_missing_session_where_it_is_awaited(tmp_path: An
         await session.close()
     resumed = await ChatSession.resume(agent, "chat-42", store=url)
     try:
-        assert resumed.history[0].text == "hello"
+        assert (await resumed.read_history())[0].text == "hello"
     finally:
         await resumed.close()
 
@@ -414,7 +414,7 @@ async def test_a_rewind_into_a_tool_call_still_gives_the_model_a_valid_context(
     async with ChatSession(Agent(llm, tools=[add]), "s", store=durable_url) as session:
         await session.query("1+2?")
         call_seq = next(
-            seq for seq, m in session.conversation.history if m.role == "assistant" and m.tool_calls
+            seq for seq, m in session.conversation.context if m.role == "assistant" and m.tool_calls
         )
         await session.rewind(call_seq)  # the context now ends with an unanswered call
         assert session.conversation.dangling_tool_calls()
@@ -463,8 +463,10 @@ async def test_a_store_that_lies_about_the_head_is_reported_not_asserted(tmp_pat
         def __getattr__(self, name: str) -> Any:
             return getattr(self._inner, name)
 
-        async def append(self, session_id: str, events: Any, expected_seq: int) -> int:
-            return await self._inner.append(session_id, events, expected_seq) + 1
+        async def append(
+            self, session_id: str, events: Any, expected_seq: int, *, lease: Any = None
+        ) -> int:
+            return await self._inner.append(session_id, events, expected_seq, lease=lease) + 1
 
     from chatsession import CorruptDataError
 

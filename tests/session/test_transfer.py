@@ -31,7 +31,14 @@ from chatsession import (
     StoreUnavailableError,
     open_store,
 )
-from chatsession.log import Message, MessageEntry, TurnEndEntry, TurnStartEntry, encode
+from chatsession.log import (
+    Message,
+    MessageEntry,
+    TurnEndEntry,
+    TurnStartEntry,
+    encode,
+    to_builtins,
+)
 from chatsession.store.base import SessionRecord
 from chatsession.transfer import IMPORTING, import_into_store
 from tests.strategies import json_values, same, texts
@@ -41,7 +48,7 @@ TRICKY = "line\u2028para\u2029nel\x85 fs\x1c gs\x1d rs\x1e us\x1f vt\x0b ff\x0c 
 
 
 def dump(events: list[Any]) -> list[Any]:
-    return [e.model_dump(mode="python") for e in events]
+    return [to_builtins(e) for e in events]
 
 
 @pytest.mark.parametrize("fmt", ["json", "jsonl"])
@@ -159,11 +166,13 @@ class _FailingStore:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
-    async def append(self, session_id: str, events: Any, expected_seq: int) -> int:
+    async def append(
+        self, session_id: str, events: Any, expected_seq: int, *, lease: Any = None
+    ) -> int:
         self._appends += 1
         if self._appends == 2:
             raise StoreUnavailableError("the store went away (test)")
-        return int(await self._inner.append(session_id, events, expected_seq))
+        return int(await self._inner.append(session_id, events, expected_seq, lease=lease))
 
     async def delete(self, session_id: str) -> None:
         if self._fail_delete:
@@ -239,7 +248,7 @@ async def test_old_pretty_printed_snapshots_still_import(tmp_path: Path) -> None
     doc = {
         "format": "chatsession/1",
         "session": SessionRecord(id="old").model_dump(mode="json"),
-        "events": [e.model_dump(mode="json") for e in events],
+        "events": [to_builtins(e) for e in events],
     }
     path = tmp_path / "old.json"
     path.write_text(json.dumps(doc, indent=1, ensure_ascii=False), encoding="utf-8")

@@ -23,7 +23,7 @@ from chatsession.agent.llm.base import estimate_text_tokens, estimate_tokens
 from chatsession.agent.pricing import PriceTable
 from chatsession.agent.tools import Tool, ToolContext, as_tools, schema_hash
 from chatsession.errors import InvalidArgumentError, ModelError, ToolError
-from chatsession.log import Message, ToolCall, Usage
+from chatsession.log import Message, ToolCall, Usage, replace
 
 __all__ = ["Agent"]
 
@@ -178,7 +178,7 @@ class Agent:
                 total_tokens=prompt + out,
                 estimated=True,
             )
-        return usage.model_copy(update={"level": self.level, "cost": self.prices.cost(usage)})
+        return replace(usage, level=self.level, cost=self.prices.cost(usage))
 
     def estimated_usage(self, messages: Sequence[Message], partial: str = "") -> Usage:
         """An estimate of a model call that never reported usage (timed out, killed, failed).
@@ -317,7 +317,7 @@ class Agent:
             message = completion.message
             truncated = completion.finish_reason == "length"
             if truncated and not message.truncated:
-                message = message.model_copy(update={"truncated": True})
+                message = replace(message, truncated=True)
             last_text = message.text
             yield AssistantMessageEvent(message)
             yield UsageEvent(self._usage(completion, context, specs))
@@ -364,5 +364,5 @@ class Agent:
                 completion = item
         if completion is None:  # _call_model raises first; kept for -O safety
             raise ModelError(f"the model {self.llm.model!r} gave no summary")
-        usage = self._usage(completion, context).model_copy(update={"level": "compaction"})
+        usage = replace(self._usage(completion, context), level="compaction")
         return completion.message.text, usage

@@ -131,8 +131,8 @@ class Repl:
                 f" · model {printable(str(llm.model), self.redactor)} · /help for commands",
             )
         )
-        if self.session.history:
-            self.say(f"resumed: {len(self.session.history)} messages", "dim")
+        if self.session.message_count:
+            self.say(f"resumed: {self.session.message_count} messages", "dim")
         prompt = Text("you> ", style="bold green")
         while True:
             try:
@@ -286,7 +286,7 @@ class Repl:
         turns = sum(conversation.turns.values())
         by_status = ", ".join(f"{k} {v}" for k, v in sorted(conversation.turns.items()))
         self.say(f"turns: {turns} ({by_status or 'none'})")
-        self.say(f"messages: {len(session.history)} recorded, {len(session.messages)} in context")
+        self.say(f"messages: {session.message_count} recorded, {len(session.messages)} in context")
         self.say(_usage_line("tokens: ", usage))
         if len(usage.by_model) > 1:
             for model, part in sorted(usage.by_model.items()):

@@ -19,7 +19,7 @@ from chatsession.errors import InvalidArgumentError, InvalidIdError
 
 #: The version of the event payload format this code writes. ``chatsession.log``
 #: upgrades older versions when it reads them.
-EVENT_SCHEMA_VERSION = 2
+EVENT_SCHEMA_VERSION = 3
 
 
 #: How many events ``Store.read`` yields per batch unless told otherwise.
