@@ -14,7 +14,7 @@ variable                       meaning
 ``CHATSESSION_API_KEY``        its key (``OPENAI_API_KEY`` also works)
 ``CHATSESSION_BUSY_TIMEOUT``   seconds a writer waits for another (default 10)
 ``CHATSESSION_LEASE_TTL``      seconds a session's lease lasts unrenewed (default 30)
-``CHATSESSION_LEASE_LINGER``   seconds a lease is kept after a write (default 1)
+``CHATSESSION_LEASE_LINGER``   seconds a lease is kept after a write (default 0)
 ``CHATSESSION_TIMEOUT``        seconds a turn may take (default: no limit)
 ``CHATSESSION_SNAPSHOT_EVERY`` events between snapshots of a session (default 1000)
 =============================  ===================================================
@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = None
     busy_timeout: float = Field(default=10.0, ge=0, le=86400)
     lease_ttl: float = Field(default=30.0, gt=0, le=86400)
-    lease_linger: float = Field(default=1.0, ge=0, le=3600)
+    lease_linger: float = Field(default=0.0, ge=0, le=3600)
     timeout: float | None = Field(default=None, gt=0)
     snapshot_every: int = Field(default=1000, ge=0)
 

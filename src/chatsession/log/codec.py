@@ -44,8 +44,8 @@ _CHECKERS: dict[str, msgspec.json.Decoder[Any]] = {
     kind: msgspec.json.Decoder(payload) for kind, (_, payload) in EVENT_TYPES.items()
 }
 _LISTS: dict[str, msgspec.json.Decoder[Any]] = {
-    kind: msgspec.json.Decoder(list[payload])
-    for kind, (_, payload) in EVENT_TYPES.items()  # type: ignore[valid-type]
+    kind: msgspec.json.Decoder(list[payload])  # type: ignore[valid-type]
+    for kind, (_, payload) in EVENT_TYPES.items()
 }
 _ENTRIES: dict[str, Any] = {kind: entry for kind, (entry, _) in EVENT_TYPES.items()}
 # payloads that are often all defaults ("{}"): one shared frozen instance each

@@ -118,7 +118,8 @@ class ChatSession:
         lease_ttl: Seconds the session's lease lasts unrenewed: how long a
             crashed writer keeps the session. Default ``CHATSESSION_LEASE_TTL`` (30).
         lease_linger: Seconds the lease is kept after a write, so turns in
-            quick succession take it once. Default ``CHATSESSION_LEASE_LINGER`` (1).
+            quick succession take it once (other writers wait that long more).
+            Default ``CHATSESSION_LEASE_LINGER`` (0).
         snapshot_every: Store a snapshot of the folded state every this many
             events (resume reads it and the events after it). Default
             ``CHATSESSION_SNAPSHOT_EVERY`` (1000).
@@ -422,7 +423,7 @@ class ChatSession:
         try:
             yield lease
         finally:
-            self._lease.done()
+            await self._lease.done()
 
     # ------------------------------------------------------------------
     # turns

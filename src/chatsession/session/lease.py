@@ -59,6 +59,9 @@ class LeaseHolder:
         self._users = 0
         self._renewer: asyncio.Task[None] | None = None
         self._release_at = 0.0
+        # one lease call at a time: a release and the next acquire must reach the
+        # store in that order (two connections could swap them otherwise)
+        self._calls = asyncio.Lock()
 
     @property
     def held(self) -> Lease | None:
@@ -76,9 +79,10 @@ class LeaseHolder:
         """
         self._users += 1
         try:
-            lease = self.held
-            if lease is None:
-                lease = await self._take()
+            async with self._calls:
+                lease = self.held
+                if lease is None:
+                    lease = await self._take()
             self._ensure_renewer()
             return lease
         except BaseException:
@@ -104,11 +108,15 @@ class LeaseHolder:
                 await asyncio.sleep(min(pause, hint, left))
                 pause = min(pause * 2, 0.25)
 
-    def done(self) -> None:
-        """One write is over; the lease is given up ``linger`` seconds after the last."""
+    async def done(self) -> None:
+        """One write is over; the lease is given up ``linger`` seconds after the last
+        (at once when ``linger`` is 0)."""
         self._users = max(0, self._users - 1)
         if self._users == 0:
-            self._release_at = time.monotonic() + self.linger
+            if self.linger <= 0:
+                await self.release()
+            else:
+                self._release_at = time.monotonic() + self.linger
 
     def _ensure_renewer(self) -> None:
         if self._renewer is None or self._renewer.done():
@@ -146,12 +154,13 @@ class LeaseHolder:
 
     async def release(self) -> None:
         """Give the lease up now (if held) and stop renewing it."""
-        lease, self.lease = self.lease, None
         renewer, self._renewer = self._renewer, None
         if renewer is not None and renewer is not asyncio.current_task():
             renewer.cancel()
             with contextlib.suppress(BaseException):
                 await renewer
-        if lease is not None:
-            with contextlib.suppress(StoreError):
-                await self.store.release_lease(lease)
+        async with self._calls:
+            lease, self.lease = self.lease, None
+            if lease is not None:
+                with contextlib.suppress(StoreError):
+                    await self.store.release_lease(lease)

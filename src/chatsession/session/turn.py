@@ -580,8 +580,11 @@ class TurnStream:
             await self._leave()
 
     async def _leave(self) -> None:
-        with contextlib.suppress(BaseException):
-            await self._stop_producer()
         session = self._session
-        session._lease.done()
-        session._give_turn(self)
+        try:
+            with contextlib.suppress(BaseException):
+                await self._stop_producer()
+            with contextlib.suppress(Exception):
+                await asyncio.shield(session._lease.done())
+        finally:
+            session._give_turn(self)
