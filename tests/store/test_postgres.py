@@ -25,7 +25,11 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-import chatsession.store.postgres as pg_store
+import chatsession.store.postgres.events as pg_events
+import chatsession.store.postgres.jsonb as pg_jsonb
+import chatsession.store.postgres.records as pg_records
+import chatsession.store.postgres.rows as pg_rows
+import chatsession.store.postgres.schema as pg_schema
 from chatsession import (
     ConflictError,
     CorruptDataError,
@@ -306,7 +310,7 @@ async def test_an_older_schema_is_upgraded(schema: str, monkeypatch: pytest.Monk
     def add_note_column(s: str) -> list[str]:
         return [f"ALTER TABLE {s}.sessions ADD COLUMN note text"]
 
-    monkeypatch.setattr(pg_store, "MIGRATIONS", [*MIGRATIONS, ("999_test_note", add_note_column)])
+    monkeypatch.setattr(pg_schema, "MIGRATIONS", [*MIGRATIONS, ("999_test_note", add_note_column)])
     async with open_store(url) as store:
         assert (await store.get("old")).head == 1  # old data still readable
     column = await pg(
@@ -439,7 +443,11 @@ async def test_a_database_made_at_migration_002_is_upgraded_once(schema: str) ->
     assert after == before  # the old rows are untouched
     done = await migrations_done(schema)
     assert [name for name, _ in done] == [name for name, _ in MIGRATIONS]
-    assert [name for name, _ in done[2:]] == ["003_events_data_text", "004_sessions_body_text"]
+    assert [name for name, _ in done[2:]] == [
+        "003_events_data_text",
+        "004_sessions_body_text",
+        "005_leases_event_ids_snapshots",
+    ]
     options = await pg(
         "SELECT reloptions FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
         "WHERE n.nspname = $1 AND c.relname = 'sessions'",
@@ -572,16 +580,16 @@ async def kept_as(schema: str, session_id: str) -> dict[int, str]:
 
 def test_the_client_tells_what_jsonb_cannot_hold_like_the_server() -> None:
     for text in ESCAPES_JSONB_CANNOT_HOLD:
-        assert pg_store._needs_text(text), text
+        assert pg_jsonb.needs_text(text), text
     for text in AS_JSONB:
-        assert not pg_store._needs_text(text), text
-        assert not pg_store._jsonb_changes(text), text
+        assert not pg_jsonb.needs_text(text), text
+        assert not pg_jsonb.jsonb_changes(text), text
     for text in AS_TEXT:
-        assert pg_store._jsonb_changes(text) is (text != BIG_FRACTION), text
-    assert not pg_store._fits_numeric('{"big": 1e131072}')
-    assert not pg_store._fits_numeric(BIG_FRACTION)
-    assert pg_store._fits_numeric("[1e131071, 1e-16383]")
-    assert pg_store._fits_numeric("not json")  # the server judges it
+        assert pg_jsonb.jsonb_changes(text) is (text != BIG_FRACTION), text
+    assert not pg_jsonb.fits_numeric('{"big": 1e131072}')
+    assert not pg_jsonb.fits_numeric(BIG_FRACTION)
+    assert pg_jsonb.fits_numeric("[1e131071, 1e-16383]")
+    assert pg_jsonb.fits_numeric("not json")  # the server judges it
 
 
 async def test_the_escape_scan_agrees_with_the_server_on_every_mix() -> None:
@@ -595,7 +603,7 @@ async def test_the_escape_scan_agrees_with_the_server_on_every_mix() -> None:
                 held = True
             except (pgerr.UntranslatableCharacterError, pgerr.InvalidTextRepresentationError):
                 held = False
-            assert pg_store._needs_text(text) is not held, text
+            assert pg_jsonb.needs_text(text) is not held, text
     finally:
         await conn.close()
 
@@ -827,7 +835,7 @@ async def test_a_cancelled_statement_is_unavailable_and_the_store_goes_on(schema
 async def test_purge_deletes_in_bounded_batches(
     schema: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(pg_store, "_PURGE_BATCH", 7)
+    monkeypatch.setattr(pg_records, "_PURGE_BATCH", 7)
     async with open_store(f"{POSTGRES_URL}?schema={schema}") as store:
         past = time.time() - 100
         for i in range(30):
@@ -1451,7 +1459,7 @@ async def test_damaged_events_are_corrupt_data_naming_the_session_and_event(sche
 async def test_a_fork_cycle_is_corrupt_data_for_every_walk_of_the_chain(
     schema: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(pg_store, "_LINEAGE_PAGE", 4, raising=False)  # several queries a walk
+    monkeypatch.setattr(pg_rows, "_LINEAGE_PAGE", 4)  # several queries a walk
     async with open_store(f"{POSTGRES_URL}?schema={schema}") as store:
         await store.create(SessionRecord(id="f0"))
         await store.append("f0", [ev(0)], 0)
@@ -1530,14 +1538,14 @@ async def test_a_read_fetches_one_batch_per_query(
     schema: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fetched: list[int] = []  # rows each query brought back
-    real = pg_store._fetch
+    real = pg_events._fetch
 
     async def counting(sql: str, args: tuple[Any, ...], conn: Any) -> list[Any]:
         rows = await real(sql, args, conn)
         fetched.append(len(rows))
         return rows
 
-    monkeypatch.setattr(pg_store, "_fetch", counting)
+    monkeypatch.setattr(pg_events, "_fetch", counting)
     async with open_store(f"{POSTGRES_URL}?schema={schema}") as store:
         await store.create(SessionRecord(id="p"))
         for start in range(0, 3000, 500):
@@ -1614,16 +1622,20 @@ def test_no_assert_guards_a_runtime_condition() -> None:
     """``python -O`` strips asserts: the store checks with typed errors instead."""
     import ast
 
-    tree = ast.parse(Path(pg_store.__file__).read_text())
-    asserts = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Assert)]
-    raises = [
-        node.lineno
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Raise)
-        and isinstance(node.exc, ast.Call)
-        and getattr(node.exc.func, "id", "") == "AssertionError"
-    ]
-    assert asserts == [] and raises == []
+    package = Path(pg_schema.__file__).parent
+    modules = sorted(package.glob("*.py"))
+    assert len(modules) > 5
+    for module in modules:
+        tree = ast.parse(module.read_text())
+        asserts = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Assert)]
+        raises = [
+            node.lineno
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Raise)
+            and getattr(node.exc, "id", getattr(getattr(node.exc, "func", None), "id", ""))
+            == "AssertionError"
+        ]
+        assert asserts == [] and raises == [], module.name
 
 
 # -- the client's jsonb-or-text decision, against the server --------------------------
@@ -1674,4 +1686,4 @@ def test_the_client_keeps_as_jsonb_exactly_what_jsonb_gives_back_the_same(
         assume(False)  # refused before a store sees it (an infinite float, say)
     back = server_jsonb(text)
     kept_the_same = back is not None and same_json(json.loads(back), json.loads(text))
-    assert pg_store._jsonb_changes(text) is not kept_the_same, (text, back)
+    assert pg_jsonb.jsonb_changes(text) is not kept_the_same, (text, back)
