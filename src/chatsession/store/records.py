@@ -65,17 +65,19 @@ def check_visible(
         raise SessionNotFoundError(session_id, "expired")
 
 
-def damaged(session_id: object, place: str, why: str) -> CorruptDataError:
+_RESTORE = "restore it from a backup"
+
+
+def damaged(session_id: object, place: str, why: str, fix: str = _RESTORE) -> CorruptDataError:
     """The error for stored data of ``session_id`` that cannot be read back.
 
     Args:
         session_id: The session the data belongs to.
-        place: Where the data is, e.g. ``"the SQLite file 'a.db', table sessions, column body"``.
+        place: Where the data is, e.g. ``"the SQLite file 'a.db': the sessions row, column body"``.
         why: What is wrong with it.
+        fix: What to do about it.
     """
-    return CorruptDataError(
-        f"session {session_id!r}: {place} is damaged ({why}); restore it from a backup"
-    )
+    return CorruptDataError(f"session {session_id!r}: {place} is damaged ({why}); {fix}")
 
 
 def encode_body(record: SessionRecord) -> str:
@@ -106,7 +108,12 @@ def decode_body(raw: object, session_id: object, place: str) -> dict[str, Any]:
 
 
 def decode_record(
-    fields: Mapping[str, Any], session_id: object, place: str, *, strict: bool = True
+    fields: Mapping[str, Any],
+    session_id: object,
+    place: str,
+    *,
+    strict: bool = True,
+    fix: str = _RESTORE,
 ) -> SessionRecord:
     """The record of stored ``fields`` (the body's included), checked type for type.
 
@@ -117,6 +124,7 @@ def decode_record(
         place: Where the fields are, for the message.
         strict: Refuse values of another type that pydantic would convert
             (``"1"`` for 1); drivers that give exact types use True.
+        fix: What to do about damage, for the message.
 
     Raises:
         CorruptDataError: A field is missing, of the wrong type or out of range.
@@ -124,4 +132,4 @@ def decode_record(
     try:
         return SessionRecord.model_validate(fields, strict=strict)
     except (ValueError, TypeError, RecursionError) as exc:
-        raise damaged(session_id, place, describe_failure(exc)) from exc
+        raise damaged(session_id, place, describe_failure(exc), fix) from exc
