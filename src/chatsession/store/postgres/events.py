@@ -21,13 +21,12 @@ from chatsession.store.base import (
     NewEvent,
     StoredEvent,
     check_append,
-    check_lease,
     check_read,
     fork_segments,
     now,
     validate_id,
 )
-from chatsession.store.leases import check_writer
+from chatsession.store.leases import check_lease_for, check_writer
 from chatsession.store.postgres.connection import Conn
 from chatsession.store.postgres.errors import describe
 from chatsession.store.postgres.jsonb import fits_numeric, is_strict_json, jsonb_changes
@@ -140,7 +139,7 @@ class Events(Rows):
         """
         check_append(events, expected_seq)
         validate_id(session_id)
-        token = None if lease is None else check_lease(lease).token
+        token = None if lease is None else check_lease_for(lease, session_id).token
         n = len(events)  # schema_version <= MAX_SCHEMA_VERSION, events.v's smallint
         # a substring test and a regex search for most payloads; a scan or a parse for few
         as_text = [i for i, e in enumerate(events) if jsonb_changes(e.data)]
