@@ -29,7 +29,7 @@ from chatsession import (
 from chatsession.store.base import new_event_id
 from chatsession.store.postgres import MIGRATIONS, PostgresStore
 from tests.store.tcp_proxy import TCPProxy
-from tests.store.test_postgres import pg, schema  # noqa: F401
+from tests.store.test_postgres import make_database_at, pg, schema  # noqa: F401
 
 POSTGRES_URL = os.environ.get(
     "CHATSESSION_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
@@ -261,34 +261,8 @@ async def test_a_snapshot_and_a_delete_at_once_leave_no_snapshot_behind(schema: 
 async def test_a_database_made_by_the_previous_version_gets_leases_ids_and_snapshots(
     schema: str,
 ) -> None:
-    s = f'"{schema}"'
-    conn = await asyncpg.connect(POSTGRES_URL)
-    try:  # the tables as migration 004 left them, with a session and its events
-        async with conn.transaction():
-            await conn.execute(f"CREATE SCHEMA {s}")
-            await conn.execute(
-                f"CREATE TABLE {s}.chatsession_migrations "
-                "(name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
-            )
-            for name, migration in MIGRATIONS[:4]:
-                for statement in migration(s):
-                    await conn.execute(statement)
-                await conn.execute(
-                    f"INSERT INTO {s}.chatsession_migrations (name) VALUES ($1)", name
-                )
-            await conn.execute(
-                f"INSERT INTO {s}.sessions (id, state, created_at, updated_at, head) "
-                "VALUES ('old', 'active', 1, 1, 2)"
-            )
-            for seq in (1, 2):
-                await conn.execute(
-                    f"INSERT INTO {s}.events (session_pk, seq, type, ts, v, data) "
-                    f"SELECT pk, $1::bigint, 'message', 1.0, 2, jsonb_build_object('n', $1::bigint) "
-                    f"FROM {s}.sessions",
-                    seq,
-                )
-    finally:
-        await conn.close()
+    # the tables as migration 004 left them, with a session and its events
+    await make_database_at(schema, 4, [json.dumps({"n": n}) for n in (1, 2)])
     url = f"{POSTGRES_URL}?schema={schema}"
     stores = [open_store(url) for _ in range(4)]  # opened at once: 005 runs once
     try:
@@ -310,6 +284,8 @@ async def test_a_database_made_by_the_previous_version_gets_leases_ids_and_snaps
     finally:
         for store in stores:
             await store.aclose()
-    names = [r[0] for r in await pg(f"SELECT name FROM {s}.chatsession_migrations ORDER BY name")]
+    names = [
+        r[0] for r in await pg(f'SELECT name FROM "{schema}".chatsession_migrations ORDER BY 1')
+    ]
     assert names == [name for name, _ in MIGRATIONS]
     assert names[-1] == "005_leases_event_ids_snapshots"
