@@ -199,6 +199,7 @@ class LogKeeper:
         lease: Lease | None,
         *,
         past: ConversationState | None = None,
+        catch_up: bool = True,
     ) -> None:
         """Append events at our head and fold them in, shielded from cancellation.
 
@@ -209,9 +210,13 @@ class LogKeeper:
             events: The events.
             lease: The session's lease (appends are fenced by it).
             past: For a ``rewind`` among ``events``: the state it returns to.
+            catch_up: When another writer got there first, fold in what it
+                wrote and append after it; False raises the ``ConflictError``
+                instead (for events computed from the state, which must be
+                computed again).
         """
         await self.settle()
-        task = asyncio.ensure_future(self._append_now(events, lease, past))
+        task = asyncio.ensure_future(self._append_now(events, lease, past, catch_up))
         self._inflight = task
         await asyncio.shield(task)
         if self.snapshot_every and self.state.head - self.snapshot_seq >= self.snapshot_every:
@@ -225,7 +230,11 @@ class LogKeeper:
                 await asyncio.shield(task)
 
     async def _append_now(
-        self, events: Sequence[LogEvent], lease: Lease | None, past: ConversationState | None
+        self,
+        events: Sequence[LogEvent],
+        lease: Lease | None,
+        past: ConversationState | None,
+        catch_up: bool,
     ) -> None:
         rows = [encode(e) for e in events]
         for _ in range(20):
@@ -236,6 +245,8 @@ class LogKeeper:
                 if isinstance(exc, SessionBusyError) or type(exc) is not ConflictError:
                     raise  # busy or lease lost: not a race to catch up with
                 await self.catch_up()
+                if not catch_up:
+                    raise
                 continue
             if new_head != head + len(rows):
                 raise CorruptDataError(

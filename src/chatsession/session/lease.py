@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import socket
 import time
 import uuid
@@ -105,8 +106,9 @@ class LeaseHolder:
                         busy.retry_after,
                     ) from None
                 hint = busy.retry_after if busy.retry_after is not None else pause
-                await asyncio.sleep(min(pause, hint, left))
-                pause = min(pause * 2, 0.25)
+                # jittered, so waiting writers do not all ask again at the same moment
+                await asyncio.sleep(min(pause * (0.5 + random.random()), hint, left))
+                pause = min(pause * 2, 0.05)
 
     async def done(self) -> None:
         """One write is over; the lease is given up ``linger`` seconds after the last

@@ -35,6 +35,8 @@ from chatsession.agent.events import (
 )
 from chatsession.errors import (
     ChatSessionClosedError,
+    ConflictError,
+    SessionBusyError,
     SessionTimeoutError,
     UnsupportedValueError,
 )
@@ -222,15 +224,22 @@ class TurnStream:
     async def _begin(self) -> None:
         session = self._session
         progress = self._progress
-        await self._repair()
-        progress.start_seq = session.conversation.head
-        await session._keeper.append(
-            [
-                TurnStartEntry(turn_id=progress.turn_id),
-                MessageEntry(turn_id=progress.turn_id, data=self._user),
-            ],
-            self._lease,
-        )
+        start: list[LogEvent] = [
+            TurnStartEntry(turn_id=progress.turn_id),
+            MessageEntry(turn_id=progress.turn_id, data=self._user),
+        ]
+        for _ in range(20):
+            # the repairs are computed from the state: when another writer got there
+            # first, they are computed again from what it wrote
+            try:
+                await session._keeper.append(self._repairs() + start, self._lease, catch_up=False)
+                break
+            except ConflictError as exc:
+                if type(exc) is not ConflictError:
+                    raise
+        else:
+            raise SessionBusyError(session.session_id, "other writers (20 conflicts in a row)")
+        progress.start_seq = session.conversation.head - len(start)
         if self._timeout is not None:
             self._deadline = time.monotonic() + self._timeout
         try:
@@ -248,8 +257,8 @@ class TurnStream:
             self._produce(), name=f"chatsession-turn-{progress.turn_id}"
         )
 
-    async def _repair(self) -> None:
-        """Make the context valid for the model before the turn starts.
+    def _repairs(self) -> list[LogEvent]:
+        """What makes the context valid for the model before the turn starts.
 
         Closes a turn left open by a writer whose lease ran out (we hold the
         lease now, so that writer is gone), recorded as interrupted, and answers
@@ -260,7 +269,7 @@ class TurnStream:
         open_turn = conversation.open_turn
         dangling = conversation.dangling_tool_calls()
         if open_turn is None and not dangling:
-            return
+            return []
         status = "interrupted" if open_turn is not None else "not answered"
         events: list[LogEvent] = [unfinished_call(c, open_turn, status) for c in dangling]
         if open_turn is not None:
@@ -270,7 +279,7 @@ class TurnStream:
                     data=TurnEnd(status="interrupted", error="the process stopped during the turn"),
                 )
             )
-        await self._session._keeper.append(events, self._lease)
+        return events
 
     # -- producing -------------------------------------------------------------------
 
