@@ -484,3 +484,15 @@ async def test_options_are_strict_typed_and_never_show_a_secret(tmp_path: Path) 
     assert "hunter2" not in str(info.value)
     store = open_store(f"sqlite:///{tmp_path}/a.db?synchronous=FULL", busy_timeout="250")
     assert (store.synchronous, store.busy_timeout) == ("full", 250)  # type: ignore[attr-defined]
+
+
+async def test_the_wal_is_checkpointed_while_appends_take_the_fast_path(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    payload = json.dumps({"content": "x" * 10_000})
+    async with open_store(f"sqlite:///{path}") as store:
+        await store.create(SessionRecord(id="s"))
+        head = 0
+        for _ in range(1500):  # about 15 MB of events, one append at a time
+            head = await store.append("s", [NewEvent("message", payload, 1.0)], head)
+        wal = Path(f"{path}-wal").stat().st_size
+    assert wal < 8 << 20, f"the WAL grew to {wal} bytes: nobody checkpoints it"

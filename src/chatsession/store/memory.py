@@ -55,7 +55,6 @@ from chatsession.store.base import (
     check_snapshot,
     check_version,
     decode_cursor,
-    encode_cursor,
     fork_loop,
     fork_segments,
     initial_record,
@@ -66,7 +65,7 @@ from chatsession.store.base import (
 )
 from chatsession.store.leases import check_lease_for, check_writer, granted, renewed
 from chatsession.store.options import parse_options
-from chatsession.store.records import check_visible, is_visible
+from chatsession.store.records import check_visible, is_visible, page_of
 
 __all__ = ["MemoryStore"]
 
@@ -222,10 +221,7 @@ class MemoryStore:
             and (after is None or (e.record.created_at, e.record.id) < after)
         ]
         rows.sort(key=lambda r: (r.created_at, r.id), reverse=True)
-        page = rows[: limit + 1]
-        more = len(page) > limit
-        page = [r.model_copy(deep=True) for r in page[:limit]]
-        return Page(page, encode_cursor(page[-1]) if more else None)
+        return page_of([r.model_copy(deep=True) for r in rows[: limit + 1]], limit)
 
     # -- events ----------------------------------------------------------
 

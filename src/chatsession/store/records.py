@@ -12,6 +12,8 @@ Written once for all backends:
   (:func:`~chatsession.store.checks.check_record`) guarantee that it reads
   back as the same values and types. :func:`decode_body` reads it back
   strictly (NaN, Infinity and unknown keys refused).
+- **Pages.** :func:`page_of` cuts a listing's ``limit + 1`` records into a
+  page and the cursor of the next one.
 - **Decoding.** :func:`decode_record` builds the record from stored fields,
   type for type. Whatever cannot be read back is
   :class:`~chatsession.errors.CorruptDataError` naming the session and the
@@ -26,7 +28,7 @@ from typing import Any
 
 from chatsession.errors import CorruptDataError, SessionNotFoundError
 from chatsession.store.checks import STRICT_JSON, describe_failure
-from chatsession.store.types import SessionRecord, now
+from chatsession.store.types import Page, SessionRecord, encode_cursor, now
 
 __all__ = [
     "BODY_FIELDS",
@@ -36,6 +38,7 @@ __all__ = [
     "decode_record",
     "encode_body",
     "is_visible",
+    "page_of",
 ]
 
 #: The record fields kept together as one JSON object (the *body*).
@@ -133,3 +136,12 @@ def decode_record(
         return SessionRecord.model_validate(fields, strict=strict)
     except (ValueError, TypeError, RecursionError) as exc:
         raise damaged(session_id, place, describe_failure(exc), fix) from exc
+
+
+def page_of(records: list[SessionRecord], limit: int) -> Page:
+    """The page of the first ``limit`` of ``records`` (read up to ``limit + 1``, newest first),
+    with a cursor when there were more."""
+    if len(records) > limit:
+        kept = records[:limit]
+        return Page(kept, encode_cursor(kept[-1]))
+    return Page(records, None)

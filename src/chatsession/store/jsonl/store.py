@@ -50,7 +50,6 @@ from chatsession.store.base import (
     check_snapshot,
     check_version,
     decode_cursor,
-    encode_cursor,
     fork_loop,
     fork_segments,
     initial_record,
@@ -84,6 +83,7 @@ from chatsession.store.jsonl.lines import Segment, line, reader
 from chatsession.store.jsonl.log import Log, Tail
 from chatsession.store.leases import check_lease_for, check_writer, granted, renewed
 from chatsession.store.options import flag, parse_options
+from chatsession.store.records import page_of
 
 __all__ = ["JSONLStore"]
 
@@ -356,9 +356,7 @@ class JSONLStore:
             return records
 
         records = await self._run(work, "list sessions")
-        more = len(records) > limit
-        records = records[:limit]
-        return Page(records, encode_cursor(records[-1]) if more else None)
+        return page_of(records, limit)
 
     # -- events ----------------------------------------------------------------
 

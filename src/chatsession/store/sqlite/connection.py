@@ -12,8 +12,10 @@ Blocking SQLite calls never wait on the event loop:
   (reads of a history, blobs, snapshots, deletes) always run there.
 
 The fast connection does not checkpoint the WAL on commit (that would write
-and sync pages on the loop); every so often the worker runs a passive
-checkpoint instead. With ``synchronous=full`` every commit syncs the disk, so
+and sync pages on the loop): once the WAL is large the worker runs a passive
+checkpoint, and calls go to the worker until it is done, so the first write
+after it finds the whole WAL copied and starts the WAL over (it would grow
+without end if writes went on beside the checkpoint). With ``synchronous=full`` every commit syncs the disk, so
 every call runs on the worker. A ``:memory:`` database has one connection, on
 the worker.
 """
@@ -128,7 +130,12 @@ class Connections:
         again, from the start, on the worker.
         """
         fast = self._fast
-        if fast is not None and not self._closed and self._fast_lock.acquire(blocking=False):
+        if (
+            fast is not None
+            and not self._closed
+            and not self._checkpoint_due
+            and self._fast_lock.acquire(blocking=False)
+        ):
             try:
                 result = fn(fast)
             except sqlite3.Error as exc:

@@ -202,31 +202,41 @@ def is_busy(exc: sqlite3.Error) -> bool:
     return "locked" in str(exc).lower()
 
 
+#: SQLite's errors by the words their messages hold: our error, and what to say.
+_TRANSLATIONS: tuple[tuple[tuple[str, ...], type[Exception], str], ...] = (
+    (
+        ("not a database", "malformed", "corrupt"),
+        CorruptDataError,
+        "the SQLite file {path!r} is damaged ({message}); restore it from a backup, "
+        "or salvage it with: sqlite3 {path} .recover | sqlite3 repaired.db",
+    ),
+    (
+        ("no such table", "no such column", "has no column"),
+        CorruptDataError,
+        "the SQLite file {path!r} lacks part of its schema ({message}), though its "
+        "migrations are recorded as done: it was damaged or edited by hand; restore it "
+        "from a backup",
+    ),
+    (
+        ("locked", "busy"),
+        StoreUnavailableError,
+        "the SQLite file {path!r} stayed locked by another writer for more than "
+        "{busy_timeout} ms; retry, or raise busy_timeout in the store URL",
+    ),
+    (
+        ("unable to open", "readonly", "disk i/o"),
+        StoreUnavailableError,
+        "cannot use the SQLite file {path!r} ({message}); check that the path "
+        "exists and is writable",
+    ),
+)
+
+
 def translate(exc: sqlite3.Error, path: str, busy_timeout: int) -> Exception:
     """Our error for SQLite's ``exc``: damage, a lock held too long, or the file unusable."""
     message = str(exc)
     lowered = message.lower()
-    if isinstance(exc, sqlite3.DatabaseError) and (
-        "not a database" in lowered or "malformed" in lowered or "corrupt" in lowered
-    ):
-        return CorruptDataError(
-            f"the SQLite file {path!r} is damaged ({message}); restore it from a backup, "
-            f"or salvage it with: sqlite3 {path} .recover | sqlite3 repaired.db"
-        )
-    if "no such table" in lowered or "no such column" in lowered or "has no column" in lowered:
-        return CorruptDataError(
-            f"the SQLite file {path!r} lacks part of its schema ({message}), though its "
-            "migrations are recorded as done: it was damaged or edited by hand; restore it "
-            "from a backup"
-        )
-    if "locked" in lowered or "busy" in lowered:
-        return StoreUnavailableError(
-            f"the SQLite file {path!r} stayed locked by another writer for more than "
-            f"{busy_timeout} ms; retry, or raise busy_timeout in the store URL"
-        )
-    if "unable to open" in lowered or "readonly" in lowered or "disk i/o" in lowered:
-        return StoreUnavailableError(
-            f"cannot use the SQLite file {path!r} ({message}); check that the path "
-            "exists and is writable"
-        )
+    for words, kind, text in _TRANSLATIONS:
+        if any(word in lowered for word in words):
+            return kind(text.format(path=path, message=message, busy_timeout=busy_timeout))
     return StoreUnavailableError(f"SQLite error on {path!r}: {message}")

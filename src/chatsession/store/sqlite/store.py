@@ -39,7 +39,6 @@ from chatsession.store.base import (
     check_record,
     check_version,
     decode_cursor,
-    encode_cursor,
     fork_loop,
     fork_segments,
     initial_record,
@@ -50,7 +49,7 @@ from chatsession.store.base import (
 )
 from chatsession.store.leases import check_lease_for, check_writer
 from chatsession.store.options import choice, integer, parse_options, read_options
-from chatsession.store.records import check_visible, encode_body
+from chatsession.store.records import check_visible, encode_body, page_of
 from chatsession.store.sqlite import leases
 from chatsession.store.sqlite.connection import Connections
 from chatsession.store.sqlite.rows import (
@@ -370,9 +369,7 @@ class SQLiteStore:
             if len(rows) < want:
                 break
             after = (rows[-1][6], rows[-1][ID])  # go on after the last row, sound or not
-        more = len(records) > limit
-        records = records[:limit]
-        return Page(records, encode_cursor(records[-1]) if more else None)
+        return page_of(records, limit)
 
     # -- events --------------------------------------------------------------
 
