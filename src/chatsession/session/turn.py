@@ -384,11 +384,15 @@ class TurnStream:
                 raise _SessionClosing
             if self._deadline is not None and time.monotonic() >= self._deadline:
                 raise self._timed_out()  # it passed while the caller handled an event
-            try:
-                async with asyncio.timeout_at(self._loop_deadline()):
-                    item = await self._queue.get()
-            except TimeoutError:
-                raise self._timed_out() from None
+            queue = self._queue
+            if queue.empty():
+                try:
+                    async with asyncio.timeout_at(self._loop_deadline()):
+                        item = await queue.get()
+                except TimeoutError:
+                    raise self._timed_out() from None
+            else:
+                item = queue.get_nowait()
             if item is _CLOSING:
                 raise _SessionClosing
             if item is _END:  # the agent ended without a StopEvent: end the turn all the same

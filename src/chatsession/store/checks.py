@@ -15,6 +15,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+import msgspec
 from pydantic import ValidationError
 
 from chatsession.errors import CorruptDataError, InvalidArgumentError, UnsupportedValueError
@@ -159,7 +160,7 @@ def check_text(
         raise _unsupported(what, f"it is {len(value)} characters long; the limit is {limit}")
     if "\x00" in value:
         raise _unsupported(what, "it contains NUL (\\x00)")
-    if not controls and any(ord(c) < 32 or c == "\x7f" for c in value):
+    if not controls and _CONTROLS.search(value) is not None:
         raise _unsupported(what, "it contains control characters")
     try:
         value.encode("utf-8")
@@ -267,13 +268,6 @@ def fork_loop(session_id: str, chain: Sequence[object]) -> CorruptDataError:
     )
 
 
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if math.isinf(value):
-        raise ValueError(f"the number {text[:40]} is out of range for a float")
-    return value
-
-
 def _check_time(value: object, what: str) -> None:
     """A time is a finite float, or an int a float holds exactly; ``-0.0`` is refused
     (SQLite gives it back as 0.0). Stores give times back as floats."""
@@ -285,6 +279,10 @@ def _check_time(value: object, what: str) -> None:
         raise _unsupported(what, f"{value!r} is not a finite number of seconds")
     if value == 0 and math.copysign(1.0, value) < 0:
         raise _unsupported(what, "-0.0 is not kept as such by every store; use 0.0")
+
+
+_PAYLOAD_DECODER = msgspec.json.Decoder()
+_CONTROLS = re.compile("[\x00-\x1f\x7f]")
 
 
 def check_payload(text: object, what: str = "event data") -> None:
@@ -311,8 +309,9 @@ def check_payload(text: object, what: str = "event data") -> None:
     if any(c in text for c in _LINE_BREAKS):
         raise _unsupported(what, "it holds a line break; write compact one-line JSON")
     try:
-        value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
-    except (ValueError, RecursionError) as exc:
+        # strict JSON: NaN, Infinity and numbers beyond a float are refused
+        value = _PAYLOAD_DECODER.decode(text)
+    except (msgspec.DecodeError, RecursionError) as exc:
         reason = "it nests too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
         raise _unsupported(what, f"it is not valid JSON ({reason})") from None
     # a payload with few brackets cannot nest deeply, nor hide an escaped surrogate without "\u"

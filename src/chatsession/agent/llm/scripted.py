@@ -109,7 +109,8 @@ class _StreamingModel:
 
     async def _emit(self, reply: Reply, messages: Sequence[Message]) -> AsyncIterator[LLMChunk]:
         for piece in re.findall(r"\S+\s*|\s+", reply.text):
-            await asyncio.sleep(self.chunk_delay)
+            if self.chunk_delay:
+                await asyncio.sleep(self.chunk_delay)
             yield TextDelta(piece)
         calls = []
         for name, arguments in reply.tool_calls:
