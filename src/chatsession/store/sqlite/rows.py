@@ -12,8 +12,10 @@ import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
+import msgspec
+
 from chatsession.errors import CorruptDataError, SessionNotFoundError
-from chatsession.store.base import Lease, SessionRecord
+from chatsession.store.base import Lease, SessionRecord, StoredEvent
 from chatsession.store.records import check_visible, damaged, decode_body, decode_record
 
 __all__ = [
@@ -24,6 +26,7 @@ __all__ = [
     "bad_event_rows",
     "check_head",
     "damaged_in",
+    "events_of",
     "held_lease",
     "past_head",
     "record_of",
@@ -126,6 +129,25 @@ def held_lease(
             f"{owner!r}, {expires_at!r}"[:120],
         )
     return Lease(session_id, owner, token, expires_at)
+
+
+_EVENTS = msgspec.convert  # checks every row, type for type, and builds the events, in C
+_EVENT_LIST = list[StoredEvent]
+
+
+def events_of(path: str, session_id: str, rows: list[Any]) -> list[StoredEvent]:
+    """The events of rows of ``read``'s columns, checked type for type.
+
+    Raises:
+        CorruptDataError: A row holds a value of the wrong type (names its seq and column).
+    """
+    try:
+        return _EVENTS(rows, _EVENT_LIST)
+    except msgspec.ValidationError:
+        damage = bad_event_rows(path, session_id, rows)
+        if damage is None:  # msgspec refused what the plain check lets pass: say so
+            damage = damaged_in(path, session_id, "its event log", "a row of the wrong shape")
+        raise damage from None
 
 
 def bad_event_rows(path: str, session_id: str, rows: list[Any]) -> CorruptDataError | None:

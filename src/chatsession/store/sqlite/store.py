@@ -59,9 +59,9 @@ from chatsession.store.sqlite.rows import (
     PK,
     RECORD_COLUMNS,
     RECORD_FROM,
-    bad_event_rows,
     check_head,
     damaged_in,
+    events_of,
     held_lease,
     past_head,
     record_of,
@@ -463,7 +463,8 @@ class SQLiteStore:
         validate_id(session_id)
         check_read(after_seq, upto_seq, batch_size)
 
-        def plan(db: sqlite3.Connection) -> list[tuple[int, int, int]]:
+        def plan(db: sqlite3.Connection) -> tuple[list[tuple[int, int, int]], list[Any]]:
+            """The batches to read (``pk, after, upto``), and the rows of the first."""
             row = self._visible(db, session_id)
             stray = db.execute(
                 "SELECT 1 FROM events WHERE session_pk = ? AND seq > ? LIMIT 1",
@@ -472,31 +473,31 @@ class SQLiteStore:
             if stray is not None:
                 raise past_head(db, self.path, session_id, row[PK], row[HEAD])
             lineage = self._lineage(db, session_id, row[PK])
-            return fork_segments(lineage, row[HEAD], after_seq, upto_seq)
+            batches = [
+                (pk, start, hi)
+                for pk, lo, hi in fork_segments(lineage, row[HEAD], after_seq, upto_seq)
+                for start in range(lo, hi, batch_size)
+            ]
+            first = _fetch(_READ_SQL, (*batches[0], batch_size), db) if batches else []
+            return batches, first
 
-        segments = await self._db.run(plan)
-        new = tuple.__new__  # StoredEvent._make without its length check: rows have 7 columns
-        for pk, lo, hi in segments:
-            start = lo
-            while start < hi:
+        batches, rows = await self._db.run(plan)
+        for index, (pk, start, hi) in enumerate(batches):
+            if index:
                 rows = await self._db.run(partial(_fetch, _READ_SQL, (pk, start, hi, batch_size)))
-                expected = min(batch_size, hi - start)
-                if len(rows) != expected or (
-                    rows and (rows[0][0] != start + 1 or rows[-1][0] != start + expected)
-                ):
-                    # deleted (or expired) since the read began: not damage
-                    await self._db.run(lambda db: self._visible(db, session_id))
-                    raise damaged_in(
-                        self.path,
-                        session_id,
-                        f"events {start + 1}..{start + expected}",
-                        f"they are incomplete (found {len(rows)})",
-                    )
-                damage = bad_event_rows(self.path, session_id, rows)
-                if damage is not None:
-                    raise damage
-                yield [new(StoredEvent, r) for r in rows]
-                start += expected
+            expected = min(batch_size, hi - start)
+            if len(rows) != expected or (
+                rows and (rows[0][0] != start + 1 or rows[-1][0] != start + expected)
+            ):
+                # deleted (or expired) since the read began: not damage
+                await self._db.run(lambda db: self._visible(db, session_id))
+                raise damaged_in(
+                    self.path,
+                    session_id,
+                    f"events {start + 1}..{start + expected}",
+                    f"they are incomplete (found {len(rows)})",
+                )
+            yield events_of(self.path, session_id, rows)
 
     async def fork(self, session_id: str, at_seq: int, new_record: SessionRecord) -> SessionRecord:
         """See :meth:`Store.fork`."""
