@@ -1,29 +1,34 @@
-"""Session benchmark: what ChatSession adds on top of the store.
+"""Session benchmark: what ChatSession costs on top of the store, with floors in the same run.
 
 Usage:
-    python bench/session_bench.py --sizes 100,1000,10000 --json OUT [--turns 200]
+    python bench/session_bench.py --sizes 100,10000,100000 --json OUT [--turns 200]
 
-With the ``scripted`` model (no delay) on the SQLite default, per N (messages
-already in the session):
+On the SQLite default, per N (messages already in a session; a turn is five
+events: turn_start, the user's message, the answer, its usage, turn_end):
 
-- ``turn_p50`` / ``turn_p99``: one ``query()`` (a turn: turn_start + user
-  message, then assistant message + usage + turn_end: two appends);
-- ``raw_p50``: the same two appends done directly on the store;
-- ``overhead_p50``: ``turn_p50 - raw_p50``, what the session and agent add;
-- ``resume``: ``ChatSession.resume(...).open()`` with a new store object
-  (read, decode and fold the whole log), then the first ``get_usage()`` and
-  ``get_context_info()`` (usage totals are summed when first read, so they
-  are part of the figure); ``resume_open`` is the ``open()`` alone;
-- ``floor_read``: bare ``sqlite3`` reading the session's event rows
-  (``fetchall``, no objects built): what reading the log costs at least;
-- ``readme_read``: the README's read example, ``store.read`` then
-  ``fold_rows(rows)`` (what a resume does, without the session);
-  ``read_fold_decode``: the same read, then ``fold(decode(rows))``;
-- ``resume_memory`` / ``memory_ratio``: bytes held by the resumed session
-  (tracemalloc), and against the JSON size of its events.
-
-Targets (issue 4): overhead <= 0.5 ms at 10,000 and flat; resume of 10,000
-<= 50 ms; memory <= 3 x the JSON size.
+- ``floor_read``: bare ``sqlite3`` reading every event row of the session
+  (``fetchall``, no objects built): the least reading the log can cost;
+- ``load_messages``: the README's read, ``store.read`` then ``fold_rows`` into
+  messages; ``load_vs_floor`` against ``floor_read`` (target <= 1.5);
+- ``resume_cold``: ``await ChatSession.resume(...)`` of a session with no
+  snapshot (the whole log is read; a snapshot is then stored);
+- ``resume``: the same with the snapshot there (it names where the context's
+  messages are; they and the events after the snapshot are read);
+  ``resume_vs_floor`` against the bare read of those rows, for an uncompacted
+  session all of them (target <= 1.5);
+- ``resume_compacted``: resume of a session of N messages whose context was
+  compacted (a summary and the last 4 messages) (target <= 10 ms and flat);
+  ``compacted_memory``: bytes it holds once resumed (flat: proportional to the
+  context, not the history);
+- ``fork``: ``fork_session()`` at the head of an open session (target <= 1 ms
+  and flat: nothing of the shared history is read);
+- ``turn_p50`` / ``turn_p99``: one ``query()`` with the ``scripted`` model,
+  taking and giving up the session's lease as by default; ``raw_p50``: the
+  same two appends done directly on the store; ``overhead_p50`` their
+  difference (target <= 0.25 ms); ``overhead_linger_p50`` the same with
+  ``lease_linger=5`` (turns in quick succession keep the lease);
+- ``memory_ratio``: bytes held by a resumed uncompacted session against the
+  JSON size of its events (target <= 3).
 """
 
 from __future__ import annotations
@@ -42,17 +47,17 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from chatsession import Agent, ChatSession, ScriptedLLM, SessionRecord, open_store
+from chatsession import Agent, ChatSession, ScriptedLLM, SessionRecord, Store, open_store
 from chatsession.log import (
+    Compaction,
+    CompactionEntry,
     Message,
     MessageEntry,
     TurnEndEntry,
     TurnStartEntry,
     Usage,
     UsageEntry,
-    decode,
     encode,
-    fold,
     fold_rows,
 )
 
@@ -91,12 +96,20 @@ def turn_rows(i: int) -> tuple[list[Any], list[Any]]:
     return first, second
 
 
-async def fill(url: str, session_id: str, messages: int) -> None:
+async def fill(url: str, session_id: str, messages: int, *, compacted: bool = False) -> None:
+    """A session of ``messages`` messages; ``compacted``: all but the last 4 summarised."""
     async with open_store(url) as store:
         await store.create(SessionRecord(id=session_id))
         head = 0
         batch: list[Any] = []
-        for i in range(messages // 2):
+        turns = messages // 2
+        for i in range(turns):
+            if compacted and i == turns - 2:  # a summary, then the last two turns
+                batch.append(
+                    encode(
+                        CompactionEntry(data=Compaction(summary=TEXT, upto_seq=head + len(batch)))
+                    )
+                )
             first, second = turn_rows(i)
             batch += first + second
             if len(batch) >= 1000:
@@ -107,114 +120,163 @@ async def fill(url: str, session_id: str, messages: int) -> None:
 
 
 def agent() -> Agent:
-    # compaction is off: the benchmark measures the steady per-turn cost
+    # compaction is off: the benchmark measures the steady cost
     return Agent(ScriptedLLM(context_window=10**9))
 
 
-async def bench_size(url: str, n: int, turns: int) -> list[Row]:
+def median_ms(samples: list[int]) -> float:
+    return statistics.median(samples) / 1e6
+
+
+def floor_read(path: str, session_id: str) -> tuple[float, int]:
+    """Bare sqlite3 reading every event row of a session (median ms, rows)."""
+    times = []
+    count = 0
+    for _ in range(5):
+        db = sqlite3.connect(path)
+        start = time.perf_counter_ns()
+        got = db.execute(
+            "SELECT seq, type, ts, turn_id, data, v, event_id FROM events WHERE session_pk = "
+            "(SELECT pk FROM sessions WHERE id = ?) ORDER BY seq",
+            (session_id,),
+        ).fetchall()
+        times.append(time.perf_counter_ns() - start)
+        count = len(got)
+        db.close()
+    return median_ms(times), count
+
+
+async def resume_once(store: Store, session_id: str) -> tuple[int, ChatSession]:
+    """Resume on an open store object, as a server does (its connection is made)."""
+    gc.collect()
+    start = time.perf_counter_ns()
+    session = await ChatSession.resume(agent(), session_id, store=store, compaction_threshold=None)
+    return time.perf_counter_ns() - start, session
+
+
+async def bench_size(url: str, path: str, n: int, turns: int) -> list[Row]:
     rows: list[Row] = []
+    samples = 7 if n <= 10_000 else 3
 
     def add(metric: str, value: float, unit: str) -> None:
         rows.append({"backend": "sqlite", "n": n, "metric": metric, "value": value, "unit": unit})
 
-    session_id = f"bench-{n}"
-    log(f"[n={n}] filling {n} messages")
-    await fill(url, session_id, n)
+    plain, packed = f"u-{n}", f"c-{n}"
+    log(f"[n={n}] filling two sessions of {n} messages (one compacted)")
+    await fill(url, plain, n)
+    await fill(url, packed, n, compacted=True)
 
-    log(f"[n={n}] floor: bare sqlite3 read of the events")
-    path = url.removeprefix("sqlite:///")
-    floors = []
-    for _ in range(7 if url.startswith("sqlite:///") else 0):
-        db = sqlite3.connect(path)
-        start = time.perf_counter_ns()
-        got = db.execute(
-            "SELECT seq, type, ts, turn_id, data, v FROM events WHERE session_pk = "
-            "(SELECT pk FROM sessions WHERE id = ?) ORDER BY seq",
-            (session_id,),
-        ).fetchall()
-        floors.append((time.perf_counter_ns() - start) / 1e6)
-        db.close()
-        assert len(got) == n // 2 * 5, len(got)
-    if floors:
-        add("floor_read", statistics.median(floors), "ms")
+    floor, count = floor_read(path, plain)
+    assert count == n // 2 * 5, count
+    add("floor_read", floor, "ms")
 
-    log(f"[n={n}] resume")
-    resumes, opens = [], []
-    for _ in range(7):
-        gc.collect()
-        start = time.perf_counter_ns()
-        session = await ChatSession.resume(
-            agent(), session_id, store=url, compaction_threshold=None
-        ).open()
-        opened = time.perf_counter_ns()
-        # what a client shows on resume: the usage totals and the context use
-        usage = await session.get_usage()
-        await session.get_context_info()
-        done = time.perf_counter_ns()
-        resumes.append((done - start) / 1e6)
-        opens.append((opened - start) / 1e6)
-        assert len(session.history) == n, len(session.history)
-        assert usage.calls == n // 2, usage.calls
+    log(f"[n={n}] the README's read: store.read + fold_rows")
+    loads = []
+    async with open_store(url) as store:
+        for _ in range(samples):
+            gc.collect()
+            start = time.perf_counter_ns()
+            got = [row async for batch in store.read(plain) for row in batch]
+            messages = fold_rows(got).messages
+            loads.append(time.perf_counter_ns() - start)
+            assert len(messages) == n
+    add("load_messages", median_ms(loads), "ms")
+    add("load_vs_floor", median_ms(loads) / floor, "x")
+
+    log(f"[n={n}] resume: cold (no snapshot), then from the snapshot")
+    async with open_store(url) as store:
+        await store.get(plain)  # connect
+        cold, session = await resume_once(store, plain)
         await session.close()
-    add("resume", statistics.median(resumes), "ms")
-    add("resume_open", statistics.median(opens), "ms")
+        add("resume_cold", cold / 1e6, "ms")
+        warm = []
+        for _ in range(samples):
+            took, session = await resume_once(store, plain)
+            assert len(session.messages) == n and session.conversation.history is None
+            warm.append(took)
+            await session.close()
+        add("resume", median_ms(warm), "ms")
+        add("resume_vs_floor", median_ms(warm) / floor, "x")
 
-    log(f"[n={n}] the README's read: store.read + fold_rows (and fold(decode(rows)))")
-    documented, decoded = [], []
-    async with open_store(url) as store:
-        for _ in range(7):
-            gc.collect()
+        log(f"[n={n}] resume of a compacted session")
+        _, session = await resume_once(store, packed)  # the first open stores the snapshot
+        await session.close()
+        packed_times = []
+        for _ in range(samples):
+            took, session = await resume_once(store, packed)
+            assert len(session.messages) == 5, len(session.messages)
+            packed_times.append(took)
+            await session.close()
+        add("resume_compacted", median_ms(packed_times), "ms")
+        gc.collect()
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        _, session = await resume_once(store, packed)
+        gc.collect()
+        add("compacted_memory", tracemalloc.get_traced_memory()[0] - before, "bytes")
+        tracemalloc.stop()
+        await session.close()
+
+        gc.collect()
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        _, session = await resume_once(store, plain)
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+        tracemalloc.stop()
+        json_bytes = sum(
+            [len(row.to_json().encode()) async for batch in store.read(plain) for row in batch]
+        )
+        add("memory_ratio", held / json_bytes, "x")
+
+        log(f"[n={n}] fork at the head")
+        forks = []
+        for _ in range(samples):
             start = time.perf_counter_ns()
-            got = [row async for batch in store.read(session_id) for row in batch]
-            read = time.perf_counter_ns()
-            folded = fold_rows(got)
-            documented.append((time.perf_counter_ns() - start) / 1e6)
-            gc.collect()
-            again = time.perf_counter_ns()
-            assert len(fold(decode(got)).history) == len(folded.history) == n
-            decoded.append((time.perf_counter_ns() - again + read - start) / 1e6)
-    add("readme_read", statistics.median(documented), "ms")
-    add("read_fold_decode", statistics.median(decoded), "ms")
+            fork = await session.fork_session()
+            forks.append(time.perf_counter_ns() - start)
+            assert len(fork.messages) == n
+            await fork.close()
+        add("fork", median_ms(forks), "ms")
+        await session.close()
 
-    gc.collect()
-    tracemalloc.start()
-    before = tracemalloc.get_traced_memory()[0]
-    session = await ChatSession.resume(
-        agent(), session_id, store=url, compaction_threshold=None
-    ).open()
-    gc.collect()
-    held = tracemalloc.get_traced_memory()[0] - before
-    tracemalloc.stop()
-    events = await session.read_events()
-    json_bytes = sum(len(e.model_dump_json().encode()) for e in events)
-    add("resume_memory", held, "bytes")
-    add("memory_ratio", held / json_bytes, "x")
-
-    log(f"[n={n}] {turns} turns")
-    for i in range(10):  # warm-up
-        await session.query(f"warm {i} {TEXT}")
-    times = []
-    for i in range(turns):
-        start = time.perf_counter_ns()
-        await session.query(f"{i} {TEXT}")
-        times.append((time.perf_counter_ns() - start) / 1e6)
-    await session.close()
-
-    log(f"[n={n}] {turns} raw turns")
-    raw = []
-    async with open_store(url) as store:
-        head = (await store.get(session_id)).head
-        for i in range(turns):
-            first, second = turn_rows(i)
-            start = time.perf_counter_ns()
-            head = await store.append(session_id, first, head)
-            head = await store.append(session_id, second, head)
-            raw.append((time.perf_counter_ns() - start) / 1e6)
-    add("turn_p50", statistics.median(times), "ms")
-    add("turn_p99", sorted(times)[int(0.99 * (len(times) - 1))], "ms")
-    add("raw_p50", statistics.median(raw), "ms")
-    add("overhead_p50", statistics.median(times) - statistics.median(raw), "ms")
+    for linger, metric in ((0.0, "overhead_p50"), (5.0, "overhead_linger_p50")):
+        log(f"[n={n}] {turns} turns (lease_linger={linger})")
+        async with ChatSession(
+            agent(), plain, store=url, compaction_threshold=None, lease_linger=linger
+        ) as session:
+            for i in range(10):  # warm-up
+                await session.query(f"warm {i} {TEXT}")
+            times = []
+            for i in range(turns):
+                start = time.perf_counter_ns()
+                await session.query(f"{i} {TEXT}")
+                times.append(time.perf_counter_ns() - start)
+        raw = []
+        async with open_store(url) as store:
+            head = (await store.get(plain)).head
+            for i in range(turns):
+                first, second = turn_rows(i)
+                start = time.perf_counter_ns()
+                head = await store.append(plain, first, head)
+                head = await store.append(plain, second, head)
+                raw.append(time.perf_counter_ns() - start)
+        if linger == 0.0:
+            add("turn_p50", median_ms(times), "ms")
+            add("turn_p99", sorted(times)[int(0.99 * (len(times) - 1))] / 1e6, "ms")
+            add("raw_p50", median_ms(raw), "ms")
+        add(metric, median_ms(times) - median_ms(raw), "ms")
     return rows
+
+
+TARGETS = [
+    ("load_vs_floor", 1.5, "loading the history into messages <= 1.5 x the bare read"),
+    ("resume_vs_floor", 1.5, "resume <= 1.5 x the bare read of the rows it needs"),
+    ("resume_compacted", 10.0, "resume of a compacted session <= 10 ms"),
+    ("fork", 1.0, "fork_session() <= 1 ms"),
+    ("overhead_p50", 0.25, "turn overhead over the raw appends <= 0.25 ms"),
+    ("memory_ratio", 3.0, "memory held <= 3 x the events' JSON"),
+]
 
 
 def report(rows: list[Row]) -> str:
@@ -228,18 +290,22 @@ def report(rows: list[Row]) -> str:
         form = "{:,.0f}" if unit == "bytes" else "{:.3f}"
         cells = [form.format(by[(metric, n)]["value"]) if (metric, n) in by else "" for n in sizes]
         lines.append(f"| {metric} | {unit} | " + " | ".join(cells) + " |")
-    top = sizes[-1]
-    checks = [
-        ("overhead_p50", 0.5, "turn overhead over the raw appends <= 0.5 ms"),
-        ("resume", 50.0, "resume <= 50 ms"),
-        ("memory_ratio", 3.0, "memory held <= 3 x the events' JSON"),
-    ]
     lines.append("")
-    for metric, limit, text in checks:
-        if (metric, top) in by:
-            value = by[(metric, top)]["value"]
-            verdict = "PASS" if value <= limit else "FAIL"
-            lines.append(f"- {verdict}: {text} at N={top:,} (measured {value:.3f})")
+    for metric, limit, text in TARGETS:
+        values = [by[(metric, n)]["value"] for n in sizes if (metric, n) in by]
+        if values:
+            worst = max(values)
+            verdict = "PASS" if worst <= limit else "FAIL"
+            lines.append(f"- {verdict}: {text} at every N (worst {worst:.3f})")
+    for metric in ("resume_compacted", "fork", "compacted_memory"):
+        values = [by[(metric, n)]["value"] for n in sizes if (metric, n) in by]
+        if len(values) > 1:
+            flat = values[-1] <= 2 * max(values[0], 1e-9)
+            verdict = "PASS" if flat else "FAIL"
+            lines.append(
+                f"- {verdict}: {metric} flat in N (largest N {values[-1]:.3f} vs smallest "
+                f"{values[0]:.3f}, limit 2 x)"
+            )
     return "\n".join(lines)
 
 
@@ -247,23 +313,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--sizes", default="100,1000,10000")
+    parser.add_argument("--sizes", default="100,10000,100000")
     parser.add_argument("--turns", type=int, default=200)
-    parser.add_argument(
-        "--store", help="a store URL (default: a new SQLite file in a temporary directory)"
-    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     try:
         sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     except ValueError:
         parser.error("--sizes must be integers")
-    if not sizes or any(n < 2 or n % 2 for n in sizes):
-        parser.error("--sizes must be even message counts of at least 2")
-    url = args.store or f"sqlite:///{tempfile.mkdtemp(prefix='chatsession-bench-')}/bench.db"
+    if not sizes or any(n < 12 or n % 2 for n in sizes):
+        parser.error("--sizes must be even message counts of at least 12")
+    path = f"{tempfile.mkdtemp(prefix='chatsession-bench-')}/bench.db"
+    url = f"sqlite:///{path}"
     rows: list[Row] = []
     for n in sizes:
-        rows.extend(asyncio.run(bench_size(url, n, args.turns)))
+        rows.extend(asyncio.run(bench_size(url, path, n, args.turns)))
     print(report(rows))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

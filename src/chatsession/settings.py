@@ -22,6 +22,7 @@ variable                       meaning
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import Field, SecretStr, ValidationError
@@ -49,15 +50,27 @@ class Settings(BaseSettings):
     snapshot_every: int = Field(default=1000, ge=0)
 
 
+_cache: dict[tuple[tuple[str, str], ...], Settings] = {}
+
+
 def get_settings() -> Settings:
-    """The settings as the environment says now.
+    """The settings as the environment says now (read again only when a
+    ``CHATSESSION_*`` variable changed).
 
     Raises:
         UsageError: A variable holds a value that cannot be used (it is named).
     """
+    key = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("CHATSESSION_")))
+    cached = _cache.get(key)
+    if cached is not None:
+        return cached
     try:
-        return Settings()
+        settings = Settings()
     except ValidationError as exc:
         first = exc.errors()[0]
         name = "CHATSESSION_" + str(first["loc"][0]).upper() if first["loc"] else "a setting"
         raise UsageError(f"{name} cannot be used: {first['msg']}") from None
+    if len(_cache) > 16:
+        _cache.clear()
+    _cache[key] = settings
+    return settings

@@ -147,10 +147,15 @@ class LogKeeper:
             (payload,) = decode_payloads(rows, self.session_id)
             context.append((rows[0].seq, summary_message(payload.summary)))
         for lo, hi in snap.segments:
-            rows = [r for r in await self._rows(lo - 1, hi) if r.type == "message"]
-            context.extend(
-                zip([r.seq for r in rows], decode_payloads(rows, self.session_id), strict=True)
-            )
+            async for batch in _read_ahead(
+                self.store.read(
+                    self.session_id, after_seq=lo - 1, upto_seq=hi, batch_size=_LOAD_BATCH
+                )
+            ):
+                rows = [row for row in batch if row[1] == "message"]
+                context.extend(
+                    zip([r[0] for r in rows], decode_payloads(rows, self.session_id), strict=True)
+                )
         return context
 
     async def _rows(self, after_seq: int, upto_seq: int) -> list[StoredEvent]:
