@@ -417,6 +417,13 @@ def _recording(store: RedisStore) -> list[tuple[str, list[str]]]:
     store._conn.client()  # registers the scripts
     for name, script in list(store._conn._scripts.items()):
         store._conn._scripts[name] = Recording(name, script, calls)
+    in_order = store._conn.in_order
+
+    async def recording_in_order(steps: Any) -> Any:
+        calls.extend((name, [str(k) for k in keys]) for name, _, keys in steps)
+        return await in_order(steps)
+
+    store._conn.in_order = recording_in_order  # type: ignore[method-assign]
     return calls
 
 
@@ -609,7 +616,7 @@ class ReplyDropper:
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
-        self.armed: bool | bytes = False
+        self.armed: bool | tuple[bytes, ...] = False
         self.dropped = 0
         self.server: asyncio.Server | None = None
 
@@ -622,9 +629,11 @@ class ReplyDropper:
             self.server.close()
 
     def _hits(self, data: bytes) -> bool:
-        if not self.armed or b"EVALSHA" not in data.upper():
+        if not self.armed or b"EVAL" not in data.upper():
             return False
-        return self.armed is True or (isinstance(self.armed, bytes) and self.armed in data)
+        return self.armed is True or (
+            isinstance(self.armed, tuple) and any(marker in data for marker in self.armed)
+        )
 
     async def _handle(self, creader: asyncio.StreamReader, cwriter: asyncio.StreamWriter) -> None:
         sreader, swriter = await asyncio.open_connection("127.0.0.1", self.target_port)
@@ -669,13 +678,15 @@ async def dropper() -> AsyncIterator[ReplyDropper]:
     await proxy.close()
 
 
-def _sha(name: str) -> bytes:
-    return hashlib.sha1(redis_scripts.SCRIPTS[name].encode()).hexdigest().encode()
+def _script_markers(name: str) -> tuple[bytes, ...]:
+    """What a call of the script ``name`` carries: its SHA1 (EVALSHA) or its own text (EVAL)."""
+    source = redis_scripts.SCRIPTS[name].encode()
+    return hashlib.sha1(source).hexdigest().encode(), source[-300:]
 
 
 async def _lost_reply(proxy: ReplyDropper, call: Any, step: str | None = None) -> Any:
     """Run ``call`` with the reply to its script (or to its ``step``) lost once; its result."""
-    proxy.armed, before = (_sha(step) if step else True), proxy.dropped
+    proxy.armed, before = (_script_markers(step) if step else True), proxy.dropped
     result = await call
     assert proxy.dropped == before + 1, "the proxy did not intercept the script"
     return result
@@ -685,7 +696,7 @@ async def _lost_reply_error(
     proxy: ReplyDropper, call: Any, step: str | None = None
 ) -> StoreUnavailableError:
     """Run ``call`` with the reply to its script lost; the error it raises (it is not re-sent)."""
-    proxy.armed, before = (_sha(step) if step else True), proxy.dropped
+    proxy.armed, before = (_script_markers(step) if step else True), proxy.dropped
     with pytest.raises(StoreUnavailableError) as info:
         await call
     assert proxy.dropped == before + 1, "the proxy did not intercept the script"
@@ -976,6 +987,8 @@ REPLIES: list[tuple[str, bytes, type[Exception], str]] = [
     ("HGETALL", b"-BUSY Redis is busy running a script.", StoreUnavailableError, "busy"),
     ("HGETALL", b"-MASTERDOWN Link with MASTER is down", StoreUnavailableError, "primary"),
     ("EVALSHA", b"-NOSCRIPT No matching script. Please use EVAL.", StoreUnavailableError, "scripts"),
+    ("EVAL", OOM + b" script: 1234, on @user_script:5.", StoreUnavailableError, "memory"),
+    ("EVAL", b"-READONLY You can't write against a read only replica.", StoreUnavailableError, "read-only"),
     ("HGETALL", b"-WRONGTYPE Operation against a key holding the wrong kind of value", CorruptDataError, "prefix"),
     ("HGETALL", b"-ERR unknown command 'HGETALL', with args beginning with: ", StoreError, r"7\.0"),
     ("EVALSHA", b"-ERR Unknown Redis command called from script script: x", StoreError, r"7\.0"),
@@ -990,7 +1003,12 @@ async def test_error_replies_are_translated(
     async with FakeRedis(errors={command: reply}) as port:
         store = open_store(f"redis://127.0.0.1:{port}/0")
         try:
-            call = store.get("s") if command == "HGETALL" else store.append("s", [ev(1)], 0)
+            calls = {
+                "HGETALL": lambda: store.get("s"),
+                "EVALSHA": lambda: store.append("s", [ev(1)], 0),
+                "EVAL": lambda: store.fork("s", 0, SessionRecord(id="f")),  # its first two steps
+            }
+            call = calls[command]()
             with pytest.raises(StoreError, match=words) as info:
                 await call
             assert type(info.value) is expected, repr(info.value)

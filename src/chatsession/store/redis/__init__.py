@@ -128,9 +128,16 @@ the lease calls (the owner asking again keeps its token); ``put_blob`` and
 either changes nothing when run twice or recognises its own first run: a
 create's commit by its stamp, an update's and a delete's by a change id kept
 in the record, a removal (no record left) by being the re-send of a delete.
-Only an ``append`` without event ids is never sent twice: its lost reply
-raises :class:`~chatsession.errors.StoreUnavailableError` saying it may have
-been applied (re-read the head before retrying).
+One step cannot tell: a release (a fork went) that removed its parent's
+tombstone answers "nothing more to release" when sent again, so the rest of
+the chain (the tombstone's index entry, its own parent's hold) is left to
+cleanup, which finds it at once (a tombstone's entry is always due) and
+finishes it on the next ``purge_expired``: the events are kept a little
+longer, nothing is lost or shown. Only an ``append`` without event ids is
+never sent twice: its lost reply raises
+:class:`~chatsession.errors.StoreUnavailableError` saying it may have been
+applied (re-read the head before retrying). Retries used up (the server is
+down) raise the same error.
 
 Why a crash, a lost reply or a race between steps never corrupts anything:
 

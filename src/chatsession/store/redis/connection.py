@@ -381,6 +381,37 @@ class RedisConnection:
 
         return await self.run(work, write=write, keys=keys, resend=resend, sent=sent)
 
+    async def in_order(
+        self, calls: Sequence[tuple[str, Sequence[Any], Sequence[str]]]
+    ) -> list[list[Any] | StoreError]:
+        """Run scripts one after the other in one round trip: their replies, or their errors.
+
+        One connection keeps their order: the server runs each after the one
+        before it, and a script that fails does not stop the next one (the
+        caller undoes what it must). They are sent as ``EVAL``, so a server
+        that lost its script cache runs them all the same. Sent again, all of
+        them, after a dropped connection (every step they are used for is safe
+        to repeat). On Redis Cluster, calls to different slots would have to be
+        sent one after the other instead.
+
+        Raises:
+            StoreUnavailableError: As :meth:`run`, for the round trip.
+        """
+
+        async def work(r: aioredis.Redis) -> list[Any]:
+            pipe = r.pipeline(transaction=False)
+            for name, args, keys in calls:
+                pipe.execute_command("EVAL", SCRIPTS[name], len(keys), *keys, *args)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+            return replies
+
+        keys = [key for _, _, call_keys in calls for key in call_keys]
+        replies = await self.run(work, write=True, keys=keys)
+        return [
+            self.translate(reply, True, call[2]) if isinstance(reply, Exception) else reply
+            for reply, call in zip(replies, calls, strict=True)
+        ]
+
     async def _check_server(self, client: aioredis.Redis) -> None:
         try:
             info = await client.info("server")

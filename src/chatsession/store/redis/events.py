@@ -22,22 +22,22 @@ import redis.asyncio as aioredis
 from chatsession.errors import (
     BlobNotFoundError,
     CorruptDataError,
-    InvalidArgumentError,
     LeaseLostError,
     SessionBusyError,
     SessionExistsError,
     SessionNotFoundError,
+    StoreError,
 )
 from chatsession.store.checks import (
     check_append,
     check_blob,
     check_fork_at,
     check_fork_point,
-    check_lease,
     check_read,
     fork_loop,
     initial_record,
 )
+from chatsession.store.leases import check_lease_for
 from chatsession.store.types import (
     DEFAULT_READ_BATCH,
     Lease,
@@ -61,7 +61,7 @@ from .records import (
     stored_id,
     visible,
 )
-from .scripts import text
+from .scripts import member_of, text
 
 __all__ = [
     "append",
@@ -182,11 +182,7 @@ async def append(
     validate_id(session_id)
     token, owner = "", ""
     if lease is not None:
-        check_lease(lease)
-        if lease.session_id != session_id:
-            raise InvalidArgumentError(
-                f"the lease given is for session {lease.session_id!r}, not {session_id!r}"
-            )
+        check_lease_for(lease, session_id)
         token, owner = str(lease.token), holding(lease)
     first_id = events[0].event_id or ""
     entries = [entry(seq, e) for seq, e in enumerate(events, expected_seq + 1)]
@@ -401,18 +397,27 @@ async def fork(
     """See :meth:`Store.fork`.
 
     Four steps (see the package docstring): the index lists the fork, the
-    parent holds it, its record is written, the index mark is cleared.
+    parent holds it, its record is written, the index mark is cleared. The
+    first two go in one round trip, in that order (:meth:`.RedisConnection.in_order`).
     """
     validate_id(session_id)
     check_fork_at(at_seq)
     stored = initial_record(new_record, ParentRef(session_id=session_id, seq=at_seq))
     stamp = secrets.token_hex(8)
     listing = index.index_keys(conn, stored)
-    change = await index.intent(conn, stored, stamp)
-    args = [repr(now()), at_seq, change.member]
-    held = await conn.script("hold", args, conn.session_keys(session_id))
-    if int(held[0]) < 0:
+    member = member_of(stored.id, stamp)
+    hold = ("hold", [repr(now()), at_seq, member], conn.session_keys(session_id))
+    listed, held = await conn.in_order([index.intent_call(conn, stored, stamp), hold])
+    if isinstance(listed, StoreError):  # not marked: nothing of the fork may stay
+        if not isinstance(held, StoreError) and int(held[0]) >= 0:
+            await index.release(conn, session_id, member)
+        await index.forget(conn, member, listing)
+        raise listed
+    change = index.changed(stored, stamp, listed)
+    if isinstance(held, StoreError) or int(held[0]) < 0:
         await index.forget(conn, change.member, listing)
+        if isinstance(held, StoreError):
+            raise held
         if int(held[0]) == -4:
             check_fork_point(session_id, at_seq, int(held[1]))
         check_status(conn, held, session_id)

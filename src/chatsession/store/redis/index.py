@@ -20,12 +20,14 @@ from .scripts import NATIVE_EXPIRY_LIMIT, key_list, member_of, split_member, tex
 
 __all__ = [
     "Change",
+    "changed",
     "disarm",
     "expiry",
     "forget",
     "index_call",
     "index_keys",
     "intent",
+    "intent_call",
     "place",
     "release",
 ]
@@ -99,14 +101,28 @@ async def forget(
     await index_call(conn, "forget", member, listing, [], known)
 
 
-async def intent(conn: RedisConnection, stored: SessionRecord, stamp: str) -> Change:
-    """Create and fork, step 1: list the new incarnation and mark it due."""
-    member = member_of(stored.id, stamp)
+def intent_call(
+    conn: RedisConnection, stored: SessionRecord, stamp: str
+) -> tuple[str, list[Any], list[str]]:
+    """Create and fork, step 1, as a call: list the new incarnation and mark it due.
+
+    Returns:
+        The script's name, arguments and keys (its reply goes to :func:`changed`).
+    """
     expires, _ = expiry(stored)
     parent = stored.parent.session_id if stored.parent else ""
-    args = [member, repr(stored.created_at), expires, parent, conn.grace]
-    t, due = await conn.script("intent", args, [*conn.fixed, *index_keys(conn, stored)])
-    return Change(member, text(t), text(due))
+    args = [member_of(stored.id, stamp), repr(stored.created_at), expires, parent, conn.grace]
+    return "intent", args, [*conn.fixed, *index_keys(conn, stored)]
+
+
+def changed(stored: SessionRecord, stamp: str, reply: list[Any]) -> Change:
+    """The change under way, from the reply to the ``intent`` step (``{t, due}``)."""
+    return Change(member_of(stored.id, stamp), text(reply[0]), text(reply[1]))
+
+
+async def intent(conn: RedisConnection, stored: SessionRecord, stamp: str) -> Change:
+    """Create and fork, step 1: list the new incarnation and mark it due."""
+    return changed(stored, stamp, await conn.script(*intent_call(conn, stored, stamp)))
 
 
 async def disarm(conn: RedisConnection, change: Change) -> None:
