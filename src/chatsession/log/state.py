@@ -43,6 +43,7 @@ __all__ = [
     "UsageTotals",
     "fold",
     "fold_rows",
+    "sum_totals",
 ]
 
 #: The snapshot format this code writes and reads (others are rebuilt from the log).
@@ -105,7 +106,8 @@ class UsageTotals(msgspec.Struct):
         return msgspec.structs.replace(self)
 
 
-def _sum(groups: Iterable[UsageTotals]) -> UsageTotals:
+def sum_totals(groups: Iterable[UsageTotals]) -> UsageTotals:
+    """The sum of several totals (a new object)."""
     total = UsageTotals()
     for group in groups:
         total.merge(group)
@@ -209,7 +211,7 @@ class ConversationState:
     @property
     def usage(self) -> UsageTotals:
         """Usage totals over every model call (a new object)."""
-        return _sum(self.usage_groups.values())
+        return sum_totals(self.usage_groups.values())
 
     @property
     def usage_by_model(self) -> dict[str, UsageTotals]:

@@ -8,6 +8,7 @@ from typing import Literal
 from chatsession.agent import Agent
 from chatsession.agent.llm.base import estimate_tokens
 from chatsession.log import ConversationState, Message, UsageTotals
+from chatsession.log.state import sum_totals
 
 __all__ = ["ContextInfo", "ModelUsage", "UsageSummary", "context_info", "usage_summary"]
 
@@ -66,9 +67,7 @@ def usage_summary(
         by_model.setdefault(model, UsageTotals()).merge(group)
         by_level.setdefault(level, UsageTotals()).merge(group)
         total.merge(group)
-    before = UsageTotals()
-    for group in inherited.values():
-        before.merge(group)
+    before = sum_totals(inherited.values())
     return UsageSummary(
         total_prompt_tokens=total.prompt_tokens,
         total_completion_tokens=total.completion_tokens,
