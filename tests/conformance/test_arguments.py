@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from chatsession import InvalidArgumentError, NewEvent, SessionRecord, Store, open_store
+from chatsession import InvalidArgumentError, Lease, NewEvent, SessionRecord, Store, open_store
 from tests.conformance.conftest import BACKENDS
 from tests.conformance.test_contract import unreachable_url
 
@@ -90,6 +90,29 @@ BAD_CALLS: dict[str, Call] = {
     "put_blob(media_type=newline)": lambda s: s.put_blob("ok", b"x", "text/plain\nX: y"),
     "put_blob(media_type=surrogate)": lambda s: s.put_blob("ok", b"x", "\ud800"),
     "put_blob(media_type=long)": lambda s: s.put_blob("ok", b"x", "t" * 256),
+    "acquire_lease(owner='')": lambda s: s.acquire_lease("ok", "", 30),
+    "acquire_lease(owner=5)": lambda s: s.acquire_lease("ok", 5, 30),  # type: ignore[arg-type]
+    "acquire_lease(owner=newline)": lambda s: s.acquire_lease("ok", "a\nb", 30),
+    "acquire_lease(ttl=0)": lambda s: s.acquire_lease("ok", "a", 0),
+    "acquire_lease(ttl=NaN)": lambda s: s.acquire_lease("ok", "a", math.nan),
+    "acquire_lease(ttl='30')": lambda s: s.acquire_lease("ok", "a", "30"),  # type: ignore[arg-type]
+    "acquire_lease(ttl=two days)": lambda s: s.acquire_lease("ok", "a", 2 * 86400),
+    "renew_lease(None)": lambda s: s.renew_lease(None, 30),  # type: ignore[arg-type]
+    "renew_lease(tuple)": lambda s: s.renew_lease(("ok", "a", 1, 0.0), 30),  # type: ignore[arg-type]
+    "renew_lease(ttl=-1)": lambda s: s.renew_lease(Lease("ok", "a", 1, 0.0), -1),
+    "renew_lease(token=0)": lambda s: s.renew_lease(Lease("ok", "a", 0, 0.0), 30),
+    "release_lease(tuple)": lambda s: s.release_lease(("ok", "a", 1, 0.0)),  # type: ignore[arg-type]
+    "release_lease(token=True)": lambda s: s.release_lease(Lease("ok", "a", True, 0.0)),
+    "append(lease=tuple)": lambda s: s.append("ok", [GOOD_EVENT], 1, lease=("ok", "a", 1, 0.0)),  # type: ignore[arg-type]
+    "append(lease of another session)": lambda s: s.append(
+        "ok", [GOOD_EVENT], 1, lease=Lease("other", "a", 1, 0.0)
+    ),
+    "append(event_id=bad)": lambda s: s.append("ok", [GOOD_EVENT._replace(event_id="a b")], 1),
+    "put_snapshot(seq=-1)": lambda s: s.put_snapshot("ok", -1, b"x"),
+    "put_snapshot(seq=True)": lambda s: s.put_snapshot("ok", True, b"x"),  # type: ignore[arg-type]
+    "put_snapshot(seq='1')": lambda s: s.put_snapshot("ok", "1", b"x"),  # type: ignore[arg-type]
+    "put_snapshot(str)": lambda s: s.put_snapshot("ok", 0, "x"),  # type: ignore[arg-type]
+    "put_snapshot(None)": lambda s: s.put_snapshot("ok", 0, None),  # type: ignore[arg-type]
     "purge_expired(before='now')": lambda s: s.purge_expired("now"),  # type: ignore[arg-type]
     "purge_expired(before=NaN)": lambda s: s.purge_expired(math.nan),
     "purge_expired(before=True)": lambda s: s.purge_expired(True),

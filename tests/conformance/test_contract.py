@@ -19,6 +19,7 @@ from chatsession import (
     ConflictError,
     InvalidIdError,
     InvalidURLError,
+    Lease,
     NewEvent,
     SessionExistsError,
     SessionNotFoundError,
@@ -556,6 +557,12 @@ def id_calls(store: Store, bad: str) -> dict[str, Callable[[], Awaitable[object]
         "put_blob": lambda: store.put_blob(bad, b"x"),
         "get_blob session": lambda: store.get_blob(bad, "ab" * 32),
         "get_blob blob": lambda: store.get_blob("ok", bad),
+        "acquire_lease": lambda: store.acquire_lease(bad, "owner", 30),
+        "renew_lease": lambda: store.renew_lease(Lease(bad, "owner", 1, 0.0), 30),
+        "release_lease": lambda: store.release_lease(Lease(bad, "owner", 1, 0.0)),
+        "append(lease)": lambda: store.append("ok", [event()], 0, lease=Lease(bad, "o", 1, 0.0)),
+        "put_snapshot": lambda: store.put_snapshot(bad, 0, b"x"),
+        "get_snapshot": lambda: store.get_snapshot(bad),
     }
 
 

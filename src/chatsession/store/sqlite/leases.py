@@ -16,18 +16,13 @@ import sqlite3
 from chatsession.errors import InvalidArgumentError
 from chatsession.store.base import (
     Lease,
-    check_lease,
-    check_lease_request,
-    check_snapshot,
     now,
-    validate_id,
 )
 from chatsession.store.leases import granted, renewed
 from chatsession.store.sqlite.rows import HEAD, PK, Row, held_lease, visible_row
 
 __all__ = [
     "acquire",
-    "check_snapshot_args",
     "get_snapshot",
     "put_snapshot",
     "release",
@@ -39,19 +34,12 @@ logger = logging.getLogger("chatsession.store.sqlite")
 _SET_LEASE = "UPDATE sessions SET lease_owner = ?, lease_token = ?, lease_expires = ? WHERE pk = ?"
 
 
-def check_snapshot_args(session_id: str, seq: object, data: object) -> None:
-    """``put_snapshot``'s checks before any I/O (id, seq, data)."""
-    validate_id(session_id)
-    check_snapshot(seq, data)
-
-
 def _held(path: str, row: Row, session_id: str) -> Lease | None:
     return held_lease(path, session_id, row[17], row[18], row[19])
 
 
 def acquire(path: str, session_id: str, owner: str, ttl: float, db: sqlite3.Connection) -> Lease:
-    """``acquire_lease`` in one transaction (see ``Store.acquire_lease``)."""
-    check_lease_request(session_id, owner, ttl)
+    """``acquire_lease`` in one transaction (see ``Store.acquire_lease``); arguments checked."""
     db.execute("BEGIN IMMEDIATE")
     row = visible_row(db, path, session_id)
     held = _held(path, row, session_id)
@@ -62,9 +50,7 @@ def acquire(path: str, session_id: str, owner: str, ttl: float, db: sqlite3.Conn
 
 
 def renew(path: str, lease: Lease, ttl: float, db: sqlite3.Connection) -> Lease:
-    """``renew_lease`` in one transaction (see ``Store.renew_lease``)."""
-    check_lease(lease)
-    check_lease_request(lease.session_id, lease.owner, ttl)
+    """``renew_lease`` in one transaction (see ``Store.renew_lease``); arguments checked."""
     db.execute("BEGIN IMMEDIATE")
     row = visible_row(db, path, lease.session_id)
     new = renewed(lease, _held(path, row, lease.session_id), ttl, now())

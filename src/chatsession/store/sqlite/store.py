@@ -34,9 +34,11 @@ from chatsession.store.base import (
     check_fork_at,
     check_fork_point,
     check_lease,
+    check_lease_request,
     check_limit,
     check_read,
     check_record,
+    check_snapshot,
     check_version,
     decode_cursor,
     fork_loop,
@@ -521,10 +523,13 @@ class SQLiteStore:
 
     async def acquire_lease(self, session_id: str, owner: str, ttl: float) -> Lease:
         """See :meth:`Store.acquire_lease`."""
+        check_lease_request(session_id, owner, ttl)
         return await self._db.call(partial(leases.acquire, self.path, session_id, owner, ttl))
 
     async def renew_lease(self, lease: Lease, ttl: float) -> Lease:
         """See :meth:`Store.renew_lease`."""
+        check_lease(lease)
+        check_lease_request(lease.session_id, lease.owner, ttl)
         return await self._db.call(partial(leases.renew, self.path, lease, ttl))
 
     async def release_lease(self, lease: Lease) -> None:
@@ -534,7 +539,8 @@ class SQLiteStore:
 
     async def put_snapshot(self, session_id: str, seq: int, data: bytes) -> None:
         """See :meth:`Store.put_snapshot`."""
-        leases.check_snapshot_args(session_id, seq, data)
+        validate_id(session_id)
+        check_snapshot(seq, data)
         await self._db.run(partial(leases.put_snapshot, self.path, session_id, seq, data))
 
     async def get_snapshot(self, session_id: str) -> tuple[int, bytes] | None:
