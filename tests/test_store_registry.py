@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.abc
+import re
 import sys
 import types
 from pathlib import Path
@@ -231,3 +232,65 @@ async def test_opened_stores_never_show_the_password(url: str) -> None:
         assert SECRET not in repr(store) and SECRET not in str(store)
     finally:
         await store.aclose()
+
+
+# -- the shared option parser (store/options.py) -------------------------------------------
+
+from chatsession.store.options import choice, flag, integer, parse_options, seconds, text  # noqa: E402
+
+SPEC = {
+    "mode": choice("fast", "safe", default="safe"),
+    "count": integer(1, 10, default=5),
+    "wait": seconds(0, 60, default=1.0, low_open=True),
+    "sync": flag(),
+    "prefix": text("p:", pattern=r"[a-z:]{1,8}", describe="1-8 of a-z and ':'"),
+    "password": text(secret=True),
+}
+
+
+def test_options_are_typed_with_defaults_and_keywords_win() -> None:
+    values = parse_options("x://h/?mode=FAST&count=7&wait=.5&sync=yes", SPEC, backend="x")
+    assert values == {
+        "mode": "fast",
+        "count": 7,
+        "wait": 0.5,
+        "sync": True,
+        "prefix": "p:",
+        "password": None,
+    }
+    values = parse_options(
+        "x://h/?count=7&prefix=a:", SPEC, {"count": 2, "prefix": None}, backend="x"
+    )
+    assert (values["count"], values["prefix"]) == (2, "a:")  # None hides nothing
+
+
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("x://h/?colour=red", "unknown option(s) 'colour'"),
+        ("x://h/?count=1&count=2", "more than once"),
+        ("x://h/?count", "malformed query"),
+        ("x://h/?count=11", "count must be a whole number from 1 to 10"),
+        ("x://h/?count=1.0", "whole number"),
+        ("x://h/?wait=0", "above 0"),
+        ("x://h/?wait=nan", "seconds"),
+        ("x://h/?sync=maybe", "0 or 1"),
+        ("x://h/?mode=slow", "one of fast, safe"),
+        ("x://h/?prefix=UPPER", "1-8 of a-z"),
+    ],
+)
+def test_bad_options_are_invalid_urls_naming_the_option(url: str, words: str) -> None:
+    with pytest.raises(InvalidURLError, match=re.escape(words)) as info:
+        parse_options(url, SPEC, backend="x")
+    assert str(info.value).startswith("x store URL x://h/")
+
+
+def test_a_secret_option_is_never_shown() -> None:
+    for url, overrides in (
+        (f"x://u:{SECRET}@h/?colour={SECRET}&password={SECRET}", {}),
+        ("x://h/", {"password": 12345, "count": "many"}),
+        ("x://h/", {"password": SECRET, "count": "many"}),
+    ):
+        with pytest.raises(InvalidURLError) as info:
+            parse_options(url, SPEC, overrides, backend="x")
+        assert SECRET not in str(info.value) and "12345" not in str(info.value)

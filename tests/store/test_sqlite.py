@@ -496,3 +496,40 @@ async def test_the_wal_is_checkpointed_while_appends_take_the_fast_path(tmp_path
             head = await store.append("s", [NewEvent("message", payload, 1.0)], head)
         wal = Path(f"{path}-wal").stat().st_size
     assert wal < 8 << 20, f"the WAL grew to {wal} bytes: nobody checkpoints it"
+
+
+_APPENDER = (
+    "import asyncio, sys\n"
+    "from chatsession import NewEvent, open_store\n"
+    "async def main():\n"
+    "    async with open_store(sys.argv[1]) as store:\n"
+    "        head = (await store.get('s')).head\n"
+    "        print('GO', flush=True)\n"
+    "        for _ in range(int(sys.argv[2])):\n"
+    "            head = await store.append('s', [NewEvent('message', '{}', 1.0)] * 3, head)\n"
+    "asyncio.run(main())\n"
+)
+
+
+@pytest.mark.slow  # starts a process
+async def test_reads_racing_appends_of_another_process_never_see_damage(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/s.db"
+    async with open_store(url) as store:
+        await store.create(SessionRecord(id="s"))
+        await store.append("s", [NewEvent("message", "{}", 1.0)], 0)
+        writer = subprocess.Popen(
+            [sys.executable, "-c", _APPENDER, url, "2000"], stdout=subprocess.PIPE
+        )
+        try:
+            assert writer.stdout is not None and writer.stdout.readline() == b"GO\n"
+            reads = 0
+            while writer.poll() is None:  # each read: head and events from one state of the file
+                rows = [
+                    r.seq async for b in store.read("s", after_seq=0, batch_size=5000) for r in b
+                ]
+                assert rows == list(range(1, len(rows) + 1))
+                reads += 1
+        finally:
+            writer.kill()
+            writer.communicate()
+        assert reads > 10

@@ -9,8 +9,10 @@ the URL's. Every backend declares its options once, as a mapping of names to
   ``name=value`` pairs joined by ``&`` is :class:`~chatsession.errors.InvalidURLError`;
 - values are typed and checked against their range (whole numbers, seconds,
   yes/no flags, one of a few words, text matching a pattern);
-- a secret option's value (a password) is never shown, and the URL is shown
-  with :func:`~chatsession.store.urls.redact_url`, in every message.
+- a secret option's value (a password) is never shown; messages show the URL
+  with its password masked (:func:`~chatsession.store.urls.redact_url`) and
+  without its query (a misspelled ``pasword=`` would not be masked), and the
+  value of the one option they are about when it is not secret.
 
 Example::
 
@@ -167,14 +169,21 @@ def flag(*, default: bool = False) -> Option:
     return Option("flag", default)
 
 
+def _shown(url: str) -> str:
+    """``url`` for a message: its password masked and its query left out (values are shown,
+    or not, one by one: a misspelled secret option would not be masked)."""
+    masked = redact_url(url)
+    return masked.partition("?")[0].partition("#")[0] if isinstance(url, str) else masked
+
+
 def query_options(url: str, *, backend: str) -> dict[str, str]:
     """The options in ``url``'s query, strictly: ``name=value`` pairs, each name once.
 
     Raises:
         InvalidURLError: The query is malformed or repeats an option (the URL
-            is shown with its secrets masked).
+            is shown without its password and query).
     """
-    shown = redact_url(url)
+    shown = _shown(url)
     try:
         query = urlsplit(url).query
         pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
@@ -204,7 +213,7 @@ def parse_options(
     """Read ``url``'s query options and ``overrides`` (keyword options) against ``spec``.
 
     Args:
-        url: The store URL (its query is read; only ``redact_url(url)`` is shown).
+        url: The store URL (its query is read; it is shown without password and query).
         spec: The options the backend takes, by name.
         overrides: Keyword options (``open_store(url, **options)``); they
             replace the URL's. A None value counts as not given.
@@ -219,7 +228,7 @@ def parse_options(
             message names the option and what it takes, never a secret.
     """
     given: dict[str, object] = dict(query_options(url, backend=backend))
-    given.update(overrides or {})
+    given.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return read_options(spec, given, backend=backend, url=url)
 
 
@@ -242,7 +251,7 @@ def read_options(
         names = ", ".join(repr(name[:40]) for name in unknown)
         known = ", ".join(spec) if spec else "none"
         raise InvalidURLError(
-            f"{backend} store URL {redact_url(url)}: unknown option(s) {names}; "
+            f"{backend} store URL {_shown(url)}: unknown option(s) {names}; "
             f"the options it takes: {known}"
         )
     values: dict[str, Any] = {}
@@ -256,7 +265,7 @@ def read_options(
         except ValueError:
             shown = "***" if option.secret else repr(value)[:60]
             raise InvalidURLError(
-                f"{backend} store URL {redact_url(url)}: the option {name} must be "
+                f"{backend} store URL {_shown(url)}: the option {name} must be "
                 f"{option.expected()}, not {shown}"
             ) from None
     return values

@@ -35,13 +35,29 @@ from typing import TypeVar
 from chatsession.errors import ChatSessionClosedError
 from chatsession.store.sqlite.schema import connect, is_busy, translate
 
-__all__ = ["Connections"]
+__all__ = ["Connections", "in_one_snapshot"]
 
 T = TypeVar("T")
 logger = logging.getLogger("chatsession.store.sqlite")
 
 _CHECK_WAL_EVERY = 64  # fast commits between two looks at the WAL's size
 _WAL_CHECKPOINT_BYTES = 4 << 20  # a passive checkpoint once the WAL is larger
+
+
+def in_one_snapshot(fn: Callable[[sqlite3.Connection], T]) -> Callable[[sqlite3.Connection], T]:
+    """``fn`` run inside one read transaction, so all its statements see the file in one state.
+
+    Without it each statement sees the file as it is then: a read that takes a
+    session's head, then its events, could see an append land in between.
+    """
+
+    def run(db: sqlite3.Connection) -> T:
+        db.execute("BEGIN")
+        result = fn(db)
+        db.execute("COMMIT")
+        return result
+
+    return run
 
 
 def _rollback(db: sqlite3.Connection) -> None:

@@ -53,7 +53,7 @@ from chatsession.store.leases import check_lease_for, check_writer
 from chatsession.store.options import choice, integer, parse_options, read_options
 from chatsession.store.records import check_visible, encode_body, page_of
 from chatsession.store.sqlite import leases
-from chatsession.store.sqlite.connection import Connections
+from chatsession.store.sqlite.connection import Connections, in_one_snapshot
 from chatsession.store.sqlite.rows import (
     EVENT_COLUMNS,
     HEAD,
@@ -483,7 +483,7 @@ class SQLiteStore:
             first = _fetch(_READ_SQL, (*batches[0], batch_size), db) if batches else []
             return batches, first
 
-        batches, rows = await self._db.run(plan)
+        batches, rows = await self._db.run(in_one_snapshot(plan))
         for index, (pk, start, hi) in enumerate(batches):
             if index:
                 rows = await self._db.run(partial(_fetch, _READ_SQL, (pk, start, hi, batch_size)))
@@ -546,7 +546,9 @@ class SQLiteStore:
     async def get_snapshot(self, session_id: str) -> tuple[int, bytes] | None:
         """See :meth:`Store.get_snapshot`. A damaged snapshot row counts as none (logged)."""
         validate_id(session_id)
-        return await self._db.run(partial(leases.get_snapshot, self.path, session_id))
+        return await self._db.run(
+            in_one_snapshot(partial(leases.get_snapshot, self.path, session_id))
+        )
 
     # -- blobs ---------------------------------------------------------------
 
@@ -583,7 +585,7 @@ class SQLiteStore:
                     return bytes(found[0])
             raise BlobNotFoundError(f"blob {blob_id!r} not found for session {session_id!r}")
 
-        return await self._db.run(work)
+        return await self._db.run(in_one_snapshot(work))
 
     # -- upkeep --------------------------------------------------------------
 
