@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import pexpect
@@ -230,3 +231,36 @@ def test_warnings_are_printed_as_one_clean_line(env_setup: Path) -> None:
     child.expect("you>")
     assert "UserWarning" not in child.before and "warnings.warn" not in child.before
     quit_(child)
+
+
+def test_the_command_line_uses_only_public_api() -> None:
+    # no private attribute of another object (its own, self._x, are its business),
+    # no private name imported: the CLI is built on what users call
+    import chatsession.cli
+
+    offenders = []
+    for path in sorted(Path(chatsession.cli.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_"):
+                own = isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")
+                if not own and not node.attr.startswith("__"):
+                    offenders.append(f"{path.name}:{node.lineno}: .{node.attr}")
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("chatsession"):
+                module = node.module or ""
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                if private or any(part.startswith("_") for part in module.split(".")):
+                    offenders.append(f"{path.name}:{node.lineno}: {node.module} {private}")
+    assert not offenders
+
+
+def test_sessions_lists_a_memory_stores_sessions(env_setup: Path) -> None:
+    # memory:// lives in the process: /sessions shows the sessions this chat made
+    result = CliRunner().invoke(
+        main,
+        ["chat", "--model", "scripted", "--store", "memory://", "--session", "first"],
+        input="hi\n/fork\n/sessions\n/quit\n",
+    )
+    assert result.exit_code == 0, result.output
+    fork_id = result.output.split("now in fork ")[1].split()[0]
+    table = result.output.split("/sessions")[-1]
+    assert f"{fork_id} *" in result.output and "│ first " in result.output, table

@@ -12,9 +12,11 @@ server are redacted (:mod:`chatsession.cli.redaction`).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import shlex
 from typing import Any
+from urllib.parse import urlsplit
 
 import click
 from rich.console import Console
@@ -39,9 +41,10 @@ from chatsession.cli.redaction import Redactor, display_url
 from chatsession.cli.terminal import TerminalSanitizer, sanitize
 from chatsession.errors import ChatSessionError, ModelError, SessionNotFoundError, UsageError
 from chatsession.session import ModelUsage, UsageSummary
-from chatsession.store import default_store_url
+from chatsession.settings import get_settings
+from chatsession.store import SessionRecord, default_store_url, open_store
 
-__all__ = ["COMMANDS", "Repl", "chat"]
+__all__ = ["COMMANDS", "Repl", "chat", "read_sessions"]
 
 COMMANDS = {
     "/history": "what the model sees now (empty after /clear; the rewound context after /rewind)",
@@ -59,6 +62,8 @@ COMMANDS = {
 
 #: how much of a tool's result is shown as it runs
 TOOL_PREVIEW = 200
+#: how many sessions ``/sessions`` lists
+SESSIONS_SHOWN = 50
 
 
 def _tokens(count: int, estimated: bool) -> str:
@@ -122,7 +127,7 @@ class Repl:
 
     def run(self) -> None:
         """Read and answer lines until the user leaves."""
-        llm = self.session.session.agent.llm
+        llm = self.session.agent.llm
         self.console.print(
             styled(
                 ("chatsession", "bold"),
@@ -207,12 +212,13 @@ class Repl:
             self.error(f"{exc} (quote names with spaces: /checkpoint 'my point')")
             return True
         try:
-            return self._command(name.lower(), args)
+            return self.dispatch(name.lower(), args)
         except ChatSessionError as exc:
             self.error(str(exc))
             return True
 
-    def _command(self, name: str, args: list[str]) -> bool:
+    def dispatch(self, name: str, args: list[str]) -> bool:
+        """Run the command ``name`` with its arguments; False means leave."""
         session, console = self.session, self.console
         if name in ("/quit", "/exit", "/q"):
             return False
@@ -222,9 +228,9 @@ class Repl:
                 table.add_row(Text(command, style="cyan"), Text(text))
             console.print(table)
         elif name == "/history":
-            self._history(args)
+            self.show_history(args)
         elif name == "/stats":
-            self._stats()
+            self.show_stats()
         elif name == "/clear":
             session.clear_history()
             self.say("history cleared (the record keeps it)", "green")
@@ -232,7 +238,7 @@ class Repl:
             fork = session.fork_session()
             self.session = fork
             self.opened.append(fork)
-            self._remember(fork.session_id)
+            self.remember(fork.session_id)
             console.print(
                 styled(
                     ("now in fork ", "green"),
@@ -257,19 +263,20 @@ class Repl:
                     f"rewound to seq {seq}: {len(session.messages)} messages in context", "green"
                 )
         elif name == "/sessions":
-            self._sessions()
+            self.show_sessions()
         else:
             self.error(f"unknown command {name}; /help lists them")
         return True
 
-    def _history(self, args: list[str]) -> None:
+    def show_history(self, args: list[str]) -> None:
+        """``/history``: the context; ``/history all``: the whole record, marked."""
         session = self.session
         if not args:
-            lines = context_lines(session.session.conversation.context, self.printable)
+            lines = context_lines(session.conversation.context, self.printable)
         elif args == ["all"]:
             events = session.read_events()
-            in_context = {seq for seq, _ in session.session.conversation.context}
-            record = session.session.record
+            in_context = {seq for seq, _ in session.conversation.context}
+            record = session.record
             parent = record.parent if record else None
             lines = record_lines(events, in_context, parent, self.printable)
         else:
@@ -278,11 +285,12 @@ class Repl:
         for line in lines:
             self.console.print(line)
 
-    def _stats(self) -> None:
+    def show_stats(self) -> None:
+        """``/stats``: turns, messages, tokens, cost and context use."""
         session = self.session
         usage = session.get_usage()
         info = session.get_context_info()
-        conversation = session.session.conversation
+        conversation = session.conversation
         turns = sum(conversation.turns.values())
         by_status = ", ".join(f"{k} {v}" for k, v in sorted(conversation.turns.items()))
         self.say(f"turns: {turns} ({by_status or 'none'})")
@@ -301,11 +309,20 @@ class Repl:
             f"({info.utilisation:.1%}){label}"
         )
 
-    def _sessions(self) -> None:
+    def show_sessions(self) -> None:
+        """``/sessions``: the newest sessions in the store, the current one marked ``*``."""
         session = self.session
-        page = session._portal.run(lambda: session.session.store.list_sessions(limit=50))
+        if urlsplit(self.store_url).scheme == "memory":
+            # a memory:// store lives in this process: its sessions are this REPL's
+            records = [
+                s.record.model_copy(update={"head": s.conversation.head})
+                for s in reversed(self.opened)
+                if s.record is not None
+            ]
+        else:
+            records = read_sessions(self.store_url, SESSIONS_SHOWN)
         table = Table("id", "title", "user", "events", "parent")
-        for record in page.records:
+        for record in records:
             current = " *" if record.id == session.session_id else ""
             parent = record.parent.session_id if record.parent else ""
             table.add_row(
@@ -317,11 +334,29 @@ class Repl:
             )
         self.console.print(table)
 
-    def _remember(self, session_id: str) -> None:
+    def remember(self, session_id: str) -> None:
+        """Remember ``session_id`` for ``--resume`` (a failure is printed, not raised)."""
         try:
             remember_session(self.store_url, session_id)
         except OSError as exc:
             self.error(f"could not remember the session for --resume: {exc}")
+
+
+def read_sessions(store_url: str, limit: int) -> list[SessionRecord]:
+    """The newest ``limit`` sessions of a store, read through a connection of their own.
+
+    Runs its own event loop (the chat's session runs on another thread's).
+    """
+
+    async def read() -> list[SessionRecord]:
+        store = open_store(store_url)
+        try:
+            page = await store.list_sessions(limit=limit)
+        finally:
+            await store.aclose()
+        return page.records
+
+    return asyncio.run(read())
 
 
 def _close_all(sessions: list[SyncChatSession]) -> None:
@@ -359,7 +394,12 @@ def _close_all(sessions: list[SyncChatSession]) -> None:
     help="Store URL (default: CHATSESSION_STORE_URL or SQLite in the data directory).",
 )
 @click.option("--system", "system_prompt", metavar="TEXT", help="A system prompt.")
-@click.option("--timeout", type=float, help="Seconds a turn may take.")
+@click.option(
+    "--timeout",
+    type=float,
+    metavar="SECONDS",
+    help="Seconds a turn may take (default: CHATSESSION_TIMEOUT, else no limit).",
+)
 @handle_errors
 def chat(
     session_id: str | None,
@@ -375,8 +415,10 @@ def chat(
 
     The last session used with each store is remembered for --resume in the
     data directory (CHATSESSION_DATA_DIR), created 0700, its file 0600, with
-    a hash of the store URL, never the URL or its password.
+    a hash of the store URL, never the URL or its password. Flags override
+    the CHATSESSION_* variables (a bad value in one is reported first).
     """
+    get_settings()  # a CHATSESSION_* variable that cannot be used: said before anything
     redactor = current_redactor()
     redactor.add_url(store_url)
     url = store_url or default_store_url()
@@ -414,7 +456,7 @@ def chat(
         else:
             session = SyncChatSession(agent, session_id, **session_options).open()
         repl = Repl(session, console, url, redactor)
-        repl._remember(session.session_id)
+        repl.remember(session.session_id)
         try:
             repl.run()
         finally:
