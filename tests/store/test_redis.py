@@ -109,7 +109,13 @@ async def test_tls_and_pool_options_reach_the_connection_pool() -> None:
         assert (kw["ssl_certfile"], kw["ssl_keyfile"]) == ("/etc/c.pem", "/etc/k.pem")
         assert kw["ssl_check_hostname"] is False
         assert kw["ssl_min_version"] is ssl.TLSVersion.TLSv1_2
-        assert kw["retry"].get_retries() == 0  # a lost reply is never re-sent
+        assert kw["retry"].get_retries() == 0  # the driver never re-sends: the store decides
+        assert store._conn._retry.get_retries() == 3  # the default, for calls safe to repeat
+    finally:
+        await store.aclose()
+    store = open_store(url, retries=0)
+    try:
+        assert isinstance(store, RedisStore) and store._conn._retry.get_retries() == 0
     finally:
         await store.aclose()
 

@@ -16,8 +16,8 @@ override the URL's):
     connection when all are busy before it reports the store unavailable.
 ``retries`` (default 3)
     How many times a call that is safe to repeat is sent again when the
-    connection drops or times out before its reply (with a jittered
-    exponential backoff from 50 ms to 1 s); 0 never sends anything twice.
+    connection drops before its reply (with a jittered exponential
+    backoff from 50 ms to 1 s); 0 never sends anything twice.
 ``ssl_cert_reqs`` (``none``, ``optional``, ``required``), ``ssl_ca_certs``,
 ``ssl_ca_path``, ``ssl_certfile``, ``ssl_keyfile``, ``ssl_password``,
 ``ssl_check_hostname`` (``true``/``false``), ``ssl_ciphers``, ``ssl_min_version``
@@ -106,7 +106,8 @@ from it. Writes across slots are short sequences of single-slot scripts:
   forks and drop its native expiry (fails if the parent is gone or the fork
   point is past its head); (3) child: write the record with its parent
   pointer unless the id is taken (commit); (4) index: clear the mark. If (2)
-  or (3) fails, the steps before it are undone.
+  or (3) fails, the steps before it are undone. (1) and (2) go in one round
+  trip, in that order on one connection; should (1) fail, (2) is undone.
 - ``update``: (1) index: mark, add the indexes the new version needs;
   (2) session: check the version, write (commit); (3) index: record the new
   placement, drop memberships it no longer needs, clear the mark.
@@ -118,9 +119,12 @@ from it. Writes across slots are short sequences of single-slot scripts:
 - ``purge_expired``: for each batch of the expiry set, steps like delete's;
   then it finishes the changes whose marks are due.
 
-Lost replies and re-sends. A call whose connection drops or times out before
-its reply is sent again (``retries``) when that is safe, so a dropped
-connection costs a little time, not an error: reads; ``append`` when its
+Lost replies and re-sends. A call whose connection drops before its reply
+(the server restarted or closed it, a proxy or the network cut it) is sent
+again (``retries``) when that is safe, so a dropped connection costs a little
+time, not an error (a call that times out is not sent again: it already
+waited ``socket_timeout``; it raises, and may be retried by the caller on the
+same terms). Safe to send again: reads; ``append`` when its
 first event has an ``event_id`` (a re-sent append finds that id at
 ``expected_seq + 1`` and answers as the first send did, writing nothing);
 the lease calls (the owner asking again keeps its token); ``put_blob`` and

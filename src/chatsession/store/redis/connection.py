@@ -2,7 +2,7 @@
 
 Every call to Redis goes through :meth:`RedisConnection.run` (or
 :meth:`~RedisConnection.script`): it checks the server's version once,
-re-sends a call that is safe to repeat when the connection drops or times out
+re-sends a call that is safe to repeat when the connection drops before its reply
 (with a jittered exponential backoff), and turns the driver's errors into
 the store's (:func:`translate`).
 """
@@ -248,7 +248,10 @@ class RedisConnection:
         self.recheck = RECHECK
         self._client: aioredis.Redis | None = None
         self._scripts: dict[str, Any] = {}
-        self._retry = Retry(EqualJitterBackoff(cap=_BACKOFF_CAP, base=_BACKOFF_BASE), self._retries)
+        # re-sent after a dropped connection only: one that timed out already waited
+        # socket_timeout, and waiting that long again per re-send would multiply it
+        backoff = EqualJitterBackoff(cap=_BACKOFF_CAP, base=_BACKOFF_BASE)
+        self._retry = Retry(backoff, self._retries, supported_errors=(rexc.ConnectionError,))
         self._server_checked = False
         self._closed = False
 
@@ -326,7 +329,8 @@ class RedisConnection:
             write: Whether they may change data (for the message of an error).
             keys: The keys they touch (for messages).
             resend: Whether ``fn`` is safe to run again when the connection
-                drops or times out before its reply (the ``retries`` option).
+                drops before its reply (the ``retries`` option; a timeout is not
+                re-sent: it already waited ``socket_timeout``).
             sent: Gets one item per time ``fn`` was started (to tell a
                 re-sent call's answer from the first one's).
 

@@ -34,7 +34,7 @@ class RedisStore:
         max_connections: The size of the connection pool (>= 1, default 50).
         pool_timeout: Seconds a call waits for a free connection (>= 0, default 10).
         retries: How many times a call that is safe to repeat is sent again
-            after a dropped connection or a timeout (0-100, default 3).
+            after its connection dropped before the reply (0-100, default 3).
         username: The user name; overrides the URL's.
         password: The password; overrides the URL's. Never shown in
             :attr:`url`, ``repr`` or messages.
