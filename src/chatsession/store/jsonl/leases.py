@@ -105,9 +105,13 @@ def put_snapshot(folder: Folder, session: Locked, session_id: str, seq: int, dat
             f"a snapshot of session {session_id!r} at seq {seq} is past its head "
             f"{session.tail.head}"
         )
-    kept = _read_snapshot(folder, session_id, session.tail.head)
-    if kept is not None and kept[0] > seq:
-        return
+    try:
+        with open(folder.dir(session_id) / SNAPSHOT, "rb") as file:
+            first = _SNAPSHOT_HEAD.match(file.readline(80))
+    except FileNotFoundError:
+        first = None
+    if first is not None and seq < int(first[1]) <= session.tail.head:
+        return  # a snapshot at a higher seq is kept (its bytes are checked when read)
     head = f"chatsession-snapshot seq={seq} size={len(data)}\n".encode()
     folder.write_atomic(folder.dir(session_id) / SNAPSHOT, head + bytes(data))
 
