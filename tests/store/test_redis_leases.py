@@ -139,8 +139,15 @@ async def test_the_snapshot_and_lease_keys_expire_no_later_than_the_session(
     assert await raw.pexpiretime(f"{prefix}{{s}}:snap") == at
     assert await raw.pexpiretime(f"{prefix}{{s}}:lease") == at  # not an hour
     rec = await store.get("s")
+    sooner = time.time() + 3
+    rec = await store.update(rec.model_copy(update={"expires_at": sooner}), rec.version)
+    at = await raw.pexpiretime(f"{prefix}{{s}}:rec")
+    assert abs(at - sooner * 1000) < 2
+    for key in ("snap", "lease"):
+        assert await raw.pexpiretime(f"{prefix}{{s}}:{key}") == at
     await store.update(rec.model_copy(update={"expires_at": None}), rec.version)
     assert await raw.pttl(f"{prefix}{{s}}:snap") == -1  # the session lives on: so does it
+    assert await raw.pttl(f"{prefix}{{s}}:lease") > 0  # and the lease, for its own ttl
 
 
 async def test_leftovers_of_an_earlier_session_with_the_id_never_reach_a_new_one(

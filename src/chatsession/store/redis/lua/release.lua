@@ -12,5 +12,6 @@ end
 local at = ms(r[2])
 if at then
   for _, k in ipairs(DATA) do redis.call('PEXPIREAT', k, at) end
+  cap_lease(at)
 end
 return {0}

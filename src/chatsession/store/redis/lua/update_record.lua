@@ -19,5 +19,6 @@ if redis.call('ZCARD', FORKS) == 0 then
   for _, k in ipairs(DATA) do
     if ARGV[6] ~= '' then redis.call('PEXPIREAT', k, ARGV[6]) else redis.call('PERSIST', k) end
   end
+  if ARGV[6] ~= '' then cap_lease(ARGV[6]) end
 end
 return {version + 1}

@@ -68,12 +68,17 @@ local function holder(value)
   local token, owner = string.match(value, '^(%d+) (.+)$')
   return token, owner
 end
+-- the lease key ends no later than `at` (ms): the session's native expiry
+local function cap_lease(at)
+  local t = redis.call('PEXPIRETIME', LEASE)
+  if t > 0 and t > tonumber(at) then redis.call('PEXPIREAT', LEASE, at) end
+end
 -- hand the lease to `token` held by `owner` for `ttl` ms (no longer than the
 -- session lives); returns {token, until (ms, server clock)}
 local function grant(token, owner, ttl)
   local untilms = clock_ms() + tonumber(ttl)
   redis.call('SET', LEASE, token .. ' ' .. owner, 'PX', ttl)
   local at = redis.call('PEXPIRETIME', REC)
-  if at > 0 and at < untilms then redis.call('PEXPIREAT', LEASE, at) end
+  if at > 0 then cap_lease(at) end
   return {token, whole(untilms)}
 end
