@@ -25,6 +25,7 @@ import secrets
 from pathlib import Path
 
 from chatsession.cli.redaction import display_url
+from chatsession.settings import get_settings
 
 __all__ = [
     "data_dir",
@@ -44,9 +45,9 @@ MAX_STORES = 32
 
 def data_dir() -> Path:
     """The directory for local state (not created)."""
-    configured = os.environ.get("CHATSESSION_DATA_DIR")
+    configured = get_settings().data_dir
     if configured:
-        return Path(configured).expanduser()
+        return configured.expanduser()
     import platformdirs
 
     return Path(platformdirs.user_data_dir("chatsession", appauthor=False))

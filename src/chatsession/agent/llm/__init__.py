@@ -11,12 +11,12 @@ spec                  model
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from chatsession.agent.llm.base import LLM, Completion, LLMChunk, TextDelta, ToolSpec
 from chatsession.agent.llm.scripted import FunctionLLM, Reply, ScriptedLLM
 from chatsession.errors import UsageError
+from chatsession.settings import get_settings
 
 __all__ = [
     "LLM",
@@ -48,7 +48,8 @@ def resolve_llm(spec: str | LLM | None = None, **options: Any) -> LLM:
         **options: Passed to the adapter (``base_url``, ``api_key``, ...).
 
     Raises:
-        UsageError: An unknown spec, or none given and none installed.
+        UsageError: An unknown spec, none given and none installed, or a
+            ``CHATSESSION_*`` variable that cannot be used.
         MissingDependencyError: ``local`` without the ``local`` extra.
     """
     if spec is not None and not isinstance(spec, str):
@@ -56,7 +57,7 @@ def resolve_llm(spec: str | LLM | None = None, **options: Any) -> LLM:
             raise UsageError(f"{spec!r} is not a model: pass a spec string or an LLM object")
         return spec
     if spec is None:
-        spec = os.environ.get("CHATSESSION_MODEL") or None
+        spec = get_settings().model or None
     if spec is None:
         from chatsession.agent.llm import local
 

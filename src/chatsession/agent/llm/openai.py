@@ -83,6 +83,7 @@ from chatsession.agent.llm.base import Completion, LLMChunk, TextDelta, ToolSpec
 from chatsession.agent.llm.messages import check_empty_content, to_openai_messages
 from chatsession.errors import InvalidArgumentError, ModelError
 from chatsession.log import Message, ToolCall, Usage
+from chatsession.settings import get_settings
 
 __all__ = [
     "DEFAULT_MAX_RETRIES",
@@ -382,6 +383,7 @@ class OpenAILLM:
     Raises:
         InvalidArgumentError: A bad option value.
         ModelError: No API key for OpenAI's own API.
+        UsageError: A ``CHATSESSION_*`` variable that cannot be used.
     """
 
     provider = "openai"
@@ -425,8 +427,13 @@ class OpenAILLM:
                 "them itself (pass the model name as the first argument)"
             )
         self.model = model
-        self.base_url = base_url or os.environ.get("CHATSESSION_BASE_URL") or None
-        key = api_key or os.environ.get("CHATSESSION_API_KEY") or os.environ.get("OPENAI_API_KEY")
+        configured = get_settings()
+        self.base_url = base_url or configured.base_url or None
+        key = (
+            api_key
+            or (configured.api_key.get_secret_value() if configured.api_key else None)
+            or os.environ.get("OPENAI_API_KEY")
+        )
         if not key:
             if self.base_url is None:
                 raise ModelError(
