@@ -22,7 +22,6 @@ messages, ``repr`` and ``store.url`` show them as ``***``
 from __future__ import annotations
 
 import importlib
-import os
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -72,17 +71,23 @@ def default_store_url() -> str:
 
     ``CHATSESSION_STORE_URL`` if set, else a SQLite file ``sessions.db`` in
     ``CHATSESSION_DATA_DIR`` or the platform's user data directory (for
-    example ``~/.local/share/chatsession`` on Linux).
+    example ``~/.local/share/chatsession`` on Linux), as read by
+    :func:`chatsession.settings.get_settings`.
+
+    Raises:
+        UsageError: One of those variables holds a value that cannot be used.
     """
-    url = os.environ.get("CHATSESSION_STORE_URL")
-    if url:
-        return url
-    data_dir = os.environ.get("CHATSESSION_DATA_DIR")
-    if not data_dir:
+    from chatsession.settings import get_settings
+
+    settings = get_settings()
+    if settings.store_url:
+        return settings.store_url
+    data_dir = settings.data_dir
+    if data_dir is None:
         import platformdirs
 
-        data_dir = platformdirs.user_data_dir("chatsession", appauthor=False)
-    return "sqlite:///" + str(Path(data_dir).expanduser().absolute() / "sessions.db")
+        data_dir = Path(platformdirs.user_data_dir("chatsession", appauthor=False))
+    return "sqlite:///" + str(data_dir.expanduser().absolute() / "sessions.db")
 
 
 def open_store(url: str | None = None, **options: Any) -> Store:
