@@ -36,7 +36,10 @@ __all__ = ["Settings", "get_settings"]
 class Settings(BaseSettings):
     """The settings read from ``CHATSESSION_*`` variables (see the module docstring)."""
 
-    model_config = SettingsConfigDict(env_prefix="CHATSESSION_", extra="ignore")
+    # an empty variable counts as unset, as it did before this object existed
+    model_config = SettingsConfigDict(
+        env_prefix="CHATSESSION_", extra="ignore", env_ignore_empty=True
+    )
 
     store_url: str | None = None
     data_dir: Path | None = None
@@ -68,8 +71,12 @@ def get_settings() -> Settings:
         settings = Settings()
     except ValidationError as exc:
         first = exc.errors()[0]
-        name = "CHATSESSION_" + str(first["loc"][0]).upper() if first["loc"] else "a setting"
-        raise UsageError(f"{name} cannot be used: {first['msg']}") from None
+        field = str(first["loc"][0]) if first["loc"] else ""
+        name = "CHATSESSION_" + field.upper() if field else "a setting"
+        shown = "" if field == "api_key" else f" (it is {os.environ.get(name, '')!r})"
+        raise UsageError(
+            f"{name} cannot be used{shown}: {first['msg']}; fix it or unset it"
+        ) from None
     if len(_cache) > 16:
         _cache.clear()
     _cache[key] = settings
