@@ -165,10 +165,14 @@ def history(n: int) -> list[NewEvent]:
 
 
 def as_json(seq: int, event: NewEvent) -> str:
-    """The JSON a store hands back for ``event`` at ``seq`` (the floor stores this)."""
-    return StoredEvent(
+    """The JSON a store hands back for ``event`` at ``seq``, with its event id (the
+    floors store this: every store must keep the id too)."""
+    text = StoredEvent(
         seq, event.type, event.ts, event.turn_id, event.data, event.schema_version
     ).to_json()
+    if event.event_id is None:
+        return text
+    return f'{text[:-1]},"id":{json.dumps(event.event_id)}}}'
 
 
 def replace_query(url: str, drop: Callable[[str], bool], **extra: str) -> str:
