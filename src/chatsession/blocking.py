@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import signal
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping
 from concurrent.futures import Future
@@ -91,11 +92,17 @@ class _Portal:
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self.loop.run_forever, name="chatsession-loop", daemon=True
-        )
+        self._thread = threading.Thread(target=self._serve, name="chatsession-loop", daemon=True)
         self._thread.start()
         self.users = 1
+
+    def _serve(self) -> None:
+        # Ctrl+C must reach the main thread: a SIGINT the kernel hands to this thread
+        # (or to the worker threads it starts, which inherit its mask) would leave
+        # the main thread blocked in input() with the KeyboardInterrupt pending
+        if hasattr(signal, "pthread_sigmask"):
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        self.loop.run_forever()
 
     def run(self, make: Callable[[], Coroutine[Any, Any, T]]) -> T:
         try:
