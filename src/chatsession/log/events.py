@@ -82,8 +82,15 @@ def to_builtins(value: Any) -> Any:
     return msgspec.to_builtins(value)
 
 
-class _Payload(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=True):
-    """What every payload shares: frozen, defaults left out when stored, no unknown keys."""
+class _Payload(
+    msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=True, gc=False
+):
+    """What every payload shares: frozen, defaults left out when stored, no unknown keys.
+
+    ``gc=False``: payloads cannot be part of a reference cycle (they hold
+    values, never themselves), so the garbage collector need not track the
+    many thousands a long log decodes into.
+    """
 
 
 # --------------------------------------------------------------------------
@@ -266,7 +273,7 @@ class Compaction(_Payload, frozen=True):
 # events
 
 
-class _Entry(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+class _Entry(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", gc=False):
     """What every event shares: its place in the log and, per subclass, its ``type``.
 
     ``seq`` and ``ts`` are 0 until the store gives the event its place.

@@ -179,6 +179,8 @@ class ConversationState:
     _messages: tuple[list[tuple[int, Message]], int, list[Message]] | None = field(
         default=None, repr=False, compare=False
     )
+    # the context list is shared with a copy (copied on the first append to it)
+    _shared_context: bool = field(default=False, repr=False, compare=False)
 
     @classmethod
     def bounded(cls) -> ConversationState:
@@ -232,12 +234,15 @@ class ConversationState:
     def copy(self) -> ConversationState:
         """An independent copy: containers and JSON values copied, frozen events shared.
 
-        The history (of a full state) is copied too: a bounded state copies in
-        time proportional to its context.
+        The context list is shared until either side appends to it (then that
+        side copies it), so copying a bounded state takes time independent of
+        its context. The history (of a full state) is copied.
         """
+        self._shared_context = True
         return ConversationState(
             head=self.head,
-            context=list(self.context),
+            context=self.context,
+            _shared_context=True,
             history=None if self.history is None else list(self.history),
             message_count=self.message_count,
             usage_groups={k: v.copy() for k, v in self.usage_groups.items()},
@@ -340,6 +345,9 @@ class ConversationState:
         item = (seq, message)
         if history is not None:
             history.append(item)
+        if self._shared_context:  # copy on the first write
+            self.context = list(self.context)
+            self._shared_context = False
         self.context.append(item)
         self.message_count += 1
         segments = self.segments
