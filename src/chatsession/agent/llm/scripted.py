@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from chatsession.agent.llm.base import Completion, LLMChunk, TextDelta, ToolSpec
-from chatsession.errors import ModelError
+from chatsession.errors import ModelError, UsageError
 from chatsession.log import Message, ToolCall, Usage
 
 __all__ = ["FunctionLLM", "Reply", "ScriptedLLM", "ScriptedRequest"]
@@ -75,11 +75,20 @@ class _StreamingModel:
 
     provider = "scripted"
 
-    def __init__(self, model: str, context_window: int, chunk_delay: float) -> None:
+    def __init__(
+        self, model: str, context_window: int, chunk_delay: float, keep_requests: int
+    ) -> None:
+        if (
+            isinstance(keep_requests, bool)
+            or not isinstance(keep_requests, int)
+            or keep_requests < 0
+        ):
+            raise UsageError(f"keep_requests must be an int >= 0, not {keep_requests!r}")
         self.model = model
         self.context_window = context_window
         self.chunk_delay = chunk_delay
-        self.requests: list[ScriptedRequest] = []
+        # the most recent calls only: a long-running demo must not keep every context
+        self.requests: deque[ScriptedRequest] = deque(maxlen=keep_requests)
         self._calls = 0
         # (first message, last message, how many, total) of the last context counted:
         # a context that extends it is counted from where it left off
@@ -145,6 +154,8 @@ class ScriptedLLM(_StreamingModel):
         chunk_delay: Seconds between streamed words (for timeouts and demos).
         model: The model name reported in usage.
         context_window: The context size reported to the session.
+        keep_requests: How many of the latest calls ``.requests`` keeps
+            (each holds its context: a long run must not keep them all).
     """
 
     def __init__(
@@ -156,8 +167,9 @@ class ScriptedLLM(_StreamingModel):
         chunk_delay: float = 0.0,
         model: str = "scripted",
         context_window: int = 8192,
+        keep_requests: int = 100,
     ) -> None:
-        super().__init__(model, context_window, chunk_delay)
+        super().__init__(model, context_window, chunk_delay, keep_requests)
         self.queue: deque[ReplyLike] = deque(replies)
         self.rules = [(re.compile(p, re.I), r) for p, r in rules]
         self.echo = echo
@@ -204,6 +216,9 @@ class FunctionLLM(_StreamingModel):
             to) text or a :class:`Reply`. Exceptions it raises are the model
             failing.
         model: The model name reported in usage.
+        context_window: The context size reported to the session.
+        chunk_delay: Seconds between streamed words.
+        keep_requests: How many of the latest calls ``.requests`` keeps.
     """
 
     def __init__(
@@ -213,8 +228,9 @@ class FunctionLLM(_StreamingModel):
         model: str = "function",
         context_window: int = 8192,
         chunk_delay: float = 0.0,
+        keep_requests: int = 100,
     ) -> None:
-        super().__init__(model, context_window, chunk_delay)
+        super().__init__(model, context_window, chunk_delay, keep_requests)
         self.provider = "function"
         self.fn = fn
 
