@@ -121,7 +121,7 @@ async def fill(url: str, session_id: str, messages: int, *, compacted: bool = Fa
 
 def agent() -> Agent:
     # compaction is off: the benchmark measures the steady cost
-    return Agent(ScriptedLLM(context_window=10**9, keep_requests=1))
+    return Agent(ScriptedLLM(context_window=10**9, keep_requests=0))
 
 
 def median_ms(samples: list[int]) -> float:

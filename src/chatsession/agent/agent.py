@@ -5,8 +5,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
+from typing import Any, overload
 
 from chatsession.agent.events import (
     AgentEvent,
@@ -41,6 +49,68 @@ CUT_CALL_RESULT = (
     "with a shorter request, or raise the model's max_tokens."
 )
 """The result given to each tool call of an answer cut by the output limit (none is run)."""
+
+
+class TurnContext(Sequence[Message]):
+    """What the model is sent in a turn: a system prompt, the session's context
+    and the turn's new messages, without copying the context (it can be long).
+
+    A read-only sequence but for :meth:`append`, which adds a new message.
+    """
+
+    __slots__ = ("_base", "_head", "_new")
+
+    def __init__(self, head: list[Message], base: Sequence[Message]) -> None:
+        self._head = head
+        self._base = base
+        self._new: list[Message] = []
+
+    def append(self, message: Message) -> None:
+        """Add one of this turn's messages."""
+        self._new.append(message)
+
+    def __len__(self) -> int:
+        return len(self._head) + len(self._base) + len(self._new)
+
+    @overload
+    def __getitem__(self, index: int) -> Message: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Message]: ...
+
+    def __getitem__(self, index: int | slice) -> Message | list[Message]:
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step != 1:
+                return list(self)[index]
+            out: list[Message] = []
+            for part in (self._head, self._base, self._new):
+                size = len(part)
+                if stop > 0 and start < size:
+                    out.extend(part[max(start, 0) : min(stop, size)])
+                start -= size
+                stop -= size
+            return out
+        size = len(self)
+        if index < 0:
+            index += size
+        if not 0 <= index < size:
+            raise IndexError("context index out of range")
+        for part in (self._head, self._base, self._new):
+            if index < len(part):
+                return part[index]
+            index -= len(part)
+        raise IndexError("context index out of range")  # not reached
+
+    def __iter__(self) -> Iterator[Message]:
+        yield from self._head
+        yield from self._base
+        yield from self._new
+
+    def __reversed__(self) -> Iterator[Message]:
+        yield from reversed(self._new)
+        yield from reversed(self._base)
+        yield from reversed(self._head)
 
 
 class Agent:
@@ -152,10 +222,9 @@ class Agent:
             "settings": json.loads(json.dumps(self.settings, sort_keys=True, default=str)),
         }
 
-    def _with_system(self, messages: Sequence[Message]) -> list[Message]:
-        if self.system_prompt:
-            return [Message(role="system", content=self.system_prompt), *messages]
-        return list(messages)
+    def _with_system(self, messages: Sequence[Message]) -> TurnContext:
+        head = [Message(role="system", content=self.system_prompt)] if self.system_prompt else []
+        return TurnContext(head, messages)
 
     def _tool_specs(self) -> list[ToolSpec]:
         return [t.to_openai() for t in self.tools]
@@ -200,7 +269,7 @@ class Agent:
     # -- the loop --------------------------------------------------------------
 
     async def _call_model(
-        self, context: list[Message], specs: Sequence[ToolSpec]
+        self, context: Sequence[Message], specs: Sequence[ToolSpec]
     ) -> AsyncIterator[TextEvent | Completion]:
         """One model call: text events, then its ``Completion``.
 

@@ -155,7 +155,8 @@ class ScriptedLLM(_StreamingModel):
         model: The model name reported in usage.
         context_window: The context size reported to the session.
         keep_requests: How many of the latest calls ``.requests`` keeps
-            (each holds its context: a long run must not keep them all).
+            (each holds its context: a long run must not keep them all; 0
+            records none).
     """
 
     def __init__(
@@ -197,7 +198,8 @@ class ScriptedLLM(_StreamingModel):
         self, messages: Sequence[Message], tools: Sequence[ToolSpec]
     ) -> AsyncIterator[LLMChunk]:
         """Answer deterministically (see the class docstring)."""
-        self.requests.append(ScriptedRequest(list(messages), list(tools)))
+        if self.requests.maxlen:
+            self.requests.append(ScriptedRequest(list(messages), list(tools)))
         choice = self._pick(messages)
         if isinstance(choice, BaseException):
             raise choice
@@ -238,7 +240,8 @@ class FunctionLLM(_StreamingModel):
         self, messages: Sequence[Message], tools: Sequence[ToolSpec]
     ) -> AsyncIterator[LLMChunk]:
         """Ask the function, then stream its answer."""
-        self.requests.append(ScriptedRequest(list(messages), list(tools)))
+        if self.requests.maxlen:
+            self.requests.append(ScriptedRequest(list(messages), list(tools)))
         result = self.fn(list(messages), list(tools))
         if inspect.isawaitable(result):
             result = await result
