@@ -17,9 +17,12 @@ failures (the world did something: a conflict, an outage, a corrupt file)::
     │   ├── ConflictError               the head or version moved (optimistic concurrency)
     │   │   ├── SessionBusyError        another writer holds the session's lease
     │   │   └── LeaseLostError          our lease expired or was taken: nothing was written
+    │   ├── SessionLimitError           the user has as many sessions as they may
+    │   ├── SessionArchivedError        the session is archived: read-only
     │   ├── BlobNotFoundError           no blob with that id for the session
     │   ├── StoreUnavailableError       the store cannot be reached or refused service
     │   └── CorruptDataError            stored bytes that cannot be read back
+    │       └── DecryptionError         encrypted with a key we lack, or changed since
     ├── ConsistencyError                a resumed session's fingerprint changed (strict mode)
     └── AgentError                      a turn failed
         ├── SessionTimeoutError         a turn ran past its timeout
@@ -44,14 +47,17 @@ __all__ = [
     "ConflictError",
     "ConsistencyError",
     "CorruptDataError",
+    "DecryptionError",
     "InvalidArgumentError",
     "InvalidIdError",
     "InvalidURLError",
     "LeaseLostError",
     "MissingDependencyError",
     "ModelError",
+    "SessionArchivedError",
     "SessionBusyError",
     "SessionExistsError",
+    "SessionLimitError",
     "SessionNotFoundError",
     "SessionTimeoutError",
     "StoreError",
@@ -234,6 +240,45 @@ class LeaseLostError(ConflictError):
         )
 
 
+class SessionLimitError(StoreError):
+    """Raised when creating a session would take its user past their session limit.
+
+    Archived sessions do not count. Nothing was written.
+
+    Attributes:
+        user_id: The user whose limit it is.
+        limit: The most sessions that user may have (not counting archived ones).
+        count: How many they have now.
+    """
+
+    def __init__(self, user_id: str, limit: int, count: int) -> None:
+        self.user_id = user_id
+        self.limit = limit
+        self.count = count
+        super().__init__(
+            f"user {user_id!r} has {count} session(s), the limit is {limit}: delete or "
+            "archive one first, or raise max_sessions_per_user"
+        )
+
+
+class SessionArchivedError(StoreError):
+    """Raised when something tries to write to an archived session: it is read-only.
+
+    Nothing was written. Restore it (``SessionManager.restore_session``) to
+    take turns again; reading, exporting and forking still work.
+
+    Attributes:
+        session_id: The archived session.
+    """
+
+    def __init__(self, session_id: str) -> None:
+        self.session_id = session_id
+        super().__init__(
+            f"session {session_id!r} is archived (read-only): restore it before taking "
+            "turns or writing to it; it can still be read, exported and forked"
+        )
+
+
 class BlobNotFoundError(StoreError, KeyError):
     """Raised by ``get_blob`` when no blob with that id is reachable from the session."""
 
@@ -254,6 +299,27 @@ class CorruptDataError(StoreError):
 
     The message names the session, where the damage is, and what to do.
     """
+
+
+class DecryptionError(CorruptDataError):
+    """Raised when stored data was encrypted with a key this process does not have.
+
+    The key that wrote it is missing from ``encryption_keys``, or the data was
+    changed after it was written (authenticated encryption detects both). The
+    message names the session and what could not be read; nothing is returned
+    in its place.
+
+    Attributes:
+        session_id: The session the data belongs to.
+    """
+
+    def __init__(self, session_id: str, what: str, why: str) -> None:
+        self.session_id = session_id
+        super().__init__(
+            f"session {session_id!r}: cannot decrypt its {what} ({why}); add the key it "
+            "was written with to encryption_keys (keys rotate: keep old keys after the "
+            "new first one)"
+        )
 
 
 class ConsistencyError(ChatSessionError):

@@ -36,6 +36,7 @@ from chatsession.store.base import (
     SessionState,
     Store,
     StoredEvent,
+    StoreStats,
     redact_url,
     validate_id,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "SessionRecord",
     "SessionState",
     "Store",
+    "StoreStats",
     "StoredEvent",
     "default_store_url",
     "open_store",

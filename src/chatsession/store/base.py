@@ -26,6 +26,7 @@ from chatsession.store.checks import (
     check_append,
     check_before,
     check_blob,
+    check_create,
     check_event,
     check_filters,
     check_fork_at,
@@ -38,6 +39,7 @@ from chatsession.store.checks import (
     check_read,
     check_record,
     check_snapshot,
+    check_stats,
     check_text,
     check_version,
     describe_failure,
@@ -56,6 +58,7 @@ from chatsession.store.types import (
     MAX_LEASE_TTL,
     MAX_PAYLOAD_BYTES,
     MAX_SCHEMA_VERSION,
+    EventCounts,
     Lease,
     NewEvent,
     Page,
@@ -63,11 +66,14 @@ from chatsession.store.types import (
     SessionRecord,
     SessionState,
     StoredEvent,
+    StoreStats,
+    count_events,
     decode_cursor,
     encode_cursor,
     fork_segments,
     new_event_id,
     now,
+    top_counts,
     validate_id,
 )
 from chatsession.store.urls import (
@@ -87,6 +93,7 @@ __all__ = [
     "MAX_PAYLOAD_BYTES",
     "MAX_SCHEMA_VERSION",
     "STRICT_JSON",
+    "EventCounts",
     "Lease",
     "NewEvent",
     "Page",
@@ -94,10 +101,12 @@ __all__ = [
     "SessionRecord",
     "SessionState",
     "Store",
+    "StoreStats",
     "StoredEvent",
     "check_append",
     "check_before",
     "check_blob",
+    "check_create",
     "check_event",
     "check_filters",
     "check_fork_at",
@@ -110,8 +119,10 @@ __all__ = [
     "check_read",
     "check_record",
     "check_snapshot",
+    "check_stats",
     "check_text",
     "check_version",
+    "count_events",
     "decode_cursor",
     "describe_failure",
     "encode_cursor",
@@ -122,6 +133,7 @@ __all__ = [
     "now",
     "redact_text",
     "redact_url",
+    "top_counts",
     "updated_record",
     "validate_id",
 ]
@@ -146,12 +158,18 @@ class Store(Protocol):
     url: str
     """The URL the store was opened with (passwords masked)."""
 
-    async def create(self, record: SessionRecord) -> SessionRecord:
+    async def create(
+        self, record: SessionRecord, *, max_per_user: int | None = None
+    ) -> SessionRecord:
         """Create a session with no events.
 
         Args:
             record: The new record; ``head``, ``version`` and ``parent`` are
                 ignored; ``created_at``/``updated_at`` are set to now when 0.
+            max_per_user: Create only if the record's user has fewer visible
+                sessions than this, not counting archived ones; checked and
+                written in one atomic step, so concurrent creates (in any
+                process) never take a user past it.
 
         Returns:
             The stored record (``head`` 0, ``version`` 1).
@@ -159,6 +177,10 @@ class Store(Protocol):
         Raises:
             SessionExistsError: The id is taken (also by a deleted session
                 still kept for its forks).
+            SessionLimitError: The user already has ``max_per_user`` sessions;
+                nothing was written.
+            InvalidArgumentError: A bad ``max_per_user``, or one given for a
+                record without ``user_id``.
         """
         ...
 
@@ -243,6 +265,11 @@ class Store(Protocol):
         checked in the same atomic step. Without one, it happens only if no
         other writer holds a live lease.
 
+        Archived sessions are read-only: an append to a session whose state
+        is ``archived`` raises ``SessionArchivedError`` (checked in the same
+        atomic step). Every append adds to the session's figures for
+        :meth:`stats` (:func:`~chatsession.store.types.count_events`).
+
         Retries: when the head is not ``expected_seq`` but the event at
         ``expected_seq + 1`` carries the ``event_id`` of ``events[0]``, this
         append was already applied (its reply was lost): it returns
@@ -258,6 +285,7 @@ class Store(Protocol):
             SessionBusyError: No ``lease`` was given and another writer holds a
                 live one; nothing was written.
             SessionNotFoundError: No visible session with that id.
+            SessionArchivedError: The session is archived; nothing was written.
             InvalidArgumentError: ``events`` is empty or ``expected_seq`` bad.
             UnsupportedValueError: An event cannot be stored exactly.
         """
@@ -380,8 +408,29 @@ class Store(Protocol):
     async def purge_expired(self, before: float | None = None) -> int:
         """Delete sessions whose ``expires_at`` is before ``before`` (default now).
 
+        Everything they had goes (events, blobs, snapshot, lease), except
+        events a live fork still inherits. Safe to run in several processes
+        at once: each session is deleted, and counted, by one of them.
+
         Returns:
-            How many sessions were deleted.
+            How many sessions this call deleted.
+        """
+        ...
+
+    async def stats(self, *, idle_before: float | None = None, top: int = 100) -> StoreStats:
+        """Figures about the whole store, computed by the store itself.
+
+        The figures come from what the store keeps per session (counted as
+        events are appended) and its indexes, never by reading events back;
+        memory stays flat in the number of sessions.
+
+        Args:
+            idle_before: Active sessions not updated since this Unix time
+                count as ``idle``; None counts none as idle.
+            top: How many users and agents ``by_user`` and ``by_agent`` name.
+
+        Raises:
+            InvalidArgumentError: A bad ``idle_before`` or ``top``.
         """
         ...
 

@@ -479,6 +479,47 @@ def check_filters(
         )
 
 
+def check_create(record: SessionRecord, max_per_user: object) -> None:
+    """Check ``create``'s arguments: the record, and a limit that only a user's session takes.
+
+    Raises:
+        InvalidArgumentError: ``max_per_user`` is not None or an int >= 1, or
+            it is given for a record without ``user_id``.
+        UnsupportedValueError: The record cannot be stored exactly.
+    """
+    check_record(record)
+    if max_per_user is None:
+        return
+    if isinstance(max_per_user, bool) or not isinstance(max_per_user, int) or max_per_user < 1:
+        raise InvalidArgumentError(
+            f"max_per_user must be None or an int >= 1, not {max_per_user!r}"
+        )
+    if record.user_id is None:
+        raise InvalidArgumentError(
+            f"max_per_user={max_per_user} needs a record with a user_id (session "
+            f"{record.id!r} has none)"
+        )
+
+
+def check_stats(idle_before: object, top: object) -> None:
+    """Check ``stats``'s arguments.
+
+    Raises:
+        InvalidArgumentError: ``idle_before`` is not None or a finite number, or
+            ``top`` is not an int in 0..10,000.
+    """
+    if idle_before is not None and (
+        isinstance(idle_before, bool)
+        or not isinstance(idle_before, int | float)
+        or not math.isfinite(idle_before)
+    ):
+        raise InvalidArgumentError(
+            f"idle_before must be None or a finite Unix time, not {idle_before!r}"
+        )
+    if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 10_000:
+        raise InvalidArgumentError(f"top must be an int from 0 to 10000, not {top!r}")
+
+
 def check_before(before: object) -> None:
     """Reject a ``purge_expired(before=...)`` that is not None or a number (NaN refused).
 

@@ -29,7 +29,9 @@ from chatsession.errors import (
     CorruptDataError,
     InvalidArgumentError,
     InvalidURLError,
+    SessionArchivedError,
     SessionExistsError,
+    SessionLimitError,
     SessionNotFoundError,
 )
 from chatsession.store.base import (
@@ -41,9 +43,11 @@ from chatsession.store.base import (
     SessionRecord,
     SessionState,
     StoredEvent,
+    StoreStats,
     check_append,
     check_before,
     check_blob,
+    check_create,
     check_filters,
     check_fork_at,
     check_fork_point,
@@ -53,13 +57,16 @@ from chatsession.store.base import (
     check_read,
     check_record,
     check_snapshot,
+    check_stats,
     check_version,
+    count_events,
     decode_cursor,
     fork_loop,
     fork_segments,
     initial_record,
     now,
     redact_url,
+    top_counts,
     updated_record,
     validate_id,
 )
@@ -80,6 +87,9 @@ class _Entry:
     lease: Lease | None = None  # the current holder (expired or not)
     last_token: int = 0  # the highest fencing token handed out
     snapshot: tuple[int, bytes] | None = None
+    messages: int = 0  # figures of its own events, for stats()
+    tokens: int = 0
+    bytes: int = 0
 
 
 class MemoryStore:
@@ -163,12 +173,26 @@ class MemoryStore:
 
     # -- records ---------------------------------------------------------
 
-    async def create(self, record: SessionRecord) -> SessionRecord:
+    async def create(
+        self, record: SessionRecord, *, max_per_user: int | None = None
+    ) -> SessionRecord:
         """See :meth:`Store.create`."""
+        check_create(record, max_per_user)
         stored = initial_record(record).model_copy(deep=True)
         self._check_open()
         if record.id in self._entries:
             raise SessionExistsError(record.id)
+        if max_per_user is not None and record.user_id is not None:
+            at = now()
+            count = sum(
+                1
+                for e in self._entries.values()
+                if e.record.user_id == record.user_id
+                and e.record.state != "archived"
+                and is_visible(e.deleted, e.record.expires_at, at)
+            )
+            if count >= max_per_user:
+                raise SessionLimitError(record.user_id, max_per_user, count)
         self._entries[record.id] = _Entry(stored)
         return stored.model_copy(deep=True)
 
@@ -243,7 +267,13 @@ class MemoryStore:
             if self._applied_already(entry, events, expected_seq):
                 return expected_seq + len(events)
             raise ConflictError(session_id, expected_seq, head)
+        if entry.record.state == "archived":
+            raise SessionArchivedError(session_id)
         check_writer(session_id, entry.lease, lease, now())
+        counts = count_events(events)
+        entry.messages += counts.messages
+        entry.tokens += counts.tokens
+        entry.bytes += counts.bytes
         entry.events.extend(
             StoredEvent(
                 head + i, e.type, float(e.ts), e.turn_id, e.data, e.schema_version, e.event_id
@@ -386,6 +416,37 @@ class MemoryStore:
             else:
                 self._purge(sid)
         return len(expired)
+
+    async def stats(self, *, idle_before: float | None = None, top: int = 100) -> StoreStats:
+        """See :meth:`Store.stats`."""
+        check_stats(idle_before, top)
+        self._check_open()
+        at = now()
+        stats = StoreStats()
+        users: dict[str, int] = {}
+        agents: dict[str, int] = {}
+        for entry in self._entries.values():
+            record = entry.record
+            if entry.deleted:
+                continue
+            if record.is_expired(at):
+                stats.by_state["expired"] += 1
+                continue
+            stats.sessions += 1
+            state = str(record.state)
+            if state == "active" and idle_before is not None and record.updated_at < idle_before:
+                state = "idle"
+            stats.by_state[state] += 1
+            if record.user_id is not None:
+                users[record.user_id] = users.get(record.user_id, 0) + 1
+            if record.agent_id is not None:
+                agents[record.agent_id] = agents.get(record.agent_id, 0) + 1
+            stats.messages += entry.messages
+            stats.tokens += entry.tokens
+            stats.bytes += entry.bytes
+        stats.users, stats.agents = len(users), len(agents)
+        stats.by_user, stats.by_agent = top_counts(users, top), top_counts(agents, top)
+        return stats
 
     async def aclose(self) -> None:
         """Drop everything; the store cannot be used afterwards."""

@@ -6,6 +6,7 @@ Re-exported by :mod:`chatsession.store.base`, which holds the ``Store`` protocol
 from __future__ import annotations
 
 import base64
+import enum
 import itertools
 import json
 import os
@@ -13,7 +14,7 @@ import re
 import secrets
 import time
 from collections.abc import Sequence
-from typing import Any, Literal, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -62,7 +63,19 @@ _ID_RE = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]*")
 K = TypeVar("K")  # how a backend names a session in a fork chain (id or row key)
 
 
-SessionState = Literal["active", "idle", "archived", "expired"]
+class SessionState(enum.StrEnum):
+    """A session's state; a ``str``, so ``record.state == "active"`` also works.
+
+    Stores keep what they are given (``active`` or ``archived`` in practice);
+    :class:`~chatsession.manager.SessionManager` derives the other two when it
+    reads: ``IDLE`` (active, but no activity for ``idle_after``) and
+    ``EXPIRED`` (its TTL has passed: invisible everywhere at once).
+    """
+
+    ACTIVE = "active"
+    IDLE = "idle"
+    ARCHIVED = "archived"
+    EXPIRED = "expired"
 
 
 def validate_id(value: object, what: str = "session id") -> str:
@@ -247,7 +260,7 @@ class SessionRecord(BaseModel):
     agent_id: str | None = None
     window_id: str | None = None
     title: str | None = None
-    state: SessionState = "active"
+    state: SessionState = SessionState.ACTIVE
     created_at: float = 0.0
     updated_at: float = 0.0
     expires_at: float | None = None
@@ -260,6 +273,82 @@ class SessionRecord(BaseModel):
     def is_expired(self, at: float | None = None) -> bool:
         """Whether ``expires_at`` has passed (at ``at``, default now)."""
         return self.expires_at is not None and self.expires_at <= (now() if at is None else at)
+
+
+class EventCounts(NamedTuple):
+    """What a batch of events adds to a session's figures in :class:`StoreStats`."""
+
+    messages: int
+    tokens: int
+    bytes: int
+
+
+def count_events(events: Sequence[NewEvent]) -> EventCounts:
+    """Count what :meth:`Store.stats` sums, as every store does when it appends.
+
+    ``messages``: events of type ``message``; ``tokens``: the ``total_tokens``
+    of ``usage`` events (a non-negative int at the top of their payload; the
+    only thing a store reads inside a payload, and only for stats);
+    ``bytes``: the UTF-8 length of every payload.
+    """
+    messages = tokens = size = 0
+    for event in events:
+        size += len(event.data.encode("utf-8", "surrogatepass"))
+        if event.type == "message":
+            messages += 1
+        elif event.type == "usage":
+            tokens += _total_tokens(event.data)
+    return EventCounts(messages, tokens, size)
+
+
+def _total_tokens(data: str) -> int:
+    try:
+        value = json.loads(data).get("total_tokens", 0)
+    except (ValueError, AttributeError):
+        return 0
+    return value if type(value) is int and value >= 0 else 0
+
+
+class StoreStats(BaseModel):
+    """Figures about a whole store, computed by the store (see :meth:`Store.stats`).
+
+    Attributes:
+        sessions: Visible sessions (not deleted, not expired).
+        by_state: Sessions per state, every state present: ``active`` and
+            ``idle`` (active with no activity since ``idle_before``) and
+            ``archived`` count visible sessions; ``expired`` counts sessions
+            past their ``expires_at`` not yet purged (0 where the backend
+            expires them natively, as Redis does).
+        users: Distinct owners of visible sessions (``user_id`` None not counted).
+        agents: Distinct agents of visible sessions.
+        by_user: Visible sessions per owner: the ``top`` owners with the most
+            (ties by id).
+        by_agent: The same per agent.
+        messages: Message events of the visible sessions (a fork counts only
+            its own: what it inherits counts with its parent).
+        tokens: ``total_tokens`` of their usage events.
+        bytes: UTF-8 bytes of all their event payloads.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    sessions: int = 0
+    by_state: dict[str, int] = Field(
+        default_factory=lambda: {state.value: 0 for state in SessionState}
+    )
+    users: int = 0
+    agents: int = 0
+    by_user: dict[str, int] = Field(default_factory=dict)
+    by_agent: dict[str, int] = Field(default_factory=dict)
+    messages: int = 0
+    tokens: int = 0
+    bytes: int = 0
+
+
+def top_counts(counts: dict[str, int], top: int) -> dict[str, int]:
+    """The ``top`` entries with the highest counts (ties by key), highest first."""
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return dict(ranked[:top])
 
 
 class Page(NamedTuple):
