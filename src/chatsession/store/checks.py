@@ -31,6 +31,7 @@ from chatsession.store.types import (
     NewEvent,
     ParentRef,
     SessionRecord,
+    SessionState,
     now,
     validate_id,
 )
@@ -105,6 +106,7 @@ def initial_record(record: SessionRecord, parent: ParentRef | None = None) -> Se
             "version": 1,
             "head": parent.seq if parent else 0,
             "parent": parent,
+            "state": SessionState(record.state),  # model_copy(update=) may have left a str
         }
     )
 
@@ -116,6 +118,7 @@ def updated_record(current: SessionRecord, changes: SessionRecord) -> SessionRec
     """
     check_record(changes)
     update = {name: getattr(changes, name) for name in EDITABLE_FIELDS}
+    update["state"] = SessionState(changes.state)  # model_copy(update=) may have left a str
     update["version"] = current.version + 1
     update["updated_at"] = now()
     return current.model_copy(update=update)

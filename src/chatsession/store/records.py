@@ -28,7 +28,9 @@ from typing import Any
 
 from chatsession.errors import CorruptDataError, SessionNotFoundError
 from chatsession.store.checks import STRICT_JSON, describe_failure
-from chatsession.store.types import Page, SessionRecord, encode_cursor, now
+from chatsession.store.types import Page, SessionRecord, SessionState, encode_cursor, now
+
+_STATES = frozenset(state.value for state in SessionState)
 
 __all__ = [
     "BODY_FIELDS",
@@ -132,6 +134,9 @@ def decode_record(
     Raises:
         CorruptDataError: A field is missing, of the wrong type or out of range.
     """
+    state = fields.get("state")
+    if type(state) is str and state in _STATES:  # strict mode wants the enum itself
+        fields = {**fields, "state": SessionState(state)}
     try:
         return SessionRecord.model_validate(fields, strict=strict)
     except (ValueError, TypeError, RecursionError) as exc:
