@@ -51,6 +51,14 @@ from chatsession.errors import (
     UnsupportedValueError,
     UsageError,
 )
+from chatsession.manager import (
+    CheckpointInfo,
+    Session,
+    SessionLock,
+    SessionManager,
+    SessionPage,
+    SessionTemplate,
+)
 from chatsession.session import ChatSession, ContextInfo, ModelUsage, UsageSummary
 from chatsession.store import (
     Lease,
@@ -78,6 +86,7 @@ __all__ = [
     "ChatSession",
     "ChatSessionClosedError",
     "ChatSessionError",
+    "CheckpointInfo",
     "ConflictError",
     "ConsistencyError",
     "ContextInfo",
@@ -99,13 +108,18 @@ __all__ = [
     "PriceTable",
     "Reply",
     "ScriptedLLM",
+    "Session",
     "SessionArchivedError",
     "SessionBusyError",
     "SessionExistsError",
     "SessionLimitError",
+    "SessionLock",
+    "SessionManager",
     "SessionNotFoundError",
+    "SessionPage",
     "SessionRecord",
     "SessionState",
+    "SessionTemplate",
     "SessionTimeoutError",
     "StopEvent",
     "Store",

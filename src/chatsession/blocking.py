@@ -46,6 +46,7 @@ from chatsession.session import (
     TurnStream,
     UsageSummary,
 )
+from chatsession.session.keeper import EventRedactor
 from chatsession.store import SessionRecord, Store
 from chatsession.transfer import ExportFormat
 from chatsession.values import AgentState
@@ -72,6 +73,8 @@ class SessionOptions(TypedDict, total=False):
     lease_ttl: float | None
     lease_linger: float | None
     snapshot_every: int | None
+    redact: EventRedactor | None
+    on_turn: Callable[[ChatSession], Awaitable[None]] | None
 
 
 def _settle(future: Future[T], task: asyncio.Task[T]) -> None:
@@ -236,6 +239,9 @@ class SyncChatSession:
         lease_linger: Seconds the lease is kept after a write.
         snapshot_every: Events between snapshots of the folded state.
         must_exist: Raise :class:`SessionNotFoundError` instead of creating it.
+        redact: Rewrites every event before it is stored (see :class:`ChatSession`).
+        on_turn: A coroutine function awaited (on the twin's event loop) once
+            each turn has started, with the async session.
 
     Raises:
         UsageError: A bad option (see :class:`ChatSession`).
@@ -262,6 +268,8 @@ class SyncChatSession:
         lease_linger: float | None = None,
         snapshot_every: int | None = None,
         must_exist: bool = False,
+        redact: EventRedactor | None = None,
+        on_turn: Callable[[ChatSession], Awaitable[None]] | None = None,
     ) -> None:
         # the session first: a bad option starts no thread
         self._session = ChatSession(
@@ -283,6 +291,8 @@ class SyncChatSession:
             lease_linger=lease_linger,
             snapshot_every=snapshot_every,
             must_exist=must_exist,
+            redact=redact,
+            on_turn=on_turn,
         )
         self._portal = _Portal()
         self._closed = False

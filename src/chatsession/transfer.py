@@ -186,7 +186,7 @@ def _markdown(events: Sequence[LogEvent]) -> str:
             for call in m.tool_calls:
                 out.append(f"  - calls `{call.name}({call.arguments})`")
             out.append("")
-        elif event.type in ("reset", "rewind", "checkpoint", "compaction"):
+        elif event.type in ("reset", "rewind", "checkpoint", "compaction", "lifecycle"):
             out.append(f"*— {event.type} (seq {event.seq}) —*")
             out.append("")
     return "\n".join(out) + "\n" if out else ""

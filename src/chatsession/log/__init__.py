@@ -17,6 +17,7 @@ type             data
 ``state``        :class:`StateChange`: the agent's key-values (set or removed)
 ``offload``      :class:`Offload`: a large tool output kept as a blob
 ``compaction``   :class:`Compaction`: a summary replacing older turns in context
+``lifecycle``    :class:`Lifecycle`: the session was archived, restored or expired
 ===============  ==============================================================
 
 :func:`fold` turns events into a :class:`ConversationState`. It is pure and
@@ -40,6 +41,8 @@ from chatsession.log.events import (
     ContentPart,
     EventType,
     ImagePart,
+    Lifecycle,
+    LifecycleEntry,
     LogEvent,
     Message,
     MessageEntry,
@@ -86,6 +89,8 @@ __all__ = [
     "ConversationState",
     "EventType",
     "ImagePart",
+    "Lifecycle",
+    "LifecycleEntry",
     "LogEvent",
     "Message",
     "MessageEntry",

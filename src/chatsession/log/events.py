@@ -25,6 +25,8 @@ __all__ = [
     "ContentPart",
     "EventType",
     "ImagePart",
+    "Lifecycle",
+    "LifecycleEntry",
     "LogEvent",
     "Message",
     "MessageEntry",
@@ -64,6 +66,7 @@ EventType = Literal[
     "state",
     "offload",
     "compaction",
+    "lifecycle",
 ]
 Role = Literal["system", "user", "assistant", "tool"]
 TurnStatus = Literal["completed", "interrupted", "timeout", "error", "cancelled"]
@@ -231,10 +234,32 @@ class Rewind(_Payload, frozen=True):
 
 
 class Checkpoint(_Payload, frozen=True):
-    """A named point in the conversation; it marks the seq of its own event."""
+    """A named point in the conversation; it marks the seq of its own event.
+
+    With ``deleted`` it removes the checkpoint of that name instead (the
+    record keeps both events).
+    """
 
     name: str
     data: Any = None
+    deleted: bool = False
+
+
+class Lifecycle(_Payload, frozen=True):
+    """The session's state changed: ``active`` (restored), ``archived`` or ``expired``.
+
+    Written by :class:`~chatsession.manager.SessionManager`; it changes
+    nothing the model sees.
+
+    Attributes:
+        state: The new state.
+        reason: Why, when given.
+        by: Who changed it (a user id), when known.
+    """
+
+    state: Literal["active", "archived", "expired"]
+    reason: str | None = None
+    by: str | None = None
 
 
 class Metadata(_Payload, frozen=True):
@@ -360,6 +385,13 @@ class OffloadEntry(_Entry, frozen=True, tag="offload"):
     data: Offload
 
 
+class LifecycleEntry(_Entry, frozen=True, tag="lifecycle"):
+    """A ``lifecycle`` event."""
+
+    kind: ClassVar[str] = "lifecycle"
+    data: Lifecycle
+
+
 class CompactionEntry(_Entry, frozen=True, tag="compaction"):
     """A ``compaction`` event."""
 
@@ -379,6 +411,7 @@ LogEvent: TypeAlias = (
     | StateEntry
     | OffloadEntry
     | CompactionEntry
+    | LifecycleEntry
 )
 """Any event; ``event.type`` tells which."""
 
@@ -395,4 +428,5 @@ EVENT_TYPES: dict[str, tuple[type[_Entry], type[_Payload]]] = {
     "state": (StateEntry, StateChange),
     "offload": (OffloadEntry, Offload),
     "compaction": (CompactionEntry, Compaction),
+    "lifecycle": (LifecycleEntry, Lifecycle),
 }

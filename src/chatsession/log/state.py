@@ -470,7 +470,16 @@ def _apply_rewind(
 def _apply_checkpoint(
     state: ConversationState, seq: int, turn_id: str | None, data: Any, past: PastResolver | None
 ) -> None:
-    state.checkpoints[data.name] = (seq, data)
+    if data.deleted:
+        state.checkpoints.pop(data.name, None)
+    else:
+        state.checkpoints[data.name] = (seq, data)
+
+
+def _apply_lifecycle(
+    state: ConversationState, seq: int, turn_id: str | None, data: Any, past: PastResolver | None
+) -> None:
+    """The session's lifecycle changes nothing the model sees (the record keeps the event)."""
 
 
 def _apply_metadata(
@@ -532,6 +541,7 @@ _APPLY: dict[
     "state": _apply_state,
     "offload": _apply_offload,
     "compaction": _apply_compaction,
+    "lifecycle": _apply_lifecycle,
 }
 
 

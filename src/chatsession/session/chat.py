@@ -16,7 +16,7 @@ import json
 import logging
 import uuid
 import warnings
-from collections.abc import AsyncGenerator, AsyncIterator, Generator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Generator, Mapping
 from pathlib import Path
 from typing import IO, Any, Literal, Self
 
@@ -55,12 +55,12 @@ from chatsession.log import (
 )
 from chatsession.session.accounting import ContextInfo, UsageSummary, context_info, usage_summary
 from chatsession.session.inbox import ChatMessage, Inbox, MessageSource
-from chatsession.session.keeper import LogKeeper, bounded
+from chatsession.session.keeper import EventRedactor, LogKeeper, bounded
 from chatsession.session.lease import LeaseHolder
 from chatsession.session.turn import TurnStream, user_message
 from chatsession.settings import get_settings
 from chatsession.store import Lease, Store, open_store
-from chatsession.store.base import SessionRecord, check_json_value, validate_id
+from chatsession.store.base import SessionRecord, SessionState, check_json_value, validate_id
 from chatsession.transfer import (
     IMPORTING,
     ExportFormat,
@@ -125,6 +125,13 @@ class ChatSession:
             ``CHATSESSION_SNAPSHOT_EVERY`` (1000).
         must_exist: Raise :class:`SessionNotFoundError` instead of creating
             the session (what :meth:`resume` does).
+        redact: Rewrites every event before it is stored, e.g. a
+            :class:`chatsession.privacy.Redactor` (the session then holds,
+            and the model then sees, the rewritten text too).
+        on_turn: Awaited once each turn has started (its user message is
+            stored), with the session; an exception it raises is logged, not
+            raised. :class:`~chatsession.manager.SessionManager` uses it to
+            slide the session's expiry.
     """
 
     def __init__(
@@ -148,6 +155,8 @@ class ChatSession:
         lease_linger: float | None = None,
         snapshot_every: int | None = None,
         must_exist: bool = False,
+        redact: EventRedactor | None = None,
+        on_turn: Callable[[ChatSession], Awaitable[None]] | None = None,
     ) -> None:
         if consistency not in ("warn", "strict", "ignore"):
             raise UsageError(
@@ -188,7 +197,10 @@ class ChatSession:
         self.busy_timeout = busy_timeout
         self._budget_tokens = budget_tokens
         self._must_exist = must_exist
-        self._keeper = LogKeeper(self.store, self.session_id, snapshot_every=snapshot_every)
+        self._keeper = LogKeeper(
+            self.store, self.session_id, snapshot_every=snapshot_every, redact=redact
+        )
+        self._on_turn = on_turn
         self._lease = LeaseHolder(
             self.store,
             self.session_id,
@@ -646,7 +658,12 @@ class ChatSession:
         seq = await self._resolve_seq(at)
         fork_id = session_id or uuid.uuid4().hex
         new = self._loaded_record().model_copy(
-            update={"id": fork_id, "created_at": 0.0, "updated_at": 0.0}
+            update={
+                "id": fork_id,
+                "created_at": 0.0,
+                "updated_at": 0.0,
+                "state": SessionState.ACTIVE,  # a fork of an archived session is writable
+            }
         )
         if seq == self.conversation.head:
             fork_state = self.conversation.copy()
@@ -667,6 +684,8 @@ class ChatSession:
             lease_linger=self._lease.linger,
             snapshot_every=self._keeper.snapshot_every,
             must_exist=True,
+            redact=self._keeper.redact,
+            on_turn=self._on_turn,
         )
         if self._owns_store:  # the fork shares the store: whichever closes last releases it
             fork._owns_store = True

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from chatsession.errors import ConflictError, CorruptDataError, SessionBusyError
 from chatsession.log import (
@@ -29,7 +29,7 @@ from chatsession.log import (
 from chatsession.log.state import group_snapshot, read_snapshot, summary_message
 from chatsession.store import Lease, SessionRecord, Store, StoredEvent
 
-__all__ = ["LogKeeper", "bounded"]
+__all__ = ["EventRedactor", "LogKeeper", "bounded"]
 
 _logger = logging.getLogger("chatsession.session")
 T = TypeVar("T")
@@ -60,6 +60,14 @@ async def _read_ahead(batches: AsyncIterator[T]) -> AsyncIterator[T]:
                 await pending
 
 
+class EventRedactor(Protocol):
+    """What rewrites events before they are stored (:class:`chatsession.privacy.Redactor`)."""
+
+    def redact_event(self, event: LogEvent) -> LogEvent:
+        """The event with secrets rewritten (the same object when nothing changed)."""
+        ...
+
+
 class LogKeeper:
     """A session's bounded conversation state, in step with its store.
 
@@ -68,12 +76,22 @@ class LogKeeper:
         session_id: The session.
         snapshot_every: Write a snapshot once this many events were appended
             since the last one (0: never, but on :meth:`flush_snapshot`).
+        redact: Rewrites every event before it is stored (and folded: the
+            state holds what the store holds).
     """
 
-    def __init__(self, store: Store, session_id: str, *, snapshot_every: int = 1000) -> None:
+    def __init__(
+        self,
+        store: Store,
+        session_id: str,
+        *,
+        snapshot_every: int = 1000,
+        redact: EventRedactor | None = None,
+    ) -> None:
         self.store = store
         self.session_id = session_id
         self.snapshot_every = snapshot_every
+        self.redact = redact
         self.state = ConversationState.bounded()
         #: a fork's usage at its fork point, per (model, level)
         self.inherited: dict[tuple[str, str], UsageTotals] = {}
@@ -221,6 +239,8 @@ class LogKeeper:
                 computed again).
         """
         await self.settle()
+        if self.redact is not None:
+            events = [self.redact.redact_event(e) for e in events]
         task = asyncio.ensure_future(self._append_now(events, lease, past, catch_up))
         self._inflight = task
         await asyncio.shield(task)

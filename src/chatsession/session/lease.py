@@ -39,6 +39,8 @@ class LeaseHolder:
         busy_timeout: Seconds to wait for another writer; 0 fails at once.
         linger: Seconds the lease is kept after the last write before it is
             given up (0: at once).
+        owner: Who holds it, as other writers are told (default: host, process
+            and a random part).
     """
 
     def __init__(
@@ -49,10 +51,11 @@ class LeaseHolder:
         ttl: float,
         busy_timeout: float,
         linger: float,
+        owner: str | None = None,
     ) -> None:
         self.store = store
         self.session_id = session_id
-        self.owner = lease_owner()
+        self.owner = owner if owner is not None else lease_owner()
         self.ttl = ttl
         self.busy_timeout = busy_timeout
         self.linger = linger

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import time
 import uuid
@@ -65,6 +66,8 @@ __all__ = ["INTERRUPTED", "TurnStream", "storable", "unfinished_call", "user_mes
 #: Cancel a turn's task with this message (``task.cancel(INTERRUPTED)``) to have
 #: the turn recorded as ``interrupted`` rather than ``cancelled``: what Ctrl+C does.
 INTERRUPTED = "interrupted"
+
+_logger = logging.getLogger("chatsession.session")
 
 _END = object()  # the agent ended
 _CLOSING = object()  # the session is being closed
@@ -240,6 +243,11 @@ class TurnStream:
         else:
             raise SessionBusyError(session.session_id, "other writers (20 conflicts in a row)")
         progress.start_seq = session.conversation.head - len(start)
+        if session._on_turn is not None:
+            try:
+                await session._on_turn(session)
+            except Exception as exc:  # a hook's failure does not cost the turn
+                _logger.warning("session %r: the on_turn hook failed: %r", session.session_id, exc)
         if self._timeout is not None:
             self._deadline = time.monotonic() + self._timeout
         try:
