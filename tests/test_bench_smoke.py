@@ -73,3 +73,39 @@ def test_store_bench_writes_rows(backend: str, tmp_path: Path) -> None:
         )
         # the temporary SQLite files are removed
         assert set(Path(tempfile.gettempdir()).glob("chatsession-bench-*")) <= temporary_before
+
+
+def test_manager_bench_writes_rows(tmp_path: Path) -> None:
+    out = tmp_path / "rows.jsonl"
+    script = BENCH.with_name("manager_bench.py")
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--backend",
+            "sqlite",
+            "--sessions",
+            "300",
+            "--users",
+            "10",
+            "--checkpoint",
+            "100",
+            "--lists",
+            "5",
+            "--page",
+            "5",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    by = {(r["metric"], r["n"]): r["value"] for r in rows}
+    for n in (100, 300):
+        for metric in ("create_rate", "list_p50", "list_p99", "stats_ms", "stats_peak_bytes"):
+            assert by[(metric, n)] > 0, (metric, n)
+    assert by[("cleanup_rate", 300)] > 0 and by[("rss_mb", 300)] > 0
+    assert "get_sessions_by_user p50 <= 5 ms" in result.stdout
