@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import io
 import json
 import logging
 import os
 import shutil
 import subprocess
+import time
 import tracemalloc
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,14 +23,18 @@ from chatsession import (
     CorruptDataError,
     InvalidURLError,
     NewEvent,
+    SessionExistsError,
+    SessionLimitError,
     SessionNotFoundError,
     SessionRecord,
     StoreRepairWarning,
     StoreUnavailableError,
     open_store,
 )
-from chatsession.store.base import now
+from chatsession.store.base import count_events, now
 from chatsession.store.jsonl import JSONLStore
+from chatsession.store.jsonl import store as jsonl_store
+from chatsession.store.jsonl.headers import write_header
 from chatsession.store.jsonl.lines import line as _line
 
 
@@ -736,3 +744,208 @@ def test_options_are_strict(tmp_path: Path) -> None:
             open_store(url)
     assert open_store(f"file://{tmp_path}?fsync=on").fsync  # type: ignore[attr-defined]
     assert not open_store(f"file://{tmp_path}", fsync=False).fsync  # type: ignore[attr-defined]
+
+
+# -- issue 11: figures in session.json, limits, stats, purges ---------------------------
+
+
+def _usage(total: int) -> NewEvent:
+    return NewEvent("usage", json.dumps({"total_tokens": total}), 2.0)
+
+
+def _header(root: Path, session_id: str) -> dict[str, object]:
+    return json.loads((root / session_id / "session.json").read_text())  # type: ignore[no-any-return]
+
+
+async def test_appends_keep_the_figures_in_the_header_and_a_fork_starts_at_zero(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "root"
+    first, second = [ev(1), _usage(12)], [ev(3), ev(4), _usage(30)]
+    async with open_store(f"file://{root}") as store:
+        created = await store.create(SessionRecord(id="s", user_id="ann"))
+        assert _header(root, "s")["counts"] == {"messages": 0, "tokens": 0, "bytes": 0, "head": 0}
+        await store.append("s", first, 0)
+        await store.append("s", second, 2)
+        whole = count_events(first + second)
+        assert _header(root, "s")["counts"] == {**whole._asdict(), "head": 5}
+        assert (await store.get("s")).updated_at > created.updated_at
+        await store.fork("s", 2, SessionRecord(id="f", user_id="ann"))
+        assert _header(root, "f")["counts"] == {"messages": 0, "tokens": 0, "bytes": 0, "head": 2}
+        assert _header(root, "s")["children"] == ["f"] and _header(root, "s")["counts"]
+        await store.append("f", [ev(9)], 2)
+        assert _header(root, "f")["counts"] == {**count_events([ev(9)])._asdict(), "head": 3}
+        stats = await store.stats()
+        assert (stats.messages, stats.tokens, stats.bytes) == tuple(
+            count_events(first + second + [ev(9)])
+        )
+        record = await store.get("s")  # an update keeps the figures
+        await store.update(record.model_copy(update={"title": "t"}), record.version)
+        assert _header(root, "s")["counts"] == {**whole._asdict(), "head": 5}
+
+
+async def test_a_header_without_figures_is_counted_from_its_log_by_the_next_append(
+    tmp_path: Path,
+) -> None:
+    """Sessions written before the store kept figures: 0 in stats until their next append."""
+    root = tmp_path / "root"
+    url = f"file://{root}"
+    old = [ev(1), _usage(7), ev(3)]
+    async with open_store(url) as store:
+        await store.create(SessionRecord(id="s"))
+        await store.append("s", old, 0)
+        await store.fork("s", 1, SessionRecord(id="f"))
+        await store.append("f", [ev(2), _usage(5)], 1)
+    for sid in ("s", "f"):
+        header = _header(root, sid)
+        if sid == "s":
+            del header["counts"]  # written before the store kept figures
+        else:
+            header["counts"] = {"messages": -1, "tokens": "2"}  # edited by hand: not trusted
+        (root / sid / "session.json").write_text(json.dumps(header))
+    async with open_store(url) as store:
+        stats = await store.stats()
+        assert (stats.sessions, stats.messages, stats.tokens) == (2, 0, 0)
+        await store.append("s", [ev(4)], 3)
+        await store.append("f", [_usage(1)], 3)
+        stats = await store.stats()
+        expected = count_events([*old, ev(4), ev(2), _usage(5), _usage(1)])
+        assert (stats.messages, stats.tokens, stats.bytes) == tuple(expected)
+        assert _header(root, "f")["counts"] == {  # its own events only
+            **count_events([ev(2), _usage(5), _usage(1)])._asdict(),
+            "head": 4,
+        }
+
+
+async def test_an_append_whose_header_write_fails_stands_and_the_next_counts_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path / "root"
+    async with open_store(f"file://{root}") as store:
+        await store.create(SessionRecord(id="s"))
+        real = write_header
+
+        def failing(folder: object, header: dict[str, object]) -> None:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(jsonl_store, "write_header", failing)
+        with caplog.at_level(logging.WARNING, logger="chatsession.store.jsonl"):
+            assert await store.append("s", [ev(1), _usage(4)], 0) == 2
+        assert any("figures could not be written" in r.getMessage() for r in caplog.records)
+        monkeypatch.setattr(jsonl_store, "write_header", real)
+        assert (await store.stats()).messages == 0  # lagging, not wrong for long
+        await store.append("s", [ev(3)], 2)
+        stats = await store.stats()
+        assert (stats.messages, stats.tokens) == (2, 4)
+        assert _header(root, "s")["counts"]["head"] == 3  # type: ignore[index]
+
+
+async def test_stats_read_headers_only_never_a_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "root"
+    async with open_store(f"file://{root}") as store:
+        for n in range(5):
+            await store.create(SessionRecord(id=f"s{n}", user_id=f"u{n % 2}", agent_id="a"))
+            await store.append(f"s{n}", [ev(1), _usage(n)], 0)
+        opened: list[str] = []
+        real_open, real_fileio = os.open, io.FileIO
+
+        def spy_open(path: object, *args: object, **kwargs: object) -> int:
+            opened.append(str(path))
+            return real_open(path, *args, **kwargs)  # type: ignore[arg-type]
+
+        def spy_fileio(path: object, *args: object, **kwargs: object) -> io.FileIO:
+            opened.append(str(path))
+            return real_fileio(path, *args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(os, "open", spy_open)
+        monkeypatch.setattr(io, "FileIO", spy_fileio)
+        stats = await store.stats()
+        monkeypatch.undo()
+        assert (stats.sessions, stats.messages, stats.tokens) == (5, 5, 10)
+        assert stats.by_user == {"u0": 3, "u1": 2} and stats.by_agent == {"a": 5}
+        assert not [p for p in opened if p.endswith("context.jsonl")], opened
+        opened.clear()
+        monkeypatch.setattr(io, "FileIO", spy_fileio)
+        [e async for b in store.read("s0") for e in b]
+        monkeypatch.undo()
+        assert any(p.endswith("context.jsonl") for p in opened)  # the spy does see a read
+
+
+async def test_a_fork_and_an_append_racing_on_one_parent_lose_neither_child_nor_figures(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fork writes its parent's header (``children``) under the parent's lock, which
+    appends hold to write the figures into that same header: neither write is lost."""
+    root = tmp_path / "root"
+    url = f"file://{root}"
+    async with open_store(url) as writer, open_store(url) as forker:
+        await writer.create(SessionRecord(id="p"))
+        real = write_header
+
+        def slow(folder: Any, header: dict[str, Any]) -> None:
+            if header["id"] == "f":  # the fork's own header: an append gets in meanwhile ...
+                time.sleep(0.1)
+            elif header["id"] == "p" and not header["children"]:  # ... and writes p's after
+                time.sleep(0.2)
+            real(folder, header)
+
+        monkeypatch.setattr(jsonl_store, "write_header", slow)
+
+        async def append_soon() -> int:
+            await asyncio.sleep(0.03)
+            return await writer.append("p", [ev(1)], 0)
+
+        await asyncio.gather(forker.fork("p", 0, SessionRecord(id="f")), append_soon())
+        header = _header(root, "p")
+        assert header["children"] == ["f"]
+        assert header["counts"] == {**count_events([ev(1)])._asdict(), "head": 1}
+        await writer.delete("p")  # the fork is known as a child: the parent's log stays
+        assert (root / "p" / "context.jsonl").exists()
+        assert (await forker.get("f")).parent is not None
+
+
+async def test_a_create_with_a_limit_counts_under_the_store_lock(tmp_path: Path) -> None:
+    url = f"file://{tmp_path}/root"
+    stores = [open_store(url) for _ in range(8)]
+    try:
+        results = await asyncio.gather(
+            *(
+                s.create(SessionRecord(id=f"s{n}", user_id="ann"), max_per_user=4)
+                for n, s in enumerate(stores)
+            ),
+            return_exceptions=True,
+        )
+        assert sum(isinstance(r, SessionRecord) for r in results) == 4, results
+        assert sum(isinstance(r, SessionLimitError) for r in results) == 4, results
+        with pytest.raises(SessionExistsError):  # a taken id is that, whatever the count
+            await stores[0].create(SessionRecord(id="s0", user_id="ann"), max_per_user=9)
+    finally:
+        for s in stores:
+            await s.aclose()
+
+
+async def test_purges_in_several_threads_delete_and_count_each_session_once(
+    tmp_path: Path,
+) -> None:
+    url = f"file://{tmp_path}/root"
+    stores = [open_store(url) for _ in range(4)]
+    try:
+        expires = now() + 0.5
+        for n in range(250):  # more than one batch
+            await stores[0].create(SessionRecord(id=f"s{n}", expires_at=expires))
+        await stores[0].append("s0", [ev(1)], 0)
+        await stores[0].fork("s0", 1, SessionRecord(id="kept"))
+        await asyncio.sleep(max(0.0, expires - now() + 0.05))
+        purged = await asyncio.gather(*(s.purge_expired() for s in stores))
+        assert sum(purged) == 250, purged
+        assert sorted(p.name for p in (tmp_path / "root").iterdir() if p.is_dir()) == [
+            "kept",
+            "s0",  # kept (invisibly) for its fork
+        ]
+        assert [e.seq async for b in stores[1].read("kept") for e in b] == [1]
+        assert await stores[2].purge_expired() == 0
+    finally:
+        for s in stores:
+            await s.aclose()

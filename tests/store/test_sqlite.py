@@ -8,6 +8,8 @@ import logging
 import sqlite3
 import subprocess
 import sys
+import time
+from collections.abc import Awaitable
 from pathlib import Path
 
 import pytest
@@ -17,14 +19,17 @@ from chatsession import (
     CorruptDataError,
     InvalidURLError,
     NewEvent,
+    SessionArchivedError,
     SessionNotFoundError,
     SessionRecord,
     Store,
     StoreUnavailableError,
     open_store,
 )
-from chatsession.store.base import new_event_id
+from chatsession.store.base import count_events, new_event_id
 from chatsession.store.sqlite import MIGRATIONS, SQLiteStore
+from chatsession.store.sqlite.schema import MAX_COUNTER
+from chatsession.store.sqlite.store import COUNT_USER_SQL, listing_sql
 
 
 def test_url_forms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -533,3 +538,272 @@ async def test_reads_racing_appends_of_another_process_never_see_damage(tmp_path
             writer.kill()
             writer.communicate()
         assert reads > 10
+
+
+# --------------------------------------------------------------------------
+# many users: migration 004, counters, stats, limits, listing by user
+
+
+def _usage(total: object) -> NewEvent:
+    return NewEvent("usage", json.dumps({"total_tokens": total}, separators=(",", ":")), 2.0)
+
+
+def _database_at_003(path: Path) -> list[NewEvent]:
+    """A database as the store left it at migration 003, and the events its live sessions hold.
+
+    ``a`` (ann) holds messages and usage, among them usage whose ``total_tokens``
+    count_events does not count; ``f`` is a fork of ``a`` with events of its
+    own; ``gone`` is deleted but kept for its fork ``g``.
+    """
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode = WAL")
+    db.execute("CREATE TABLE chatsession_migrations (name TEXT PRIMARY KEY, applied_at REAL)")
+    for name, migration in MIGRATIONS[:3]:
+        migration(db)
+        db.execute("INSERT INTO chatsession_migrations VALUES (?, 0)", (name,))
+    own = {
+        "a": [
+            NewEvent("message", '{"role":"user","content":"héllo ✓"}', 1.0),
+            _usage(120),
+            _usage(True),  # a bool is not a count
+            _usage(-4),
+            _usage(2.5),
+            NewEvent("usage", "[1,2]", 1.0),
+            NewEvent("message", '{"role":"assistant","content":"hi"}', 1.0),
+        ],
+        "f": [NewEvent("message", '{"role":"user","content":"in the fork"}', 1.0), _usage(7)],
+        "gone": [NewEvent("message", '{"content":"lost"}', 1.0), _usage(1000)],
+        "g": [],
+    }
+    rows = [  # pk, id, user, parent_pk, parent_seq, head, deleted, children
+        (1, "a", "ann", None, None, 7, 0, 1),
+        (2, "f", "ann", 1, 2, 4, 0, 0),
+        (3, "gone", "bob", None, None, 2, 1, 1),
+        (4, "g", "bob", 3, 2, 2, 0, 0),
+    ]
+    for pk, sid, user, parent_pk, parent_seq, head, deleted, children in rows:
+        db.execute(
+            "INSERT INTO sessions (pk, id, user_id, state, created_at, updated_at, parent_pk, "
+            "parent_seq, head, deleted, children, body) "
+            "VALUES (?, ?, ?, 'active', ?, 1.0, ?, ?, ?, ?, ?, '{}')",
+            (pk, sid, user, float(pk), parent_pk, parent_seq, head, deleted, children),
+        )
+        start = parent_seq or 0
+        for seq, event in enumerate(own[sid], start=start + 1):
+            db.execute(
+                "INSERT INTO events (session_pk, seq, type, ts, turn_id, v, data) "
+                "VALUES (?, ?, ?, ?, NULL, 3, ?)",
+                (pk, seq, event.type, event.ts, event.data),
+            )
+    db.close()
+    return own["a"] + own["f"] + own["g"]
+
+
+async def test_a_database_at_migration_003_gets_its_counters_when_opened(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    live = _database_at_003(path)
+    expected = count_events(live)
+    assert (expected.messages, expected.tokens) == (3, 127)
+    async with open_store(f"sqlite:///{path}") as store:
+        stats = await store.stats()
+        assert (stats.messages, stats.tokens, stats.bytes) == tuple(expected)
+        assert stats.sessions == 3 and stats.by_user == {"ann": 2, "bob": 1}
+        await store.append("f", [_usage(3)], 4)  # the counters go on from there
+        assert (await store.stats()).tokens == 130
+        assert [
+            r.id for r in (await store.list_sessions(user_id="ann", state="active")).records
+        ] == [
+            "f",
+            "a",
+        ]
+    db = sqlite3.connect(path)
+    try:
+        names = [r[0] for r in db.execute("SELECT name FROM chatsession_migrations ORDER BY name")]
+        assert names == [name for name, _ in MIGRATIONS]
+        kept = db.execute("SELECT id, messages, tokens, bytes FROM sessions ORDER BY pk").fetchall()
+        assert [row[:3] for row in kept] == [
+            ("a", 2, 120),
+            ("f", 1, 10),
+            ("gone", 1, 1000),  # kept for its fork, not counted by stats
+            ("g", 0, 0),
+        ]
+        assert kept[0][3] == count_events(live[:7]).bytes  # UTF-8 bytes, not characters
+    finally:
+        db.close()
+
+
+def _trace_reads(db: sqlite3.Connection, tables: set[str]) -> None:
+    """Record in ``tables`` every table a statement prepared from now on reads."""
+
+    def authorize(action: int, arg1: str | None, *_: object) -> int:
+        if action == sqlite3.SQLITE_READ and arg1 is not None:
+            tables.add(arg1)
+        return sqlite3.SQLITE_OK
+
+    db.set_authorizer(authorize)
+
+
+async def test_stats_reads_no_event_row(tmp_path: Path) -> None:
+    async with open_store(f"sqlite:///{tmp_path}/s.db") as store:
+        await store.create(SessionRecord(id="s", user_id="ann", agent_id="helper"))
+        await store.append("s", [NewEvent("message", '{"content":"x"}', 1.0), _usage(9)], 0)
+        read: set[str] = set()
+        await store._run(lambda db: _trace_reads(db, read))  # type: ignore[attr-defined]
+        stats = await store.stats()
+        assert (stats.messages, stats.tokens, stats.sessions) == (1, 9, 1)
+        assert read == {"sessions"}
+        [e async for b in store.read("s") for e in b]
+        assert "events" in read  # the trace does see a read of the events
+
+
+@pytest.mark.parametrize("synchronous", ["normal", "full"])  # the fast path, the worker
+async def test_appends_keep_the_counters_on_either_thread(tmp_path: Path, synchronous: str) -> None:
+    url = f"sqlite:///{tmp_path}/s.db?synchronous={synchronous}"
+    events = [NewEvent("message", '{"content":"ünïcode"}', 1.0), _usage(10**30)]
+    async with open_store(url) as store, open_store(url) as other:
+        await store.create(SessionRecord(id="s"))
+        head = await store.append("s", events, 0)
+        await other.append("s", events, head)  # a huge total_tokens saturates, never fails
+        db = sqlite3.connect(tmp_path / "s.db")
+        try:
+            row = db.execute("SELECT messages, tokens, bytes FROM sessions").fetchone()
+        finally:
+            db.close()
+        assert row == (2, MAX_COUNTER, 2 * count_events(events).bytes)
+        assert (await store.stats()).tokens == MAX_COUNTER
+
+
+def _plan(store: Store, sql: str, params: tuple[object, ...]) -> Awaitable[str]:
+    return store._run(  # type: ignore[attr-defined,no-any-return]
+        lambda db: " | ".join(str(r[3]) for r in db.execute(f"EXPLAIN QUERY PLAN {sql}", params))
+    )
+
+
+async def test_listing_and_counting_a_users_sessions_use_the_user_indexes(tmp_path: Path) -> None:
+    async with open_store(f"sqlite:///{tmp_path}/s.db") as store:
+        await store.create(SessionRecord(id="a", user_id="ann"))
+        for filters, index in [
+            (("user_id",), "sessions_by_user (user_id=?"),
+            (("user_id", "state"), "sessions_by_user_state (user_id=? AND state=?"),
+            (("user_id", "agent_id"), "sessions_by_user (user_id=?"),
+            (("user_id", "window_id", "state"), "sessions_by_user_state (user_id=? AND state=?"),
+        ]:
+            for keyset in (False, True):
+                sql = listing_sql(filters, keyset=keyset)
+                params = (1.0, *["x"] * len(filters), *((1.0, "x") if keyset else ()), 5)
+                plan = await _plan(store, sql, params)
+                assert f"SEARCH s USING INDEX {index}" in plan, (filters, plan)
+                assert "TEMP B-TREE" not in plan, plan  # the index gives the order
+                if keyset:
+                    assert "(created_at,id)<(?,?)" in plan, plan  # a range, not a filter
+        plan = await _plan(store, COUNT_USER_SQL, ("ann", 1.0))
+        assert "USING INDEX sessions_by_user" in plan, plan
+
+
+async def test_listing_a_users_sessions_costs_the_same_among_ten_times_more(
+    tmp_path: Path,
+) -> None:
+    """The work SQLite does (virtual machine steps) to list or count one user's sessions
+    does not grow with the other users' sessions."""
+    path = tmp_path / "s.db"
+    async with open_store(f"sqlite:///{path}") as store:
+        await store.create(SessionRecord(id="mine-0", user_id="me", agent_id="a0"))
+        db = sqlite3.connect(path, isolation_level=None)
+        steps = [0]
+
+        def tick() -> int:
+            steps[0] += 1
+            return 0
+
+        def fill(first: int, count: int, mine: int) -> None:
+            db.execute("BEGIN")
+            db.executemany(
+                "INSERT INTO sessions (id, user_id, agent_id, state, created_at, updated_at) "
+                "VALUES (?, ?, ?, 'active', ?, 1.0)",
+                [
+                    (f"s{n}", f"u{n % 100}", f"a{n % 3}", float(n))
+                    for n in range(first, first + count)
+                ],
+            )
+            db.executemany(
+                "INSERT INTO sessions (id, user_id, agent_id, state, created_at, updated_at) "
+                "VALUES (?, 'me', 'a0', ?, ?, 1.0)",
+                [(f"mine-{n}", "archived" if n % 2 else "active", 1.0) for n in range(1, mine)],
+            )
+            db.execute("COMMIT")
+
+        async def cost(round: str) -> list[int]:
+            counts = []
+            for call in (
+                lambda: store.list_sessions(user_id="me", limit=20),
+                lambda: store.list_sessions(user_id="me", state="active", limit=20),
+                lambda: store.list_sessions(user_id="me", agent_id="a0", limit=20),
+                lambda: store.create(
+                    SessionRecord(id=f"new-{round}", user_id="me", state="archived"),
+                    max_per_user=1000,
+                ),
+            ):
+                for conn in (store._db._db, store._db._fast):  # type: ignore[attr-defined]
+                    conn.set_progress_handler(tick, 100)  # the worker's and the loop's
+                steps[0] = 0
+                await call()
+                counts.append(steps[0])
+            return counts
+
+        try:
+            fill(0, 2_000, mine=40)
+            small = await cost("small")
+            fill(10_000, 20_000, mine=0)
+            large = await cost("large")
+        finally:
+            db.close()
+    for before, after in zip(small, large, strict=True):
+        assert after <= before * 1.5 + 5, (small, large)
+
+
+@pytest.mark.parametrize("synchronous", ["normal", "full"])  # the fast path, the worker
+async def test_an_archived_session_refuses_appends_on_either_thread(
+    tmp_path: Path, synchronous: str
+) -> None:
+    path = tmp_path / "s.db"
+    async with open_store(f"sqlite:///{path}?synchronous={synchronous}") as store:
+        await store.create(SessionRecord(id="s", user_id="ann"))
+        head = await store.append("s", [_usage(5)], 0)
+        record = await store.get("s")
+        await store.update(record.model_copy(update={"state": "archived"}), record.version)
+        with pytest.raises(SessionArchivedError):
+            await store.append("s", [NewEvent("message", '{"content":"no"}', 1.0)], head)
+        db = sqlite3.connect(path)
+        try:
+            row = db.execute("SELECT head, messages, tokens FROM sessions").fetchone()
+            assert row == (1, 0, 5)  # nothing written, the figures untouched
+            assert db.execute("SELECT count(*) FROM events").fetchone()[0] == 1
+        finally:
+            db.close()
+        # the store stays usable on that connection: the refusal rolled back
+        await store.create(SessionRecord(id="t"))
+        assert await store.append("t", [_usage(1)], 0) == 1
+
+
+async def test_purges_by_several_store_objects_at_once_count_each_session_once(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path}/s.db"
+    stores = [open_store(url) for _ in range(4)]
+    try:
+        expires = time.time() + 0.5
+        for n in range(450):  # more than two batches
+            await stores[0].create(SessionRecord(id=f"s{n}", expires_at=expires))
+            await stores[0].append(f"s{n}", [_usage(n)], 0)
+        await stores[0].fork("s0", 1, SessionRecord(id="kept"))
+        await asyncio.sleep(max(0.0, expires - time.time() + 0.05))
+        purged = await asyncio.gather(*(s.purge_expired() for s in stores))
+        assert sum(purged) == 450, purged
+        assert [r.id for r in (await stores[1].list_sessions()).records] == ["kept"]
+        assert [e.seq async for b in stores[2].read("kept") for e in b] == [1]
+        stats = await stores[3].stats()
+        assert (stats.sessions, stats.tokens, stats.by_state["expired"]) == (1, 0, 0)
+        assert await stores[0].purge_expired() == 0
+    finally:
+        for s in stores:
+            await s.aclose()

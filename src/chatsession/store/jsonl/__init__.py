@@ -3,9 +3,9 @@
 URL forms: ``file:///absolute/dir`` and ``file:relative/dir``. Layout::
 
     dir/
-      .chatsession.lock          serialises creating, forking and deleting sessions
+      .chatsession.lock          serialises creating, forking, updating and deleting sessions
       SESSION_ID/
-        session.json             the record (replaced atomically on change)
+        session.json             the record and its figures (replaced atomically on change)
         context.jsonl            the session's own events, one JSON object a line
         context.jsonl.corrupt    torn writes moved aside, if there ever were any
         offload/BLOB_ID          blobs (large tool outputs), named by their sha256
@@ -20,9 +20,11 @@ with an id carries it as ``"id"`` (so an append sent again after a lost reply
 is recognised and applied once). A fork's file holds only
 its own events; its ``session.json`` names the parent and the fork point.
 Besides the record's fields, ``session.json`` keeps ``deleted`` (a deleted
-session kept for its forks), ``children`` (its forks) and ``create_id`` (a
+session kept for its forks), ``children`` (its forks), ``create_id`` (a
 random id given by ``create``/``fork``, so a deleted and re-created session is
-never mistaken for the old one).
+never mistaken for the old one) and ``counts``: ``{"messages", "tokens",
+"bytes", "head"}``, the figures of the session's own events up to seq
+``head`` for ``stats()`` (a fork's start at 0).
 
 Guarantees:
 
@@ -54,6 +56,19 @@ Guarantees:
   released lease keeps its token, so tokens only grow. ``snapshot.bin`` is
   written atomically (a temporary file renamed over it); a damaged one counts
   as none. Both go with the session (also when it is only kept for its forks).
+- Many users: ``create(max_per_user=)`` counts the user's sessions and
+  makes the new one under ``.chatsession.lock``, which every create, fork,
+  update and delete of every process holds, so racing creates never pass
+  the limit. An append checks the session's state (archived refuses) with
+  the head, under the session's lock, then writes its figures and
+  ``updated_at`` into ``session.json``; ``stats()`` reads only the headers,
+  never a log line. If the header write fails or the process dies before
+  it, the append stands and the next one counts what the figures miss; a
+  header written before the store kept figures counts 0 in ``stats()``
+  until its session's next append counts its log once. ``purge_expired``
+  checks each session again under ``.chatsession.lock`` before deleting it,
+  so purges running at once in several processes delete (and count) each
+  session once.
 - Lines are split on ``\n`` only: text holding U+2028, U+2029, NEL or other
   separators is one line, as JSON allows.
 - ``list_sessions`` and ``purge_expired`` skip a session whose files are
@@ -68,8 +83,8 @@ Guarantees:
 - ``read`` streams: memory is bounded by ``batch_size``, not by the history. A
   session deleted (or deleted and re-created) while it is being read raises
   ``SessionNotFoundError`` at the next batch.
-- ``list_sessions`` and ``purge_expired`` read every session's header: O(number
-  of sessions). Appends cost O(1) in history length: each store object keeps
+- ``list_sessions``, ``stats``, ``purge_expired`` and a create with
+  ``max_per_user`` read every session's header: O(number of sessions). Appends cost O(1) in history length: each store object keeps
   every session's head and file size, and reads only bytes added since. That
   knowledge is reused only while the file is the same one (device, inode and
   ``create_id``); otherwise the file is walked again from the start.

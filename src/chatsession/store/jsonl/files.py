@@ -77,7 +77,13 @@ class Folder:
 
     @contextlib.contextmanager
     def root_lock(self) -> Iterator[None]:
-        """Hold the lock that serialises creating, forking and deleting sessions."""
+        """Hold the store's lock (``.chatsession.lock``), across processes.
+
+        Creating (with the count ``max_per_user`` needs), forking, updating,
+        deleting and purging sessions hold it, so what one of them reads of
+        the store's sessions cannot change until it is done. Take it before a
+        session's lock, never after.
+        """
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         with FileLock(str(self.root / ".chatsession.lock"), timeout=LOCK_TIMEOUT, mode=0o600):
             yield

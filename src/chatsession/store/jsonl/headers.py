@@ -1,9 +1,13 @@
 """``session.json``: a session's record and the store's bookkeeping, read and written whole.
 
 Besides the record's fields the header keeps ``deleted`` (a deleted session
-kept for its forks), ``children`` (its forks) and ``create_id`` (a random id
+kept for its forks), ``children`` (its forks), ``create_id`` (a random id
 given by ``create``/``fork``, so a deleted and re-created session is never
-mistaken for the old one). It is replaced atomically on every change.
+mistaken for the old one) and ``counts``: the figures of the session's own
+events for ``stats()`` (``messages``, ``tokens``, ``bytes``, as
+:func:`~chatsession.store.types.count_events` counts them) and ``head``, the
+last seq they cover. It is replaced atomically on every change, appends
+included.
 """
 
 from __future__ import annotations
@@ -13,13 +17,15 @@ import uuid
 from typing import Any
 
 from chatsession.errors import SessionNotFoundError
-from chatsession.store.base import SessionRecord, describe_failure
+from chatsession.store.base import EventCounts, SessionRecord, describe_failure
 from chatsession.store.jsonl.files import HEADER, Folder
 from chatsession.store.jsonl.lines import loads
 from chatsession.store.records import check_visible, damaged, decode_record, is_visible
 
 __all__ = [
     "Header",
+    "counts_field",
+    "counts_of",
     "fork_seq",
     "header_of",
     "read_header",
@@ -31,7 +37,9 @@ __all__ = [
 ]
 
 Header = dict[str, Any]
-_BOOKKEEPING = ("deleted", "children", "create_id")  # header keys that are not record fields
+#: Header keys that are not record fields.
+_BOOKKEEPING = ("deleted", "children", "create_id", "counts")
+_COUNT_KEYS = ("messages", "tokens", "bytes", "head")
 _FIX = "restore it from a backup or rewrite it by hand (see docs/stores.md for its fields)"
 
 
@@ -95,14 +103,46 @@ def header_of(record: SessionRecord, kept: Header | None = None) -> Header:
     """The header for ``record``, keeping the bookkeeping of ``kept`` (or starting it)."""
     header = record.model_dump(mode="json", exclude={"head"})
     if kept is None:
-        header.update(deleted=False, children=[], create_id=uuid.uuid4().hex)
+        start = record.parent.seq if record.parent else 0
+        header.update(
+            deleted=False,
+            children=[],
+            create_id=uuid.uuid4().hex,
+            counts=counts_field(EventCounts(0, 0, 0), start),
+        )
     else:
         header.update(
             deleted=bool(kept.get("deleted")),
             children=list(kept.get("children", [])),
             create_id=kept.get("create_id"),
         )
+        if "counts" in kept:
+            header["counts"] = kept["counts"]
     return header
+
+
+def counts_field(counts: EventCounts, head: int) -> dict[str, int]:
+    """The header's ``counts``: ``counts`` of the session's own events up to seq ``head``."""
+    return {
+        "messages": counts.messages,
+        "tokens": counts.tokens,
+        "bytes": counts.bytes,
+        "head": head,
+    }
+
+
+def counts_of(header: Header) -> tuple[EventCounts, int] | None:
+    """The header's figures and the last seq they cover; None if it has none or they are unsound.
+
+    Headers written before the store kept figures have none; they are counted
+    from the log by the session's next append (see ``JSONLStore.append``).
+    """
+    kept = header.get("counts")
+    if type(kept) is not dict or any(
+        type(kept.get(key)) is not int or kept[key] < 0 for key in _COUNT_KEYS
+    ):
+        return None
+    return EventCounts(kept["messages"], kept["tokens"], kept["bytes"]), kept["head"]
 
 
 def record_of(folder: Folder, header: Header, head: int) -> SessionRecord:

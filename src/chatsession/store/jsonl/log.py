@@ -29,7 +29,7 @@ from chatsession.errors import (
     StoreRepairWarning,
     StoreUnavailableError,
 )
-from chatsession.store.base import describe_failure
+from chatsession.store.base import EventCounts, NewEvent, count_events, describe_failure
 from chatsession.store.jsonl.files import CORRUPT, HEADER, LOG, Folder
 from chatsession.store.jsonl.headers import (
     Header,
@@ -300,3 +300,29 @@ class Log:
         finally:
             segment.close()
         return found[0].event_id if found else None
+
+    def count_own(self, session_id: str, header: Header, after: int, upto: int) -> EventCounts:
+        """:func:`count_events` of the session's own events ``after < seq <= upto``.
+
+        Reads those lines of the log (once per session at most, to back-fill
+        figures an older header lacks or a crash left behind); call under the lock.
+        """
+        start = fork_seq(header)
+        after = max(after, start)
+        if upto <= after:
+            return EventCounts(0, 0, 0)
+        path = self.folder.dir(session_id) / LOG
+        segment = Segment(path, reader(path), start, after, upto)
+        messages = tokens = size = 0
+        try:
+            while not segment.done:
+                batch = segment.take(CHUNK // 64)
+                if not batch:
+                    break
+                counts = count_events([NewEvent(e.type, e.data, e.ts) for e in batch])
+                messages += counts.messages
+                tokens += counts.tokens
+                size += counts.bytes
+        finally:
+            segment.close()
+        return EventCounts(messages, tokens, size)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -23,12 +24,15 @@ from chatsession.errors import (
     ConflictError,
     CorruptDataError,
     InvalidURLError,
+    SessionArchivedError,
     SessionExistsError,
+    SessionLimitError,
     SessionNotFoundError,
     StoreUnavailableError,
 )
 from chatsession.store.base import (
     DEFAULT_READ_BATCH,
+    EventCounts,
     Lease,
     NewEvent,
     Page,
@@ -36,9 +40,11 @@ from chatsession.store.base import (
     SessionRecord,
     SessionState,
     StoredEvent,
+    StoreStats,
     check_append,
     check_before,
     check_blob,
+    check_create,
     check_filters,
     check_fork_at,
     check_fork_point,
@@ -48,13 +54,16 @@ from chatsession.store.base import (
     check_read,
     check_record,
     check_snapshot,
+    check_stats,
     check_version,
+    count_events,
     decode_cursor,
     fork_loop,
     fork_segments,
     initial_record,
     now,
     redact_url,
+    top_counts,
     updated_record,
     validate_id,
 )
@@ -71,6 +80,8 @@ from chatsession.store.jsonl.files import (
 )
 from chatsession.store.jsonl.headers import (
     Header,
+    counts_field,
+    counts_of,
     fork_seq,
     header_of,
     read_header,
@@ -92,6 +103,8 @@ logger = logging.getLogger("chatsession.store.jsonl")
 
 #: The options of a ``file://`` URL (see the package docstring).
 OPTIONS = {"fsync": flag(default=False)}
+#: Expired sessions a purge deletes per hold of the store's lock (creates get it in between).
+_PURGE_BATCH = 100
 
 
 class JSONLStore:
@@ -180,17 +193,44 @@ class JSONLStore:
 
     # -- records ---------------------------------------------------------------
 
-    async def create(self, record: SessionRecord) -> SessionRecord:
-        """See :meth:`Store.create`."""
+    async def create(
+        self, record: SessionRecord, *, max_per_user: int | None = None
+    ) -> SessionRecord:
+        """See :meth:`Store.create`.
+
+        With ``max_per_user``, the user's sessions are counted and the new one
+        made under the store's lock (``.chatsession.lock``), which every
+        create, fork, update and delete of any process holds: the count
+        cannot change in between. Counting reads every session's header.
+        """
+        check_create(record, max_per_user)
         stored = initial_record(record)
 
         def work() -> None:
             with self._folder.root_lock():
+                if max_per_user is not None and stored.user_id is not None:
+                    if read_header(self._folder, stored.id) is not None:
+                        raise SessionExistsError(stored.id)
+                    count = self._count_user(stored.user_id)
+                    if count >= max_per_user:
+                        raise SessionLimitError(stored.user_id, max_per_user, count)
                 self._make_folder(stored.id)
                 write_header(self._folder, header_of(stored))
 
         await self._run(work, f"create session {stored.id!r}")
         return stored
+
+    def _count_user(self, user_id: str) -> int:
+        """The user's visible sessions that are not archived (hold the store's lock)."""
+        at = now()
+        return sum(
+            1
+            for h in self._headers("create")
+            if h.get("user_id") == user_id
+            and h.get("state") != SessionState.ARCHIVED
+            and not h.get("deleted")
+            and (h.get("expires_at") is None or h["expires_at"] > at)
+        )
 
     def _make_folder(self, session_id: str) -> None:
         """Make a new session's folder and empty log (root lock held); write the header after."""
@@ -262,10 +302,13 @@ class JSONLStore:
         if header is None:
             return
         folder = self._dir(session_id)
-        if header.get("children"):
-            header["deleted"] = True
+        if header.get("children"):  # they change under the store's lock only: ours
             with self._folder.session_lock(session_id):
-                write_header(self._folder, header)
+                kept = read_header(self._folder, session_id)  # as the last append left it
+                if kept is None:
+                    return
+                kept["deleted"] = True
+                write_header(self._folder, kept)
                 self._drop_derived(session_id)
             return
         trash = self.root / f"{TRASH}{session_id}-{uuid.uuid4().hex}"
@@ -274,15 +317,20 @@ class JSONLStore:
         self._log.forget(session_id)
         shutil.rmtree(trash, ignore_errors=True)
         parent = header.get("parent")
-        if parent:
-            parent_header = read_header(self._folder, parent["session_id"])
-            if parent_header is not None:
-                parent_header["children"] = [
-                    c for c in parent_header.get("children", []) if c != session_id
-                ]
-                write_header(self._folder, parent_header)
-                if parent_header.get("deleted") and not parent_header["children"]:
-                    self._remove(parent["session_id"])
+        if parent and read_header(self._folder, parent["session_id"]) is not None:
+            with self._folder.session_lock(parent["session_id"]):  # appends rewrite its header
+                parent_header = read_header(self._folder, parent["session_id"])
+                if parent_header is not None:
+                    parent_header["children"] = [
+                        c for c in parent_header.get("children", []) if c != session_id
+                    ]
+                    write_header(self._folder, parent_header)
+            if (
+                parent_header is not None
+                and parent_header.get("deleted")
+                and not parent_header["children"]
+            ):
+                self._remove(parent["session_id"])
 
     async def delete(self, session_id: str) -> None:
         """See :meth:`Store.delete`."""
@@ -298,18 +346,19 @@ class JSONLStore:
     def _headers(self, doing: str) -> Iterator[Header]:
         """Every session's header; a damaged one is skipped with a warning naming it."""
         try:
-            entries = list(os.scandir(self.root))
+            entries = os.scandir(self.root)
         except FileNotFoundError:
             return  # nothing was ever created here
-        for entry in entries:
-            if entry.is_dir() and not entry.name.startswith("."):
-                try:
-                    header = read_header(self._folder, entry.name)
-                except CorruptDataError as exc:
-                    logger.warning("%s skips session %r: %s", doing, entry.name, exc)
-                    continue
-                if header is not None:
-                    yield header
+        with entries:
+            for entry in entries:
+                if entry.is_dir() and not entry.name.startswith("."):
+                    try:
+                        header = read_header(self._folder, entry.name)
+                    except CorruptDataError as exc:
+                        logger.warning("%s skips session %r: %s", doing, entry.name, exc)
+                        continue
+                    if header is not None:
+                        yield header
 
     async def list_sessions(
         self,
@@ -368,11 +417,21 @@ class JSONLStore:
         *,
         lease: Lease | None = None,
     ) -> int:
-        """See :meth:`Store.append`."""
+        """See :meth:`Store.append`.
+
+        Under the session's lock: the head, the state (archived refuses) and
+        the lease are checked, the lines written, then ``session.json`` gets
+        the session's figures for ``stats()`` and ``updated_at``. If that last
+        write fails, or the process dies before it, the append still stands:
+        the figures lag, and the session's next append counts what they miss
+        from the log (as it does once for a header written before the store
+        kept figures).
+        """
         check_append(events, expected_seq)
         validate_id(session_id)
         if lease is not None:
             check_lease_for(lease, session_id)
+        added = count_events(events)
 
         def work() -> int:
             with self._log.locked(session_id, write=True) as session:
@@ -387,8 +446,11 @@ class JSONLStore:
                     ):
                         return expected_seq + len(events)  # applied already: its reply was lost
                     raise ConflictError(session_id, expected_seq, tail.head)
+                if session.header.get("state") == SessionState.ARCHIVED:
+                    raise SessionArchivedError(session_id)
                 held, _ = leases.held_lease(self._folder, session_id)
                 check_writer(session_id, held, lease, now())
+                before = self._counted(session_id, session.header, tail.head)
                 text = "".join(
                     line(expected_seq + i, e, len(events) if i == 1 else 1)
                     for i, e in enumerate(events, start=1)
@@ -400,9 +462,46 @@ class JSONLStore:
                     raise
                 new = Tail(tail.identity, tail.size + len(text), expected_seq + len(events))
                 self._log.remember(session_id, new)
+                total = EventCounts(*(a + b for a, b in zip(before, added, strict=True)))
+                self._keep_counts(session.header, total, new.head)
                 return new.head
 
         return await self._run(work, f"append to session {session_id!r}", session_id)
+
+    def _counted(self, session_id: str, header: Header, head: int) -> EventCounts:
+        """The figures of the session's own events up to ``head`` (its lock held).
+
+        What the header keeps, plus what it misses counted from the log: all
+        of it for a header without figures, the last append's after a crash
+        between the log's write and the header's.
+        """
+        kept = counts_of(header)
+        if kept is not None and fork_seq(header) <= kept[1] <= head:
+            counts, upto = kept
+        else:
+            counts, upto = EventCounts(0, 0, 0), fork_seq(header)
+        if upto == head:
+            return counts
+        missed = self._log.count_own(session_id, header, upto, head)
+        return EventCounts(*(a + b for a, b in zip(counts, missed, strict=True)))
+
+    def _keep_counts(self, header: Header, counts: EventCounts, head: int) -> None:
+        """Write the session's figures and ``updated_at`` into its header (its lock held).
+
+        The events are already stored: a failure here is logged, not raised
+        (the next append counts what the header misses).
+        """
+        kept = {**header, "counts": counts_field(counts, head), "updated_at": now()}
+        try:
+            write_header(self._folder, kept)
+        except OSError as exc:
+            logger.warning(
+                "session %r: the append is stored, but its figures could not be written to %s "
+                "(%s); the next append counts them",
+                header["id"],
+                self._dir(header["id"]) / HEADER,
+                exc,
+            )
 
     def _lineage(self, header: Header) -> list[tuple[str, int]]:
         chain: list[tuple[str, int]] = []
@@ -494,13 +593,12 @@ class JSONLStore:
         check_record(new_record)
 
         def work() -> SessionRecord:
-            with self._folder.root_lock():
-                with self._log.locked(session_id) as session:
-                    check_fork_point(session_id, at_seq, session.tail.head)
+            with self._folder.root_lock(), self._log.locked(session_id) as session:
+                check_fork_point(session_id, at_seq, session.tail.head)
                 stored = initial_record(new_record, ParentRef(session_id=session_id, seq=at_seq))
                 self._make_folder(stored.id)
                 write_header(self._folder, header_of(stored))
-                parent = session.header
+                parent = session.header  # read under its lock, which appends hold to rewrite it
                 parent["children"] = [*parent.get("children", []), stored.id]
                 write_header(self._folder, parent)
                 return stored
@@ -612,28 +710,99 @@ class JSONLStore:
     async def purge_expired(self, before: float | None = None) -> int:
         """See :meth:`Store.purge_expired`.
 
-        A session whose header is damaged is skipped, with a warning logged.
+        Finds the expired sessions by their headers, then deletes them in
+        batches of 100 under the store's lock, each one checked again under
+        it: a purge running in another process at once finds it gone, so each
+        session is deleted, and counted, once. A session whose header is
+        damaged is skipped, with a warning logged.
         """
         check_before(before)
         at = now() if before is None else before
 
-        def work() -> int:
+        def expired(header: Header | None) -> bool:
+            return (
+                header is not None
+                and not header.get("deleted")
+                and header.get("expires_at") is not None
+                and header["expires_at"] <= at
+            )
+
+        def purge(batch: list[str]) -> int:
+            done = 0
             with self._folder.root_lock():
-                expired = [
-                    h["id"]
-                    for h in self._headers("purge_expired")
-                    if not h.get("deleted")
-                    and h.get("expires_at") is not None
-                    and h["expires_at"] <= at
-                ]
-                for session_id in expired:
-                    self._remove(session_id)
+                for session_id in batch:
+                    try:
+                        header = read_header(self._folder, session_id)
+                    except CorruptDataError as exc:
+                        logger.warning("purge_expired skips session %r: %s", session_id, exc)
+                        continue
+                    if expired(header):  # not purged by another process meanwhile
+                        self._remove(session_id)
+                        done += 1
+            return done
+
+        def work() -> int:
+            found = [h["id"] for h in self._headers("purge_expired") if expired(h)]
+            purged = 0
+            for start in range(0, len(found), _PURGE_BATCH):
+                purged += purge(found[start : start + _PURGE_BATCH])
+            if not self.root.is_dir():
+                return purged
+            with self._folder.root_lock():
                 for entry in os.scandir(self.root):  # what an interrupted delete left behind
                     if entry.name.startswith(TRASH) and entry.is_dir(follow_symlinks=False):
                         shutil.rmtree(entry.path, ignore_errors=True)
-                return len(expired)
+            return purged
 
         return await self._run(work, "purge expired sessions")
+
+    async def stats(self, *, idle_before: float | None = None, top: int = 100) -> StoreStats:
+        """See :meth:`Store.stats`.
+
+        Reads every session's header (``session.json``, where appends keep the
+        figures), never a log line: O(sessions) time, memory in the number of
+        users and agents. A header without figures (written before the store
+        kept them) counts 0 until its session's next append; a damaged one is
+        skipped, with a warning logged.
+        """
+        check_stats(idle_before, top)
+
+        def work() -> StoreStats:
+            at = now()
+            stats = StoreStats()
+            users: dict[str, int] = {}
+            agents: dict[str, int] = {}
+            for header in self._headers("stats"):
+                if header.get("deleted"):
+                    continue
+                if header.get("expires_at") is not None and header["expires_at"] <= at:
+                    stats.by_state["expired"] += 1
+                    continue
+                kept = counts_of(header)
+                counts = kept[0] if kept is not None else EventCounts(0, 0, 0)
+                updated_at = header["updated_at"]
+                if kept is None:  # an older header: its log's time says when it was appended to
+                    with contextlib.suppress(OSError):
+                        updated_at = max(
+                            updated_at, os.stat(self._dir(header["id"]) / LOG).st_mtime
+                        )
+                state = str(header["state"])
+                if state == "active" and idle_before is not None and updated_at < idle_before:
+                    state = "idle"
+                stats.sessions += 1
+                stats.by_state[state] = stats.by_state.get(state, 0) + 1
+                if header.get("user_id") is not None:
+                    users[header["user_id"]] = users.get(header["user_id"], 0) + 1
+                if header.get("agent_id") is not None:
+                    agents[header["agent_id"]] = agents.get(header["agent_id"], 0) + 1
+                stats.messages += counts.messages
+                stats.tokens += counts.tokens
+                stats.bytes += counts.bytes
+            stats.users, stats.agents = len(users), len(agents)
+            stats.by_user, stats.by_agent = top_counts(users, top), top_counts(agents, top)
+            return stats
+
+        return await self._run(work, "compute the store's stats")
 
     async def aclose(self) -> None:
         """Forget cached heads; the store cannot be used afterwards. Idempotent."""

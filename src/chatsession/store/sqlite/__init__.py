@@ -36,6 +36,18 @@ checked in the append's transaction; its expiry is judged by this machine's
 wall clock. Event ids are kept with each event, so an append sent again after
 a lost reply is applied once. Snapshots are kept one per session.
 
+Many users: ``create(max_per_user=)`` counts the user's sessions (on the
+``sessions_by_user`` index) and inserts the new one in one ``BEGIN
+IMMEDIATE`` transaction, so creates racing in any number of processes never
+pass the limit. An append checks the session's state (archived refuses) and
+adds its figures (``messages``, ``tokens``, ``bytes`` columns, migration
+004) in its own transaction, on whichever thread it runs; ``stats()`` is a
+few aggregate queries over the ``sessions`` table, never reading an event.
+``purge_expired`` finds and deletes expired sessions in write transactions
+of up to 200, so purges running at once in several processes delete (and
+count) each session once. A user's listing reads that user's index entries
+only (``sessions_by_user``, ``sessions_by_user_state``).
+
 A new database file is created readable and writable by its owner only
 (``0600``); SQLite gives its ``-wal`` and ``-shm`` files the same mode. An
 existing file keeps its mode.
@@ -58,7 +70,8 @@ row is ignored (logged): snapshots are derived data.
 
 Modules: ``schema`` (migrations, connecting, SQLite's errors), ``connection``
 (the fast path and the worker thread), ``rows`` (reading rows back),
-``leases`` (leases and snapshots), ``store`` (``SQLiteStore``).
+``leases`` (leases and snapshots), ``stats`` (the per-session figures and
+``stats()``), ``store`` (``SQLiteStore``).
 """
 
 from __future__ import annotations

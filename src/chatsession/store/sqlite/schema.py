@@ -16,7 +16,7 @@ from pathlib import Path
 from chatsession.errors import CorruptDataError, StoreUnavailableError
 from chatsession.store.base import now
 
-__all__ = ["MIGRATIONS", "connect", "is_busy", "migrate", "translate"]
+__all__ = ["MAX_COUNTER", "MIGRATIONS", "connect", "is_busy", "migrate", "translate"]
 
 
 def _migration_1(db: sqlite3.Connection) -> None:
@@ -96,11 +96,51 @@ def _migration_3(db: sqlite3.Connection) -> None:
     )
 
 
+#: The most a session's ``tokens`` figure holds (it saturates there): sums of
+#: counters stay far from SQLite's 64-bit integer limit.
+MAX_COUNTER = 1 << 62
+
+
+def _migration_4(db: sqlite3.Connection) -> None:
+    """Per-session figures for ``stats()``, and the index a user's listing by state needs.
+
+    ``messages``, ``tokens`` and ``bytes`` count the session's own events
+    (:func:`~chatsession.store.types.count_events`); every append adds to
+    them in its transaction. Sessions that already have events get theirs
+    counted here, once, from their rows (a usage event's ``total_tokens``
+    counts when it is a JSON integer >= 0, as ``count_events`` has it).
+    ``sessions_by_user_state`` serves ``list_sessions(user_id=, state=)``
+    without reading other users' sessions.
+    """
+    for column in ("messages", "tokens", "bytes"):
+        db.execute(f"ALTER TABLE sessions ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
+    db.execute(
+        f"""UPDATE sessions SET messages = c.messages, tokens = c.tokens, bytes = c.bytes
+        FROM (
+            SELECT session_pk,
+                sum(type = 'message') AS messages,
+                CAST(min(total(CASE
+                    WHEN type = 'usage' AND typeof(data) = 'text' AND json_valid(data)
+                        AND json_type(data, '$.total_tokens') = 'integer'
+                        AND json_extract(data, '$.total_tokens') >= 0
+                    THEN json_extract(data, '$.total_tokens') ELSE 0 END), {MAX_COUNTER})
+                    AS INTEGER) AS tokens,
+                sum(length(CAST(data AS BLOB))) AS bytes
+            FROM events GROUP BY session_pk
+        ) AS c
+        WHERE sessions.pk = c.session_pk"""
+    )
+    db.execute(
+        "CREATE INDEX sessions_by_user_state ON sessions (user_id, state, created_at DESC, id DESC)"
+    )
+
+
 #: Applied in order, each once, recorded by name. Never edit or reorder: append.
 MIGRATIONS: list[tuple[str, Callable[[sqlite3.Connection], None]]] = [
     ("001_sessions_events_blobs", _migration_1),
     ("002_sessions_by_state", _migration_2),
     ("003_event_ids_leases_snapshots", _migration_3),
+    ("004_session_counters", _migration_4),
 ]
 
 

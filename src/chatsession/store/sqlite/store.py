@@ -15,7 +15,9 @@ from chatsession.errors import (
     ConflictError,
     CorruptDataError,
     InvalidURLError,
+    SessionArchivedError,
     SessionExistsError,
+    SessionLimitError,
     SessionNotFoundError,
 )
 from chatsession.store.base import (
@@ -27,9 +29,11 @@ from chatsession.store.base import (
     SessionRecord,
     SessionState,
     StoredEvent,
+    StoreStats,
     check_append,
     check_before,
     check_blob,
+    check_create,
     check_filters,
     check_fork_at,
     check_fork_point,
@@ -39,7 +43,9 @@ from chatsession.store.base import (
     check_read,
     check_record,
     check_snapshot,
+    check_stats,
     check_version,
+    count_events,
     decode_cursor,
     fork_loop,
     fork_segments,
@@ -60,7 +66,6 @@ from chatsession.store.sqlite.rows import (
     ID,
     PK,
     RECORD_COLUMNS,
-    RECORD_FROM,
     check_head,
     damaged_in,
     events_of,
@@ -69,6 +74,7 @@ from chatsession.store.sqlite.rows import (
     record_of,
     visible_row,
 )
+from chatsession.store.sqlite.stats import ADD_COUNTS_SQL, clamped, store_stats
 
 __all__ = ["SQLiteStore"]
 
@@ -82,9 +88,16 @@ OPTIONS = {
 }
 
 _APPEND_SQL = (
-    "SELECT pk, head, deleted, expires_at, lease_owner, lease_token, lease_expires "
+    "SELECT pk, head, deleted, expires_at, state, lease_owner, lease_token, lease_expires "
     "FROM sessions WHERE id = ?"
 )
+#: A user's sessions that count against ``create(max_per_user=)``: visible, not archived.
+COUNT_USER_SQL = (
+    "SELECT count(*) FROM sessions WHERE user_id = ? AND state <> 'archived' AND deleted = 0 "
+    "AND (expires_at IS NULL OR expires_at > ?)"
+)
+#: Expired sessions a purge deletes per write transaction (others may write in between).
+_PURGE_BATCH = 200
 _INSERT_EVENTS_SQL = (
     "INSERT INTO events (session_pk, seq, type, ts, turn_id, v, data, event_id) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
@@ -97,6 +110,30 @@ _READ_SQL = (
 
 def _fetch(sql: str, params: tuple[Any, ...], db: sqlite3.Connection) -> list[Any]:
     return db.execute(sql, params).fetchall()
+
+
+def listing_sql(filters: tuple[str, ...], *, keyset: bool) -> str:
+    """The query of one page of ``list_sessions`` filtered by equality on ``filters``.
+
+    Parameters: now, the filters' values in order, with ``keyset`` the
+    ``created_at`` and id to go on after, then the row limit. A user's
+    listing reads that user's index entries only (with a state, those in that
+    state): SQLite would otherwise pick the state or agent index, which holds
+    every user's sessions. The keyset is a row value, a range on the index.
+    """
+    where = ["s.deleted = 0", "(s.expires_at IS NULL OR s.expires_at > ?)"]
+    where += [f"s.{column} = ?" for column in filters]
+    if keyset:
+        where.append("(s.created_at, s.id) < (?, ?)")
+    index = ""
+    if "user_id" in filters:
+        by_state = "state" in filters
+        index = " INDEXED BY " + ("sessions_by_user_state" if by_state else "sessions_by_user")
+    return (
+        f"SELECT {RECORD_COLUMNS} FROM sessions s{index} "
+        f"LEFT JOIN sessions p ON p.pk = s.parent_pk WHERE {' AND '.join(where)} "
+        "ORDER BY s.created_at DESC, s.id DESC LIMIT ?"
+    )
 
 
 def _path_from_url(url: str) -> str:
@@ -211,12 +248,27 @@ class SQLiteStore:
 
     # -- records -------------------------------------------------------------
 
-    async def create(self, record: SessionRecord) -> SessionRecord:
-        """See :meth:`Store.create`."""
+    async def create(
+        self, record: SessionRecord, *, max_per_user: int | None = None
+    ) -> SessionRecord:
+        """See :meth:`Store.create`.
+
+        With ``max_per_user``, the user's sessions are counted and the new one
+        inserted in one ``BEGIN IMMEDIATE`` transaction (other processes wait
+        for it); the count reads only that user's index entries.
+        """
+        check_create(record, max_per_user)
         stored = initial_record(record)
 
         def work(db: sqlite3.Connection) -> None:
             db.execute("BEGIN IMMEDIATE")
+            if max_per_user is not None and stored.user_id is not None:
+                taken = db.execute("SELECT 1 FROM sessions WHERE id = ?", (stored.id,))
+                if taken.fetchone() is not None:
+                    raise SessionExistsError(stored.id)
+                count = db.execute(COUNT_USER_SQL, (stored.user_id, now())).fetchone()[0]
+                if count >= max_per_user:
+                    raise SessionLimitError(stored.user_id, max_per_user, count)
             self._insert(db, stored, None)
             db.execute("COMMIT")
 
@@ -341,27 +393,14 @@ class SQLiteStore:
         check_limit(limit)
         check_filters(user_id=user_id, agent_id=agent_id, window_id=window_id, state=state)
         after: tuple[Any, Any] | None = decode_cursor(cursor) if cursor is not None else None
-        where = ["s.deleted = 0", "(s.expires_at IS NULL OR s.expires_at > ?)"]
-        params: list[Any] = [now()]
-        for column, value in (
-            ("user_id", user_id),
-            ("agent_id", agent_id),
-            ("window_id", window_id),
-            ("state", state),
-        ):
-            if value is not None:
-                where.append(f"s.{column} = ?")
-                params.append(value)
-        base_sql = f"SELECT {RECORD_COLUMNS} FROM {RECORD_FROM} WHERE {' AND '.join(where)}"
-        order = " ORDER BY s.created_at DESC, s.id DESC LIMIT ?"
-        keyset = " AND (s.created_at < ? OR (s.created_at = ? AND s.id < ?))"
+        filters = {"user_id": user_id, "agent_id": agent_id, "window_id": window_id, "state": state}
+        chosen = {column: value for column, value in filters.items() if value is not None}
+        params: list[Any] = [now(), *chosen.values()]
         records: list[SessionRecord] = []
         while len(records) <= limit:
             want = limit + 1 - len(records)
-            if after is None:
-                sql, args = base_sql + order, [*params, want]
-            else:
-                sql, args = base_sql + keyset + order, [*params, after[0], after[0], after[1], want]
+            sql = listing_sql(tuple(chosen), keyset=after is not None)
+            args = [*params, *(after or ()), want]
             rows = await self._db.run(partial(_fetch, sql, tuple(args)))
             for row in rows:
                 try:
@@ -387,19 +426,23 @@ class SQLiteStore:
 
         Runs on the event loop's thread when the write lock is free at once,
         on the worker thread (waiting up to ``busy_timeout``) when it is not.
+        The session's state and lease are checked, the events inserted and its
+        head and figures (``count_events``, counted before) updated in one
+        ``BEGIN IMMEDIATE`` transaction.
         """
         check_append(events, expected_seq)
         validate_id(session_id)
         if lease is not None:
             check_lease_for(lease, session_id)
         path = self.path
+        messages, tokens, size = clamped(count_events(events))
 
         def work(db: sqlite3.Connection) -> int:
             db.execute("BEGIN IMMEDIATE")
             row = db.execute(_APPEND_SQL, (session_id,)).fetchone()
             if row is None:
                 raise SessionNotFoundError(session_id)
-            pk, head, deleted, expires_at, owner, token, lease_expires = row
+            pk, head, deleted, expires_at, state, owner, token, lease_expires = row
             head = check_head(path, session_id, head, expires_at)
             at = now()
             check_visible(session_id, deleted, expires_at, at)
@@ -408,6 +451,8 @@ class SQLiteStore:
                     db.execute("ROLLBACK")
                     return expected_seq + len(events)
                 raise ConflictError(session_id, expected_seq, head)
+            if state == "archived":
+                raise SessionArchivedError(session_id)
             check_writer(
                 session_id, held_lease(path, session_id, owner, token, lease_expires), lease, at
             )
@@ -431,9 +476,7 @@ class SQLiteStore:
             except sqlite3.IntegrityError as exc:
                 raise past_head(db, path, session_id, pk, head) from exc
             new_head = head + len(events)
-            db.execute(
-                "UPDATE sessions SET head = ?, updated_at = ? WHERE pk = ?", (new_head, at, pk)
-            )
+            db.execute(ADD_COUNTS_SQL, (new_head, at, messages, tokens, size, pk))
             db.execute("COMMIT")
             return new_head
 
@@ -590,18 +633,24 @@ class SQLiteStore:
     # -- upkeep --------------------------------------------------------------
 
     async def purge_expired(self, before: float | None = None) -> int:
-        """See :meth:`Store.purge_expired`."""
+        """See :meth:`Store.purge_expired`.
+
+        Deletes in write transactions of up to 200 sessions, each finding and
+        deleting its sessions under the write lock: a purge running in another
+        process at once finds them gone, so each session is deleted, and
+        counted, once; other writers get the lock between two batches.
+        """
         check_before(before)
         at = now() if before is None else before
 
-        def work(db: sqlite3.Connection) -> int:
+        def batch(db: sqlite3.Connection) -> int:
             db.execute("BEGIN IMMEDIATE")
             pks = [
                 r[0]
                 for r in db.execute(
                     "SELECT pk FROM sessions WHERE deleted = 0 AND expires_at IS NOT NULL "
-                    "AND expires_at <= ?",
-                    (at,),
+                    "AND expires_at <= ? LIMIT ?",
+                    (at, _PURGE_BATCH),
                 )
             ]
             for pk in pks:
@@ -609,7 +658,23 @@ class SQLiteStore:
             db.execute("COMMIT")
             return len(pks)
 
-        return await self._db.run(work)
+        purged = 0
+        while True:
+            done = await self._db.run(batch)
+            purged += done
+            if done < _PURGE_BATCH:
+                return purged
+
+    async def stats(self, *, idle_before: float | None = None, top: int = 100) -> StoreStats:
+        """See :meth:`Store.stats`.
+
+        Aggregate queries over the ``sessions`` table (its counters and
+        indexes) in one read transaction on the worker thread; no event row
+        is read.
+        """
+        check_stats(idle_before, top)
+        work = partial(store_stats, self.path, now(), idle_before, top)
+        return await self._db.run(in_one_snapshot(work))
 
     async def aclose(self) -> None:
         """Close the connections and stop the worker thread. Idempotent."""
