@@ -30,15 +30,19 @@ from chatsession import (
     CorruptDataError,
     InvalidURLError,
     NewEvent,
+    SessionArchivedError,
+    SessionLimitError,
     SessionNotFoundError,
     SessionRecord,
     StoreError,
     StoreUnavailableError,
     open_store,
 )
-from chatsession.store.base import ParentRef, initial_record, new_event_id
+from chatsession.store.base import ParentRef, count_events, initial_record, new_event_id
 from chatsession.store.redis import RedisStore, index, records
+from chatsession.store.redis import layout as redis_layout
 from chatsession.store.redis import scripts as redis_scripts
+from chatsession.store.redis import stats as redis_stats
 
 REDIS_URL = os.environ.get("CHATSESSION_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 WRITER = Path(__file__).with_name("turn_writer.py")
@@ -128,6 +132,12 @@ async def ids_in(raw: aioredis.Redis, key: str) -> dict[str, float]:
     return {m.decode().split("#")[0]: s for m, s in await raw.zrange(key, 0, -1, withscores=True)}
 
 
+async def keys_left(raw: aioredis.Redis, prefix: str) -> list[bytes]:
+    """Every key under ``prefix`` but the layout number (``{idx}:meta``), which stays."""
+    meta = f"{prefix}{{idx}}:meta".encode()
+    return [k async for k in raw.scan_iter(match=f"{prefix}*") if k != meta]
+
+
 async def assert_whole(raw: aioredis.Redis, prefix: str) -> None:
     """The index slot agrees exactly with the records, and no fork dangles.
 
@@ -172,6 +182,20 @@ async def assert_whole(raw: aioredis.Redis, prefix: str) -> None:
     }
     actual = {k: {m.decode() for m in await raw.zrange(k, 0, -1)} for k in listing}
     assert actual == expected
+    # each user's live set: their sessions that are not archived, by expires_at
+    lives: dict[str, dict[str, float]] = {}
+    for sid in live:
+        r = recs[sid]
+        if "user_id" in r.get("unset", "").split() or r["state"] == "archived":
+            continue
+        score = float(r["expires_at"]) if r["expires_at"] else float("inf")
+        lives.setdefault(f"{idx}:live:{r['user_id']}", {})[member[sid]] = score
+    live_keys = {k for k in keys if k.startswith(f"{idx}:live:")}
+    actual_lives = {
+        k: {m.decode(): s for m, s in await raw.zrange(k, 0, -1, withscores=True)}
+        for k in live_keys
+    }
+    assert actual_lives == lives
     expiring = {m.decode() for m in await raw.zrange(f"{idx}:expiry", 0, -1)}
     assert expiring == {member[sid] for sid in live if recs[sid]["expires_at"]}
     for sid in recs:
@@ -216,8 +240,10 @@ async def test_every_key_is_under_the_prefix_and_hash_tagged(
         f"{prefix}{{idx}}:user:alice",
         f"{prefix}{{idx}}:agent:bot",
         f"{prefix}{{idx}}:window:w",
+        f"{prefix}{{idx}}:live:alice",  # what create(max_per_user=) counts
         f"{prefix}{{idx}}:expiry",
         f"{prefix}{{idx}}:where",
+        f"{prefix}{{idx}}:meta",  # the layout number
     }  # and no :due: every change finished
     await assert_whole(raw, prefix)
 
@@ -298,7 +324,7 @@ async def test_a_fork_evicted_by_redis_releases_its_parent(
         assert await raw.zcard(f"{prefix}{{p}}:forks") == 1
         await assert_whole(raw, prefix)
         await store.delete("kept")  # the last fork: the tombstone goes too
-        left = [k async for k in raw.scan_iter(match=f"{prefix}*")]
+        left = await keys_left(raw, prefix)
         assert left == [], left
 
 
@@ -402,6 +428,187 @@ async def test_listing_keyset_with_ties_under_deletes(prefix: str) -> None:
         assert rest == [f"s{i:02d}" for i in range(24, -1, -1)]
 
 
+# -- limits, stats, figures and the layout upgrade -----------------------------------
+
+
+def usage(total: int) -> NewEvent:
+    return NewEvent("usage", json.dumps({"total_tokens": total}), 1.0)
+
+
+async def test_stats_read_in_batches_rank_ties_by_name_and_leave_no_tally(
+    prefix: str, raw: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(redis_stats, "_BATCH", 3)  # many batches from a few sessions
+    async with open_store(f"{REDIS_URL}?prefix={prefix}") as store:
+        written: list[NewEvent] = []
+        for n, user in enumerate(["dan", "bea", "cal", "bea", "cal", "dan", "al", None]):
+            sid = f"s{n}"
+            await store.create(SessionRecord(id=sid, user_id=user, agent_id=f"a{n % 3}"))
+            events = [ev(n), usage(n)]
+            await store.append(sid, events, 0)
+            written += events
+        stats = await store.stats(top=2)
+        assert stats.sessions == 8 and stats.by_state["active"] == 8
+        assert (stats.users, stats.agents) == (4, 3)
+        assert stats.by_user == {"bea": 2, "cal": 2}  # dan has 2 as well: ties by name
+        assert stats.by_agent == {"a0": 3, "a1": 3}
+        counts = count_events(written)
+        assert (stats.messages, stats.tokens, stats.bytes) == tuple(counts)
+        assert (await store.stats(top=10)).by_user == {"bea": 2, "cal": 2, "dan": 2, "al": 1}
+    assert [k async for k in raw.scan_iter(match=f"{prefix}{{idx}}:tally*")] == []
+
+
+async def test_an_expired_parent_kept_for_its_forks_counts_as_expired(prefix: str) -> None:
+    async with open_store(f"{REDIS_URL}?prefix={prefix}") as store:
+        await store.create(SessionRecord(id="p", user_id="u", expires_at=time.time() + 0.4))
+        await store.append("p", [ev(1)], 0)
+        await store.fork("p", 1, SessionRecord(id="f", user_id="u"))
+        await store.create(SessionRecord(id="gone", user_id="u", expires_at=time.time() + 0.4))
+        await asyncio.sleep(0.6)
+        stats = await store.stats()  # "gone" was evicted natively: Redis forgot it
+        assert stats.sessions == 1 and stats.by_state["expired"] == 1
+        assert stats.by_user == {"u": 1} and stats.messages == 0
+        assert await store.purge_expired() == 2
+        assert (await store.stats()).by_state["expired"] == 0
+
+
+async def test_append_figures_are_checked_and_capped_in_the_append_script(
+    prefix: str, raw: aioredis.Redis
+) -> None:
+    async with open_store(f"{REDIS_URL}?prefix={prefix}") as store:
+        rec = f"{prefix}{{s}}:rec"
+        await store.create(SessionRecord(id="s"))
+        head = await store.append("s", [usage(10**30)], 0)  # more than HINCRBY could add
+        assert await raw.hget(rec, "tokens") == str(redis_scripts.FIGURE_MAX).encode()
+        head = await store.append("s", [usage(5), ev(1)], head)  # stays at the cap
+        assert await raw.hmget(rec, "tokens", "messages") == [
+            str(redis_scripts.FIGURE_MAX).encode(),
+            b"1",
+        ]
+        await raw.hset(rec, "messages", "1e400")  # damaged: refused before anything is written
+        with pytest.raises(CorruptDataError, match="messages"):
+            await store.append("s", [ev(2)], head)
+        assert await raw.llen(f"{prefix}{{s}}:ev") == head
+        await raw.hset(rec, "messages", "1")
+        record = await store.get("s")
+        await store.update(record.model_copy(update={"state": "archived"}), record.version)
+        with pytest.raises(SessionArchivedError):
+            await store.append("s", [ev(2)], head)
+        assert await raw.hget(rec, "messages") == b"1"  # the figures did not move either
+        assert await raw.llen(f"{prefix}{{s}}:ev") == head
+
+
+async def test_a_create_cut_short_counts_until_cleanup_settles_it(
+    prefix: str, raw: aioredis.Redis
+) -> None:
+    async with open_store(f"{REDIS_URL}?prefix={prefix}") as store:
+        assert isinstance(store, RedisStore)
+        store._conn.grace = GRACE
+        # a create that listed its session and stopped (a crash before its commit)
+        stored = initial_record(SessionRecord(id="half", user_id="ann"))
+        await index.intent(store._conn, stored, secrets.token_hex(8))
+        with pytest.raises(SessionLimitError) as caught:  # it may still commit: it counts
+            await store.create(SessionRecord(id="a1", user_id="ann"), max_per_user=1)
+        assert caught.value.count == 1
+        await asyncio.sleep(GRACE + 0.1)
+        # past due: it never will commit; the refused count settles it and counts again
+        await store.create(SessionRecord(id="a1", user_id="ann"), max_per_user=1)
+        assert [r.id for r in (await store.list_sessions(user_id="ann")).records] == ["a1"]
+        await assert_whole(raw, prefix)
+
+
+async def test_archiving_and_restoring_move_a_session_out_of_and_into_the_count(
+    prefix: str, raw: aioredis.Redis
+) -> None:
+    async with open_store(f"{REDIS_URL}?prefix={prefix}") as store:
+        live = f"{prefix}{{idx}}:live:ann"
+        await store.create(SessionRecord(id="a0", user_id="ann"), max_per_user=1)
+        record = await store.get("a0")
+        record = await store.update(record.model_copy(update={"state": "archived"}), 1)
+        assert await raw.zcard(live) == 0
+        await store.create(SessionRecord(id="a1", user_id="ann"), max_per_user=1)
+        await store.update(record.model_copy(update={"state": "active"}), record.version)
+        assert await raw.zcard(live) == 2  # a restore may take a user past a limit
+        with pytest.raises(SessionLimitError) as caught:
+            await store.create(SessionRecord(id="a2", user_id="ann"), max_per_user=2)
+        assert caught.value.count == 2
+        await assert_whole(raw, prefix)
+
+
+async def _as_layout_1(raw: aioredis.Redis, prefix: str) -> None:
+    """Make the data look as a version before layout 2 left it: no number, live sets, figures."""
+    idx = f"{prefix}{{idx}}"
+    await raw.delete(f"{idx}:meta")
+    async for key in raw.scan_iter(match=f"{idx}:live:*"):
+        await raw.delete(key)
+    for member, value in (await raw.hgetall(f"{idx}:where")).items():
+        info = json.loads(value)
+        for name in ("idx", "cur"):
+            if isinstance(info.get(name), list):
+                info[name] = [k for k in info[name] if ":live:" not in k]
+        await raw.hset(f"{idx}:where", member, json.dumps(info))
+    async for key in raw.scan_iter(match=f"{prefix}{{*}}:rec"):
+        await raw.hdel(key, "messages", "tokens", "bytes", "counted")
+
+
+async def test_data_of_layout_1_is_upgraded_once_before_a_limit_or_stats(
+    prefix: str, raw: aioredis.Redis
+) -> None:
+    url = f"{REDIS_URL}?prefix={prefix}"
+    async with open_store(url) as store:
+        await store.create(SessionRecord(id="a0", user_id="ann", expires_at=time.time() + 99))
+        await store.create(SessionRecord(id="a1", user_id="ann"))
+        await store.create(SessionRecord(id="old", user_id="ann"))
+        record = await store.get("old")
+        await store.update(record.model_copy(update={"state": "archived"}), record.version)
+        events = [ev(1), usage(40), ev(2)]
+        await store.append("a0", events, 0)
+        await store.fork("a0", 2, SessionRecord(id="f", user_id="bob"))
+        await store.append("f", [usage(2)], 2)
+        await store.create(SessionRecord(id="b0", user_id="bob"))
+        expected = await store.stats()
+    await _as_layout_1(raw, prefix)
+    async with open_store(url) as store:
+        assert isinstance(store, RedisStore)
+        # an append before the upgrade starts the figures; the count replaces them
+        await store.append("b0", [ev(9)], 0)
+        with pytest.raises(SessionLimitError) as caught:
+            await store.create(SessionRecord(id="a2", user_id="ann"), max_per_user=2)
+        assert caught.value.count == 2  # a0 and a1 adopted; "old" is archived
+        assert await raw.hget(f"{prefix}{{idx}}:meta", "layout") == str(index.LAYOUT).encode()
+        stats = await store.stats()
+        assert stats.messages == expected.messages + 1
+        assert (stats.tokens, stats.bytes - len(ev(9).data)) == (expected.tokens, expected.bytes)
+        assert await raw.hget(f"{prefix}{{f}}:rec", "tokens") == b"2"  # a fork: its own only
+        await assert_whole(raw, prefix)
+    async with open_store(url) as store:  # upgraded: another store object skips the walk
+        assert isinstance(store, RedisStore)
+        assert await redis_layout.upgrade(store._conn) == 0  # nothing left to change
+        await store.stats()
+
+
+async def test_several_store_objects_purging_at_once_delete_each_session_once(
+    prefix: str, raw: aioredis.Redis
+) -> None:
+    url = f"{REDIS_URL}?prefix={prefix}"
+    stores = [open_store(url) for _ in range(4)]
+    try:
+        expires = time.time() + 1.0
+        for n in range(40):
+            sid = f"s{n}"
+            await stores[0].create(
+                SessionRecord(id=sid, user_id=f"u{n % 3}", expires_at=expires), max_per_user=99
+            )
+            await stores[0].append(sid, [ev(n)], 0)
+        await asyncio.sleep(max(0.0, expires - time.time() + 0.1))
+        purged = await asyncio.gather(*(s.purge_expired() for s in stores))
+        assert sum(purged) == 40, purged
+        assert await keys_left(raw, prefix) == []  # live sets, indexes, where: all gone
+    finally:
+        for s in stores:
+            await s.aclose()
+
+
 # -- writes across slots, and writes that fail half way ------------------------------
 
 GRACE = 1.0  # a short grace for the tests that wait for cleanup (the default is 300 s)
@@ -474,11 +681,27 @@ async def test_every_script_call_stays_in_one_hash_slot(prefix: str, raw: aiored
             await store.update(stale.model_copy(update={"expires_at": time.time() + 100}), 1)
         finally:
             index.place = real_place
+        # an expiry entry earlier than its record says (no change under way): a
+        # purge claims it, finds it not expired and puts it back (unclaim)
+        later = await store.create(SessionRecord(id="later", expires_at=time.time() + 100))
+        stamp = (await raw.hget(f"{prefix}{{later}}:rec", "stamp")).decode()
+        await raw.zadd(f"{prefix}{{idx}}:expiry", {f"later#{stamp}": time.time() - 1})
+        assert await store.purge_expired() == 0
+        assert await raw.zscore(f"{prefix}{{idx}}:expiry", f"later#{stamp}") == later.expires_at
+        # data of an earlier layout: no layout number, no live sets, no figures
+        await raw.delete(f"{prefix}{{idx}}:meta", f"{prefix}{{idx}}:live:alice")
+        await raw.hdel(f"{prefix}{{root}}:rec", "messages", "tokens", "bytes", "counted")
+        store._conn.layout_ready = False
+        assert (await store.stats()).messages == 4  # root's own; the forks have none
+        assert await raw.zcard(f"{prefix}{{idx}}:live:alice") == 1
+        await store.create(SessionRecord(id="limited", user_id="bob"), max_per_user=5)
         await store.delete("root")  # a tombstone: f1 and half hold it
         await asyncio.sleep(GRACE + 0.1)
         assert await store.purge_expired() == 2  # brief (evicted), f1 (now a tombstone)
         await store.delete("f2")  # the last fork: f1, then root go too
         await store.delete("stale")
+        await store.delete("later")
+        await store.delete("limited")
         assert await store.purge_expired() == 0
     finally:
         await store.aclose()
@@ -488,7 +711,7 @@ async def test_every_script_call_stays_in_one_hash_slot(prefix: str, raw: aiored
         slots = {key_slot(k.encode()) for k in keys}
         assert len(slots) == 1, f"{name} touched {len(slots)} hash slots: {keys}"
     await assert_whole(raw, prefix)
-    assert [k async for k in raw.scan_iter(match=f"{prefix}*")] == []
+    assert await keys_left(raw, prefix) == []
 
 
 async def _skip(*args: Any, **kwargs: Any) -> None:
@@ -534,7 +757,7 @@ async def test_a_fork_cut_short_after_two_steps_is_cleaned_up(
         assert await raw.zcard(f"{prefix}{{p}}:forks") == 0
         await assert_whole(raw, prefix)
         await store.delete("p")  # nothing holds it any more: really deleted
-        assert [k async for k in raw.scan_iter(match=f"{prefix}*")] == []
+        assert await keys_left(raw, prefix) == []
 
 
 async def test_cleanup_leaves_a_change_under_way_alone(prefix: str, raw: aioredis.Redis) -> None:
@@ -609,7 +832,7 @@ async def test_cleanup_checks_the_forks_of_tombstones(prefix: str, raw: aioredis
         assert [r.seq for r in await read_all(store, "kept")] == [1]
         await assert_whole(raw, prefix)
         await store.delete("kept")
-        assert [k async for k in raw.scan_iter(match=f"{prefix}*")] == []
+        assert await keys_left(raw, prefix) == []
 
 
 class ReplyDropper:
@@ -840,6 +1063,15 @@ async def test_a_lost_reply_at_any_step_of_a_write_is_sent_again_and_the_write_c
             assert "c-disarm" in await _listed(store, user_id=f"u-{step}")
         await assert_whole(raw, prefix)
 
+        # create with a limit: a re-sent count-and-list is admitted (its entry is
+        # there), so the session is made once and counts once
+        limited = store.create(SessionRecord(id="c-limited", user_id="lim"), max_per_user=1)
+        assert (await _lost_reply(dropper, limited, "intent")).id == "c-limited"
+        with pytest.raises(SessionLimitError):
+            await store.create(SessionRecord(id="c-limited2", user_id="lim"), max_per_user=1)
+        await store.delete("c-limited")
+        await assert_whole(raw, prefix)
+
         # put_blob: the blob gets its session's expiry with it
         await _lost_reply(dropper, store.put_blob("c-disarm", b"data"))
         at = await raw.pexpiretime(f"{prefix}{{c-disarm}}:rec")
@@ -870,7 +1102,7 @@ async def test_a_lost_reply_at_any_step_of_a_write_is_sent_again_and_the_write_c
         for sid in ("c-disarm", "f-intent", "f-hold", "p"):
             if await _exists(store, sid):
                 await store.delete(sid)
-        assert [k async for k in raw.scan_iter(match=f"{prefix}*")] == []
+        assert await keys_left(raw, prefix) == []
     finally:
         await store.aclose()
 

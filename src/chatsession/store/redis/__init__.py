@@ -39,7 +39,9 @@ re-sends, errors), :mod:`.scripts` (the Lua scripts in ``lua/``, loaded as
 package data), :mod:`.records` (records; create, get, update, delete, list),
 :mod:`.index` (the steps in the index slot), :mod:`.events` (events; append,
 read, fork, blobs), :mod:`.leases` (leases and snapshots), :mod:`.cleanup`
-(``purge_expired``), :mod:`.store` (:class:`RedisStore`).
+(``purge_expired``), :mod:`.stats` (``stats()``), :mod:`.layout` (the layout
+number, and the upgrade of data written by earlier versions), :mod:`.store`
+(:class:`RedisStore`).
 
 Keys. A session's keys share the hash tag ``{ID}``, the indexes share
 ``{idx}``, and every script call is given all the keys it touches, all under
@@ -47,7 +49,8 @@ one tag (no script builds a key name): each call runs on one hash slot, so
 the layout works on Redis Cluster. (The store connects to one server:
 standalone, or a primary behind Sentinel.) ::
 
-    PREFIX{ID}:rec       hash: the record, head, version, stamp, fence, tombstone flag
+    PREFIX{ID}:rec       hash: the record, head, version, stamp, fence, tombstone flag,
+                         and its figures for stats(): messages, tokens, bytes
     PREFIX{ID}:ev        list: the session's own events (parent_seq+1..head), in order
     PREFIX{ID}:blob      hash: blob id -> bytes
     PREFIX{ID}:forks     sorted set: its forks (ID#STAMP), by when each fork began
@@ -55,10 +58,15 @@ standalone, or a primary behind Sentinel.) ::
     PREFIX{ID}:snap      hash: seq, data of the kept snapshot
     PREFIX{idx}:all      sorted set of sessions (ID#STAMP) by created_at
     PREFIX{idx}:user:U   the same, per user (and :agent:A, :window:W)
+    PREFIX{idx}:live:U   sorted set: the user's sessions that are not archived,
+                         by expires_at (+inf for none): what a limit counts
     PREFIX{idx}:expiry   sorted set of sessions by expires_at
     PREFIX{idx}:where    hash: ID#STAMP -> the indexes it is in, its parent, version
     PREFIX{idx}:due      sorted set: sessions a change across slots is under way
                          for, by when cleanup may finish that change
+    PREFIX{idx}:meta     hash: the layout number of the data (see :mod:`.layout`)
+    PREFIX{idx}:tally:R:user, ...:agent   sorted sets kept during one stats()
+                         call (expiring after 10 minutes, removed at its end)
 
 Values. Whatever a write acknowledged reads back exactly (same values, same
 types): see :mod:`.events` for events (a JSON header with the event id, a
@@ -92,8 +100,12 @@ forks loses its lease and snapshot at once).
 new session with the same id.
 
 What is atomic: everything on one session is one script on its slot.
-``append`` checks visibility, the head and the lease, pushes the events and
-moves the head, and never touches the index slot (listings are ordered by
+``append`` checks visibility, the head, that the session is not archived
+(:class:`~chatsession.errors.SessionArchivedError`, nothing written) and the
+lease, pushes the events, moves the head and adds the events' figures
+(:func:`~chatsession.store.types.count_events`) to the record's
+``messages``, ``tokens`` and ``bytes`` with ``HINCRBY``, all in that one
+script; it never touches the index slot (listings are ordered by
 ``created_at``, which never changes). So are ``put_blob``, the lease calls,
 ``put_snapshot``, and the step of each other write that decides whether it
 happens (its *commit*). The record is the truth; the index slot is derived
@@ -101,7 +113,14 @@ from it. Writes across slots are short sequences of single-slot scripts:
 
 - ``create``: (1) index: list ``ID#STAMP`` and mark it *due*; (2) session:
   write the record unless the id is taken (commit); (3) index: clear the mark.
-  If (2) finds the id taken, (1) is undone.
+  If (2) finds the id taken, (1) is undone. With ``max_per_user``, step (1)
+  counts the user's live set (``ZCOUNT`` of the sessions not yet expired)
+  and lists the new session only below the limit, in the same script: the
+  count and the write are one atomic step, whatever the number of processes
+  creating at once. A session counts from its step (1) until it is deleted,
+  expires or is archived; one whose create was cut short counts until cleanup
+  removes it (a refused create settles the user's changes past due first,
+  and counts again).
 - ``fork``: (1) index: as create's; (2) parent: add ``ID#STAMP`` to its
   forks and drop its native expiry (fails if the parent is gone or the fork
   point is past its head); (3) child: write the record with its parent
@@ -185,13 +204,28 @@ Other guarantees:
   timeout). No ``KEYS`` or ``SCAN`` anywhere.
 - Sessions with ``expires_at`` get Redis's own expiry (``PEXPIREAT``) on their
   keys, and read as gone from ``expires_at`` on, even before Redis evicts
-  them. A session with forks never has a native expiry (its forks read its
+  them. So ``stats()`` rarely meets an expired session: its
+  ``by_state["expired"]`` counts only those whose record Redis still holds
+  (a parent kept for its forks, or one expiring past the year 10000), and is
+  usually 0 (see :mod:`.stats`). A session with forks never has a native expiry (its forks read its
   events); once expired it becomes an invisible tombstone, and goes with its
   last fork. An ``expires_at`` from the year 10000 on gets no native expiry
   (Redis cannot hold it); the session is hidden and purged all the same.
 - A listing reads at most ``max(10 * limit, 100)`` index members per call: a
   page that filters out many members is shorter than ``limit`` but carries a
-  cursor, so paging always progresses.
+  cursor, so paging always progresses. A listing by user (agent, window)
+  reads that user's own index (by ``created_at``, the listing order), so its
+  cost is the page's, whatever the number of other sessions.
+- ``stats()`` reads the ``all`` index and the records' fields in batches of
+  500 (pipelines), never an event: the client's memory is flat in the number
+  of sessions (see :mod:`.stats`).
+- ``purge_expired`` is safe in several processes at once: each batch of the
+  expiry set is *claimed* in one script (see :mod:`.cleanup`), so each
+  session is deleted, and counted, by one of them; its index entries (its
+  live set's too) go with it.
+- Data written before layout 2 (no live sets, no figures) is upgraded in
+  place, once, by the first ``create(max_per_user=)`` or ``stats()`` (see
+  :mod:`.layout`).
 - Connection failures, timeouts (after the re-sends), a full pool past
   ``pool_timeout``, and a server that refuses service (loading, out of memory,
   read-only, ACL denial, bad credentials) raise ``StoreUnavailableError``;

@@ -1,10 +1,23 @@
 """Cleanup: ``purge_expired``, and finishing changes across slots that were cut short.
 
-``purge_expired`` reads the ``expiry`` set up to ``before`` in batches of
-200: deletes expired sessions (or makes tombstones of those with forks),
-drops the entries of sessions Redis already evicted, and releases their
-parents. Then it finishes the changes whose marks are due (a crash or a lost
-reply between steps; see the package docstring) and checks the forks of
+``purge_expired`` works through the ``expiry`` set up to ``before`` in
+batches of 200. Each batch is first *claimed* in one script on the index
+slot: its members leave ``expiry`` and get a mark on ``due``, so when several
+processes purge at once each member is handled, and counted, by the one that
+claimed it. Then, per session, one script on its slot deletes it (or makes a
+tombstone of one with forks; a session Redis already evicted has nothing
+left there), and the index entries go and its parent is released. A purger
+that stops half way leaves the claim's mark: it falls due after the grace,
+and cleanup finishes it from the record (puts it back on ``expiry``, or
+removes what is left). Members a change is under way for are left alone.
+A claim whose reply is lost is sent again and claims the next members; the
+ones the lost reply named wait for their marks to fall due the same way
+(later, never twice). Each removal also drops the session from every index
+its ``where`` entry names, its user's live set among them, so nothing of a
+purged session is left in the index slot.
+
+Then it finishes the changes whose marks are due (a crash or a lost reply
+between steps; see the package docstring) and checks the forks of
 tombstones. Each step is one script on one slot.
 """
 
@@ -24,7 +37,7 @@ from .connection import RedisConnection
 from .records import check_status, decode, read_raw
 from .scripts import split_member, text, where_entry
 
-__all__ = ["purge_expired"]
+__all__ = ["purge_expired", "settle", "settle_marks"]
 
 log = logging.getLogger("chatsession.store")
 
@@ -37,40 +50,38 @@ async def purge_expired(conn: RedisConnection, before: float | None = None) -> i
     """See :meth:`Store.purge_expired` (and the module docstring)."""
     check_before(before)
     at = now() if before is None else before
-    count = skipped = 0
+    count = left = 0
     while True:
-        args = [repr(at), _PURGE_BATCH, skipped]
-        flat = await conn.script("expiry_batch", args, conn.fixed, write=False)
-        for i in range(0, len(flat), 4):
-            member, score, where = text(flat[i]), text(flat[i + 1]), text(flat[i + 2])
+        args = [repr(at), _PURGE_BATCH, left, conn.grace]
+        got = await conn.script("claim", args, conn.fixed)
+        t, due, read = text(got[0]), text(got[1]), int(got[2])
+        left += int(got[3])  # members a change is under way for stay: read past them
+        for i in range(4, len(got), 3):
+            member, where = text(got[i]), text(got[i + 2])
             try:
-                done = await _expire(conn, member, score, where, bool(flat[i + 3]), at)
-            except CorruptDataError as exc:  # reported by every read of it: skip it
+                count += await _expire(conn, member, where, t, due, at)
+            except CorruptDataError as exc:  # reported by every read of it: its mark stays
                 log.warning(
                     "purge_expired: left session %r alone: %s", split_member(member)[0], exc
                 )
-                done = None
-            if done is None:
-                skipped += 1
-            else:
-                count += done
-        if len(flat) < 4 * _PURGE_BATCH:
+        if read < _PURGE_BATCH:
             break
     await _settle_due(conn)
     return count
 
 
 async def _expire(
-    conn: RedisConnection, member: str, score: str, where: str, changing: bool, at: float
-) -> int | None:
-    """Purge one member of the expiry set; how many sessions went (None: left for later)."""
+    conn: RedisConnection, member: str, where: str, t: str, due: str, at: float
+) -> int:
+    """Purge one claimed member of the expiry set; how many sessions went (0 or 1)."""
     session_id, stamp = split_member(member)
     parent, known = where_entry(where)
-    result = await conn.script("expire", [stamp, repr(at)], conn.session_keys(session_id))
+    args = [stamp, repr(at), t, conn.grace / 2]
+    result = await conn.script("expire", args, conn.session_keys(session_id))
     code = check_status(conn, result, session_id)
-    if code == 0:  # evicted by Redis, or a create still under way
-        if changing:
-            return None  # its mark settles it once due
+    if code == -6:  # too late: the claim's mark is due, cleanup finishes it
+        return 0
+    if code == 0:  # evicted by Redis: only its index entries and its parent's hold are left
         await index.release(conn, parent, member)
         await index.forget(conn, member, known=known)
         return 1 if where else 0
@@ -81,28 +92,36 @@ async def _expire(
     if code in (2, 3):
         await index.index_call(conn, "bury", member, [], [parent], known)
         return 1 if code == 2 else 0
-    await conn.script("reschedule", [member, score, text(result[1])], conn.fixed)
+    await conn.script("unclaim", [member, due, text(result[1])], conn.fixed)
     return 0
 
 
 async def _settle_due(conn: RedisConnection) -> None:
     for _ in range(_DUE_BATCHES):
         flat = await conn.script("due_batch", [_PURGE_BATCH], conn.fixed, write=False)
-        for i in range(0, len(flat), 3):
-            member, score = text(flat[i]), text(flat[i + 1])
-            try:
-                await _settle(conn, member, score, text(flat[i + 2]))
-            except CorruptDataError as exc:  # reported by every read of it; look again later
-                log.warning(
-                    "purge_expired: left session %r alone: %s", split_member(member)[0], exc
-                )
-                await conn.script("requeue", [member, score, conn.recheck], conn.fixed)
+        marks = [
+            (text(flat[i]), text(flat[i + 1]), text(flat[i + 2])) for i in range(0, len(flat), 3)
+        ]
+        await settle_marks(conn, marks)
         if len(flat) < 3 * _PURGE_BATCH:
             return
 
 
-async def _settle(conn: RedisConnection, member: str, score: str, where: str) -> None:
-    """Finish the change marked on ``member``, from what its record says now."""
+async def settle_marks(conn: RedisConnection, marks: list[tuple[str, str, str]]) -> None:
+    """Finish the changes of due marks ``(member, score, where entry)``.
+
+    A damaged record is logged and looked at again after ``recheck``.
+    """
+    for member, score, where in marks:
+        try:
+            await settle(conn, member, score, where)
+        except CorruptDataError as exc:  # reported by every read of it; look again later
+            log.warning("purge_expired: left session %r alone: %s", split_member(member)[0], exc)
+            await conn.script("requeue", [member, score, conn.recheck], conn.fixed)
+
+
+async def settle(conn: RedisConnection, member: str, score: str, where: str) -> None:
+    """Finish the change marked on ``member`` (its mark due), from what its record says now."""
     session_id, stamp = split_member(member)
     parent, known = where_entry(where)
     raw = await read_raw(conn, session_id)

@@ -246,6 +246,8 @@ class RedisConnection:
         self.grace = GRACE
         #: Seconds between two checks of one tombstone's forks.
         self.recheck = RECHECK
+        #: Whether the store's layout was found current (or upgraded) by this object.
+        self.layout_ready = False
         self._client: aioredis.Redis | None = None
         self._scripts: dict[str, Any] = {}
         # re-sent after a dropped connection only: one that timed out already waited

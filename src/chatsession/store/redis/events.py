@@ -23,6 +23,7 @@ from chatsession.errors import (
     BlobNotFoundError,
     CorruptDataError,
     LeaseLostError,
+    SessionArchivedError,
     SessionBusyError,
     SessionExistsError,
     SessionNotFoundError,
@@ -45,6 +46,7 @@ from chatsession.store.types import (
     ParentRef,
     SessionRecord,
     StoredEvent,
+    count_events,
     fork_segments,
     now,
     validate_id,
@@ -61,12 +63,13 @@ from .records import (
     stored_id,
     visible,
 )
-from .scripts import member_of, text
+from .scripts import FIGURE_MAX, member_of, text
 
 __all__ = [
     "append",
     "busy",
     "damaged_lease",
+    "decode_items",
     "entry",
     "fork",
     "get_blob",
@@ -174,9 +177,11 @@ async def append(
     One script: it checks the session, the head and that the event list ends
     at the head (a stray or missing item would put the new events at the
     wrong seqs: that is :class:`CorruptDataError` and nothing is written),
-    recognises an append it already applied (by the first event's id), checks
-    the lease, pushes the events and moves the head. An append whose first
-    event has an id is sent again when the connection drops before its reply.
+    recognises an append it already applied (by the first event's id),
+    refuses an archived session, checks the lease, pushes the events, moves
+    the head and adds the events' figures (:func:`count_events`, counted
+    here before the call) to the record's. An append whose first event has
+    an id is sent again when the connection drops before its reply.
     """
     check_append(events, expected_seq)
     validate_id(session_id)
@@ -186,7 +191,8 @@ async def append(
         token, owner = str(lease.token), holding(lease)
     first_id = events[0].event_id or ""
     entries = [entry(seq, e) for seq, e in enumerate(events, expected_seq + 1)]
-    args = [expected_seq, repr(now()), first_id, token, owner, *entries]
+    figures = [min(n, FIGURE_MAX) for n in count_events(events)]
+    args = [expected_seq, repr(now()), first_id, token, owner, *figures, *entries]
     result = await conn.script("append", args, conn.session_keys(session_id), resend=bool(first_id))
     code = int(result[0])
     if code == -5:
@@ -197,6 +203,8 @@ async def append(
         raise LeaseLostError(session_id, lease.token, text(result[1]))
     if code == -11:
         raise damaged_lease(conn, session_id)
+    if code == -13:
+        raise SessionArchivedError(session_id)
     return check_status(conn, result, session_id, expected_seq)
 
 
@@ -332,7 +340,7 @@ async def read(
                     f"session {session_id!r}: events {start + 1}..{stop} of {seg_id!r} are "
                     f"missing from Redis ({key} gave {len(items)}); restore from a backup"
                 )
-            yield _decode(conn, session_id, seg_id, start, items)
+            yield decode_items(conn, session_id, seg_id, start, items)
             start = stop
 
 
@@ -344,7 +352,7 @@ async def _check_still_there(conn: RedisConnection, node: Node) -> None:
         raise SessionNotFoundError(node.session_id, "deleted while it was being read")
 
 
-def _decode(
+def decode_items(
     conn: RedisConnection, session_id: str, seg_id: str, start: int, items: list[bytes]
 ) -> list[StoredEvent]:
     """Events ``start+1...`` of ``seg_id`` (read for ``session_id``) from their list items."""

@@ -6,8 +6,11 @@ read back as themselves); ``title``, ``metadata`` and ``fingerprint`` are the
 shared JSON *body* (:func:`chatsession.store.records.encode_body`). The hash
 also holds what the store maintains: ``head``, ``version``, ``stamp``,
 ``parent_id``, ``parent_seq``, ``deleted`` (a tombstone), ``fence`` (the last
-lease token handed out) and ``change`` (the id of the last update or delete,
-so a re-sent one is recognised). Records written by earlier versions (no
+lease token handed out), ``change`` (the id of the last update or delete,
+so a re-sent one is recognised), and the figures of its own events for
+``stats()``: ``messages``, ``tokens``, ``bytes`` (added to by every append)
+and ``counted`` (``1``: they cover every event; a record written by an
+earlier version gets them from :mod:`.layout`). Records written by earlier versions (no
 ``unset``) still read.
 """
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any, cast
 
@@ -25,9 +29,11 @@ from chatsession.errors import (
     CorruptDataError,
     InvalidArgumentError,
     SessionExistsError,
+    SessionLimitError,
     SessionNotFoundError,
 )
 from chatsession.store.checks import (
+    check_create,
     check_filters,
     check_limit,
     check_record,
@@ -72,6 +78,7 @@ __all__ = [
     "stored_id",
     "update",
     "visible",
+    "who_field",
 ]
 
 log = logging.getLogger("chatsession.store")
@@ -97,6 +104,25 @@ def record_fields(record: SessionRecord) -> dict[str, str]:
         "expires_at": "" if record.expires_at is None else repr(record.expires_at),
         "body": encode_body(record),
     }
+
+
+def who_field(name: str, value: bytes | None, unset: bytes | None) -> str | None:
+    """``user_id``, ``agent_id`` or ``window_id`` as :func:`decode` reads it, from raw fields.
+
+    Args:
+        name: The field's name.
+        value: Its value in the hash (None: missing).
+        unset: The hash's ``unset`` field (None: a record written before it,
+            where ``""`` meant None).
+
+    Raises:
+        UnicodeDecodeError: A value that is not UTF-8.
+    """
+    if value is None:
+        return None
+    if unset is None:
+        return value.decode() or None
+    return None if name in unset.decode().split() else value.decode()
 
 
 def place_of(conn: RedisConnection, session_id: str) -> str:
@@ -242,6 +268,11 @@ async def commit_record(conn: RedisConnection, stored: SessionRecord, stamp: str
             "stamp": stamp,
             "parent_id": stored.parent.session_id if stored.parent else "",
             "parent_seq": str(stored.parent.seq) if stored.parent else "0",
+            # its own figures, for stats(): append adds to them
+            "messages": "0",
+            "tokens": "0",
+            "bytes": "0",
+            "counted": "1",
         }
     )
     _, expires_ms = index.expiry(stored)
@@ -249,11 +280,44 @@ async def commit_record(conn: RedisConnection, stored: SessionRecord, stamp: str
     return int((await conn.script("create_record", args, conn.session_keys(stored.id)))[0])
 
 
-async def create(conn: RedisConnection, record: SessionRecord) -> SessionRecord:
-    """See :meth:`Store.create`: index (list it, mark it due), record (commit), index (clear the mark)."""
+#: Settles the changes cut short that a refused create found past due (``cleanup.settle_marks``).
+Settle = Callable[[RedisConnection, list[tuple[str, str, str]]], Awaitable[None]]
+
+
+async def create(
+    conn: RedisConnection,
+    record: SessionRecord,
+    max_per_user: int | None = None,
+    settle: Settle | None = None,
+) -> SessionRecord:
+    """See :meth:`Store.create`: index (list it, mark it due), record (commit), index (clear the mark).
+
+    With ``max_per_user``, the index step counts the user's live set and lists
+    the new session only below the limit (one script: atomic against every
+    other create). A session half made (listed, not committed: a crash, or a
+    create still under way) counts until it commits or cleanup removes it;
+    when the limit refuses and some of the user's sessions have changes past
+    due, ``settle`` finishes those first and the count is taken once more.
+    """
+    check_create(record, max_per_user)
     stored = initial_record(record)
     stamp = secrets.token_hex(8)
-    change = await index.intent(conn, stored, stamp)
+    for attempt in range(2):
+        reply = await conn.script(*index.intent_call(conn, stored, stamp, max_per_user))
+        if reply[0] != -12:
+            break
+        if await _taken(conn, stored.id):
+            raise SessionExistsError(stored.id)
+        late = [
+            (text(reply[i]), text(reply[i + 1]), text(reply[i + 2]))
+            for i in range(2, len(reply) - 2, 3)
+        ]
+        if attempt or not late or settle is None:
+            raise SessionLimitError(
+                cast(str, stored.user_id), cast(int, max_per_user), int(reply[1])
+            )
+        await settle(conn, late)
+    change = index.changed(stored, stamp, reply)
     code = await commit_record(conn, stored, stamp, change.t)
     if code != 1:
         await index.forget(conn, change.member, index.index_keys(conn, stored))
@@ -262,6 +326,16 @@ async def create(conn: RedisConnection, record: SessionRecord) -> SessionRecord:
         raise SessionExistsError(stored.id)
     await index.disarm(conn, change)
     return stored
+
+
+async def _taken(conn: RedisConnection, session_id: str) -> bool:
+    """Whether the id is taken (a record is there: live, expired or a tombstone)."""
+    rec = conn.session_keys(session_id).rec
+
+    async def work(r: aioredis.Redis) -> bool:
+        return bool(await r.exists(rec))
+
+    return await conn.run(work, keys=[rec])
 
 
 async def get(conn: RedisConnection, session_id: str) -> SessionRecord:
@@ -288,7 +362,8 @@ async def update(
     old_keys, new_keys = index.index_keys(conn, current), index.index_keys(conn, new)
     expires_at, expires_ms = index.expiry(new)
     member = member_of(record.id, stamp)
-    args: list[Any] = [member, repr(new.created_at), expires_at, conn.grace]
+    placed = index.placement(conn, new)
+    args: list[Any] = [member, expires_at, conn.grace, *(score for _, score in placed)]
     t, due = await conn.script("widen", args, [*conn.fixed, *new_keys])
     fields = record_fields(new)
     del fields["id"], fields["created_at"]
@@ -316,7 +391,7 @@ async def delete(conn: RedisConnection, session_id: str) -> None:
         record = decode(conn, raw, session_id)
         stamp = text(raw.get(b"stamp", b""))
         member = member_of(session_id, stamp)
-        t, _ = await conn.script("widen", [member, "", "", conn.grace], conn.fixed)
+        t, _ = await conn.script("widen", [member, "", conn.grace], conn.fixed)
         args = [repr(now()), stamp, text(t), conn.grace / 2, change]
         sent: list[int] = []
         result = await conn.script("delete_record", args, conn.session_keys(session_id), sent=sent)

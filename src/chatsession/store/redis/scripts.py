@@ -36,7 +36,9 @@ Every script can be sent again after a lost reply (the client does so for
 connection errors): it either changes nothing the second time, or recognises
 its own first run (the stamp of a ``create``, the change id of an ``update``
 or a ``delete``, the event id of an ``append``) and answers as the first run
-did. See the package docstring for how the steps are put together.
+did. The one exception is ``tally.lua`` (``stats()`` counting one batch in
+two sorted sets kept for the call): it adds, so it is never sent again. See
+the package docstring for how the steps are put together.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from importlib.resources import files
 from typing import Any, NamedTuple
 
 __all__ = [
+    "FIGURE_MAX",
     "MARK",
     "NATIVE_EXPIRY_LIMIT",
     "SCRIPTS",
@@ -63,6 +66,11 @@ __all__ = [
 #: (they are invisible from ``expires_at`` on all the same). ``lib/session.lua``
 #: holds the same number.
 NATIVE_EXPIRY_LIMIT = 253_402_300_800.0
+
+#: The most a session's figure (``messages``, ``tokens``, ``bytes``) counts: 15
+#: digits, so sums stay exact in Lua and ``HINCRBY`` never fails; an append
+#: past it leaves the figure there. ``lib/session.lua`` holds the same number.
+FIGURE_MAX = 999_999_999_999_999
 
 #: Between an id and its stamp in index members; sorts before every character
 #: an id may hold, so members sort as their ids do.

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Self
 
+from chatsession.store.checks import check_create
 from chatsession.store.types import (
     DEFAULT_READ_BATCH,
     Lease,
@@ -13,10 +14,12 @@ from chatsession.store.types import (
     SessionRecord,
     SessionState,
     StoredEvent,
+    StoreStats,
 )
 
-from . import cleanup, leases, records
+from . import cleanup, layout, leases, records
 from . import events as event_list
+from . import stats as store_stats
 from .connection import RedisConnection
 
 __all__ = ["RedisStore"]
@@ -108,9 +111,20 @@ class RedisStore:
 
     # -- records -----------------------------------------------------------------
 
-    async def create(self, record: SessionRecord) -> SessionRecord:
-        """See :meth:`Store.create <chatsession.store.base.Store.create>`."""
-        return await records.create(self._conn, record)
+    async def create(
+        self, record: SessionRecord, *, max_per_user: int | None = None
+    ) -> SessionRecord:
+        """See :meth:`Store.create <chatsession.store.base.Store.create>`.
+
+        With ``max_per_user``, the user's live set is counted and the new
+        session listed in one script on the index slot (:func:`.records.create`);
+        the first such call of a store object upgrades data written by an
+        earlier version first (:mod:`.layout`).
+        """
+        check_create(record, max_per_user)
+        if max_per_user is not None:
+            await layout.ensure(self._conn)
+        return await records.create(self._conn, record, max_per_user, settle=cleanup.settle_marks)
 
     async def get(self, session_id: str) -> SessionRecord:
         """See :meth:`Store.get <chatsession.store.base.Store.get>`."""
@@ -214,6 +228,10 @@ class RedisStore:
         """See :meth:`Store.purge_expired <chatsession.store.base.Store.purge_expired>`
         and :mod:`.cleanup`."""
         return await cleanup.purge_expired(self._conn, before)
+
+    async def stats(self, *, idle_before: float | None = None, top: int = 100) -> StoreStats:
+        """See :meth:`Store.stats <chatsession.store.base.Store.stats>` and :mod:`.stats`."""
+        return await store_stats.stats(self._conn, idle_before, top)
 
     async def aclose(self) -> None:
         """Close the connection pool. Idempotent."""

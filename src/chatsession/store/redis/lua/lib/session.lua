@@ -82,3 +82,9 @@ local function grant(token, owner, ttl)
   if at > 0 then cap_lease(at) end
   return {token, whole(untilms)}
 end
+-- a per-session figure for stats() (messages, tokens, bytes): a whole number
+-- of at most 15 digits, so that sums stay exact in Lua and HINCRBY never fails
+local FIGURE_MAX = 999999999999999
+local function bad_figure(v)
+  return not v or not string.match(v, '^%d+$') or #v > 15
+end
