@@ -36,6 +36,9 @@ from chatsession import (
     InvalidURLError,
     NewEvent,
     ParentRef,
+    SessionArchivedError,
+    SessionExistsError,
+    SessionLimitError,
     SessionNotFoundError,
     SessionRecord,
     Store,
@@ -45,7 +48,7 @@ from chatsession import (
     UnsupportedValueError,
     open_store,
 )
-from chatsession.store.base import EVENT_SCHEMA_VERSION, check_payload
+from chatsession.store.base import EVENT_SCHEMA_VERSION, check_payload, count_events
 from chatsession.store.postgres import MIGRATIONS, PostgresStore
 from tests.store.tcp_proxy import TCPProxy
 from tests.strategies import json_texts
@@ -447,6 +450,7 @@ async def test_a_database_made_at_migration_002_is_upgraded_once(schema: str) ->
         "003_events_data_text",
         "004_sessions_body_text",
         "005_leases_event_ids_snapshots",
+        "006_session_figures_user_states",
     ]
     options = await pg(
         "SELECT reloptions FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
@@ -852,7 +856,7 @@ async def test_purge_deletes_in_bounded_batches(
 
         monkeypatch.setattr(store, "_with", counting)
         assert await store.purge_expired() == 30
-        assert transactions == 5  # 7 + 7 + 7 + 7 + 2
+        assert transactions == 6  # 7 + 7 + 7 + 7 + 2, then one that finds none
         assert await store.purge_expired() == 0
     rows = await pg(f'SELECT id FROM "{schema}".sessions ORDER BY id')
     assert [r[0] for r in rows] == ["keep", "later"]
@@ -1687,3 +1691,377 @@ def test_the_client_keeps_as_jsonb_exactly_what_jsonb_gives_back_the_same(
     back = server_jsonb(text)
     kept_the_same = back is not None and same_json(json.loads(back), json.loads(text))
     assert pg_jsonb.jsonb_changes(text) is not kept_the_same, (text, back)
+
+
+# -- many users: migration 006, limits, archived sessions, stats, purge, listing ---------
+
+
+def compact(value: Any) -> str:
+    """JSON as chatsession writes it (msgspec): no spaces, UTF-8 as is."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+async def figures(schema: str, session_id: str) -> tuple[int, int, int]:
+    rows = await pg(
+        f'SELECT messages, tokens, bytes FROM "{schema}".sessions WHERE id = $1', session_id
+    )
+    return int(rows[0][0]), int(rows[0][1]), int(rows[0][2])
+
+
+async def test_migration_006_counts_what_a_database_at_005_holds_and_keeps_it(
+    schema: str,
+) -> None:
+    """Back-filled once from the events (jsonb and text payloads), data untouched."""
+    jsonb_events = [
+        NewEvent("message", compact({"role": "user", "content": "héllo\n\t✓"}), 1.0),
+        NewEvent("message", compact({"a": [1, 2.5, {"b": None}], "c": [], "d": {}}), 1.0),
+        NewEvent("usage", compact({"total_tokens": 120, "prompt_tokens": 100}), 1.0),
+        NewEvent("usage", compact({"total_tokens": 5.0}), 1.0),  # a float: not counted
+        NewEvent("usage", compact({"total_tokens": -3}), 1.0),  # negative: not counted
+        NewEvent("usage", compact({"total_tokens": "7"}), 1.0),  # a string: not counted
+        NewEvent("usage", compact([1, 2]), 1.0),
+        NewEvent("tool", compact("just a string"), 1.0),
+    ]
+    text_events = [  # what jsonb cannot hold: kept as text, counted byte for byte
+        NewEvent("usage", '{"out":"a\\u0000b\\"","total_tokens":12}', 1.0),
+        NewEvent("message", '{"f": 1e16,  "n": "\\ud800"}', 1.0),
+        NewEvent("usage", '{"total_tokens":1, "total_tokens":30}', 1.0),  # the last one counts
+    ]
+    await make_database_at(schema, 5, [])  # 'old' (head 0 for now) and its fork at 2
+    s = f'"{schema}"'
+    every = jsonb_events + text_events
+    conn = await asyncpg.connect(POSTGRES_URL)
+    try:
+        async with conn.transaction():
+            for seq, e in enumerate(every, 1):
+                as_text = e in text_events
+                await conn.execute(
+                    f"INSERT INTO {s}.events (session_pk, seq, type, ts, v, data, data_text) "
+                    f"SELECT pk, $1, $2, 1.0, 1, $3::jsonb, $4 FROM {s}.sessions WHERE id = 'old'",
+                    seq,
+                    e.type,
+                    None if as_text else e.data,
+                    e.data if as_text else None,
+                )
+            await conn.execute(
+                f"UPDATE {s}.sessions SET head = $1, text_payloads = true, user_id = 'ann' "
+                "WHERE id = 'old'",
+                len(every),
+            )
+        before = await conn.fetch(
+            f"SELECT session_pk, seq, type, data::text, data_text FROM {s}.events ORDER BY 1, 2"
+        )
+    finally:
+        await conn.close()
+    expected = count_events(every)
+    assert expected.messages == 3 and expected.tokens == 120 + 30 + 12
+    url = f"{POSTGRES_URL}?schema={schema}"
+    stores = [open_store(url) for _ in range(3)]  # opened at once: 006 runs once
+    try:
+        await asyncio.gather(*(store.get("old") for store in stores))
+        store = stores[0]
+        assert await figures(schema, "old") == tuple(expected)
+        assert await figures(schema, "fork") == (0, 0, 0)  # a fork counts its own only
+        stats = await store.stats()
+        assert (stats.sessions, stats.users, stats.by_user) == (2, 1, {"ann": 1})
+        assert (stats.messages, stats.tokens, stats.bytes) == tuple(expected)
+        back = [r async for b in store.read("old") for r in b]
+        assert [json.loads(r.data) for r in back[: len(jsonb_events)]] == [
+            json.loads(e.data) for e in jsonb_events
+        ]
+        assert [r.data for r in back[len(jsonb_events) :]] == [e.data for e in text_events]
+        # from now on every append adds its own figures
+        more = [ev(1), NewEvent("usage", compact({"total_tokens": 8}), 1.0)]
+        assert await stores[1].append("old", more, len(every)) == len(every) + 2
+        assert await stores[2].append("fork", [ev(2)], 2) == 3
+        total = count_events(every + more)
+        assert await figures(schema, "old") == tuple(total)
+        assert await figures(schema, "fork") == tuple(count_events([ev(2)]))
+        stats = await store.stats()
+        assert stats.messages == total.messages + 1 and stats.tokens == total.tokens
+    finally:
+        for store in stores:
+            await store.aclose()
+    after = await pg(
+        f"SELECT session_pk, seq, type, data::text, data_text FROM {s}.events ORDER BY 1, 2"
+    )
+    assert after[: len(before)] == before  # the stored events are untouched
+    names = [r[0] for r in await pg(f"SELECT name FROM {s}.chatsession_migrations ORDER BY 1")]
+    assert names == [name for name, _ in MIGRATIONS]
+    assert names[5] == "006_session_figures_user_states"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"role": "assistant", "content": [{"type": "text", "text": 'a"b\\c\u0001é𝄞'}]},
+        {"k": [[], {}, [1, [2, [3]]], {"x": {"y": {"z": None}}}], "t": True, "f": -1.25},
+        [1, "two", 3.5, None, False, {"a": 1, "b": 2}],
+        "a string",
+        12,
+    ],
+)
+async def test_the_back_fill_counts_a_jsonb_payload_as_its_compact_text(
+    schema: str, value: Any
+) -> None:
+    """jsonb has lost the payload's text: its compact form is what chatsession wrote."""
+    async with open_store(f"{POSTGRES_URL}?schema={schema}") as store:
+        await store.create(SessionRecord(id="s"))
+    text = compact(value)
+    counted = await pg(
+        f"SELECT {pg_schema._OLD_BYTES} FROM (SELECT $1::jsonb AS data, NULL::text AS data_text) e",
+        text,
+    )
+    assert counted[0][0] == len(text.encode())
+
+
+async def test_a_limited_create_waits_for_the_users_lock_and_holds_none_after(
+    schema: str,
+) -> None:
+    async with open_store(f"{POSTGRES_URL}?schema={schema}") as store:
+        await store.create(SessionRecord(id="a", user_id="ann"), max_per_user=2)
+        holder = await asyncpg.connect(POSTGRES_URL)
+        try:
+            tx = holder.transaction()
+            await tx.start()
+            # what another process's create(max_per_user=) for ann holds, mid-way
+            await holder.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+                f"chatsession:{schema}:user:ann",
+            )
+            await holder.execute(
+                f'INSERT INTO "{schema}".sessions (id, user_id, state, created_at, updated_at) '
+                "VALUES ('b', 'ann', 'active', 1, 1)"
+            )
+            waiting = asyncio.create_task(
+                store.create(SessionRecord(id="c", user_id="ann"), max_per_user=2)
+            )
+            other = await store.create(SessionRecord(id="d", user_id="bob"), max_per_user=1)
+            assert other.id == "d"  # another user's lock: not held up
+            await asyncio.sleep(0.3)
+            assert not waiting.done()  # it waits for ann's lock ...
+            await tx.commit()
+            with pytest.raises(SessionLimitError) as info:  # ... and then counts b
+                await asyncio.wait_for(waiting, 10)
+            assert (info.value.limit, info.value.count) == (2, 2)
+        finally:
+            await holder.close()
+        (key,) = await pg("SELECT hashtextextended($1, 0)", f"chatsession:{schema}:user:ann")
+        locks = await pg(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+            "AND classid::bigint = $1 AND objid::bigint = $2",
+            (key[0] >> 32) & 0xFFFFFFFF,
+            key[0] & 0xFFFFFFFF,
+        )
+        assert locks[0][0] == 0  # transaction-scoped: released by each commit
+    rows = await pg(f'SELECT id FROM "{schema}".sessions ORDER BY id')
+    assert [r[0] for r in rows] == ["a", "b", "d"]
+
+
+async def test_limited_creates_on_many_connections_leave_exactly_the_limit(schema: str) -> None:
+    url = f"{POSTGRES_URL}?schema={schema}"
+    stores = [open_store(url) for _ in range(6)]  # a pool each: creates on 6+ connections
+    try:
+        await stores[0].create(SessionRecord(id="archived", user_id="ann", state="archived"))
+        await stores[0].create(
+            SessionRecord(id="expired", user_id="ann", expires_at=time.time() - 1)
+        )
+
+        async def create(n: int) -> str:
+            try:
+                await stores[n % len(stores)].create(
+                    SessionRecord(id=f"s{n}", user_id="ann"), max_per_user=3
+                )
+            except SessionLimitError as exc:
+                assert (exc.user_id, exc.limit, exc.count) == ("ann", 3, 3)
+                return "refused"
+            return "made"
+
+        outcomes = await asyncio.gather(*(create(n) for n in range(30)))
+        assert outcomes.count("made") == 3
+        with pytest.raises(SessionExistsError):  # a taken id is said first
+            await stores[1].create(SessionRecord(id="archived", user_id="ann"), max_per_user=3)
+    finally:
+        for store in stores:
+            await store.aclose()
+    rows = await pg(
+        f"SELECT count(*) FROM \"{schema}\".sessions WHERE user_id = 'ann' AND id LIKE 's%'"
+    )
+    assert rows[0][0] == 3
+
+
+async def test_appends_racing_an_archive_are_written_whole_or_refused(schema: str) -> None:
+    async with open_store(f"{POSTGRES_URL}?schema={schema}&max_size=12") as store:
+        await store.create(SessionRecord(id="s"))
+
+        batches: dict[int, list[NewEvent]] = {}  # by the head each was appended at
+
+        async def writer(name: str) -> None:
+            while True:
+                head = (await store.get("s")).head
+                batch = [ev(head), NewEvent("usage", compact({"total_tokens": head}), 1.0)]
+                try:
+                    await store.append("s", batch, head)
+                except ConflictError:
+                    continue
+                except SessionArchivedError:
+                    return
+                batches[head] = batch
+
+        async def archive() -> None:
+            await asyncio.sleep(0.2)
+            record = await store.get("s")
+            while True:
+                try:
+                    await store.update(
+                        record.model_copy(update={"state": "archived"}), record.version
+                    )
+                    return
+                except ConflictError:
+                    record = await store.get("s")
+
+        await asyncio.gather(*(writer(f"w{n}") for n in range(6)), archive())
+        written = [e for head in sorted(batches) for e in batches[head]]
+        record = await store.get("s")
+        assert record.state == "archived" and record.head == len(written) > 0
+        assert [json.loads(r.data) async for b in store.read("s") for r in b] == [
+            json.loads(e.data) for e in written
+        ]
+        assert await figures(schema, "s") == tuple(count_events(written))
+        lease = await store.acquire_lease("s", "me", 30)
+        with pytest.raises(SessionArchivedError):  # a lease does not let it write either
+            await store.append("s", [ev(9)], record.head, lease=lease)
+        assert (await store.get("s")).head == record.head
+
+
+async def test_stats_read_no_event(schema: str) -> None:
+    """The figures come from the sessions rows: stats() runs while events are locked."""
+    async with open_store(f"{POSTGRES_URL}?schema={schema}") as store:
+        sent: dict[str, list[NewEvent]] = {}
+        for n in range(6):
+            sid = f"s{n}"
+            await store.create(SessionRecord(id=sid, user_id=f"u{n % 2}", agent_id="bot"))
+            sent[sid] = [ev(n), NewEvent("usage", compact({"total_tokens": 10 + n}), 1.0)]
+            sent[sid] += [NewEvent("tool", AS_TEXT[n % len(AS_TEXT)], 1.0)]
+            await store.append(sid, sent[sid], 0)
+        await store.fork("s0", 2, SessionRecord(id="f", user_id="u0"))
+        sent["f"] = [ev(99)]
+        await store.append("f", sent["f"], 2)
+        await store.delete("s1")  # gone: its figures with it
+        del sent["s1"]
+        expected = count_events([e for events in sent.values() for e in events])
+        locker = await asyncpg.connect(POSTGRES_URL)
+        try:
+            async with locker.transaction():
+                await locker.execute(f'LOCK TABLE "{schema}".events IN ACCESS EXCLUSIVE MODE')
+                stats = await asyncio.wait_for(store.stats(top=1), 10)
+        finally:
+            await locker.close()
+    assert (stats.messages, stats.tokens, stats.bytes) == tuple(expected)
+    assert (stats.sessions, stats.users, stats.agents) == (6, 2, 1)
+    assert (stats.by_user, stats.by_agent) == ({"u0": 4}, {"bot": 5})
+
+
+async def test_purges_running_at_once_over_fork_chains_delete_each_session_once(
+    schema: str,
+) -> None:
+    """Chains root <- a <- b: some parents expire under live forks (kept, deleted), some
+    chains expire whole; four stores purge at once; each session is counted once and
+    what is left is the live sessions and the ancestors they still read."""
+    url = f"{POSTGRES_URL}?schema={schema}"
+    past = time.time() - 100
+    expired: set[str] = set()
+    live: set[str] = set()
+    kept: set[str] = set()  # deleted ancestors a live fork still reads
+    async with open_store(url) as store:
+        for n in range(40):
+            chain = [f"r{n}", f"a{n}", f"b{n}"]
+            dies = [n % 4 != 0, n % 3 != 0, n % 2 != 0]  # every mix of the three
+            await store.create(SessionRecord(id=chain[0]))
+            await store.append(chain[0], [ev(0)], 0)
+            for parent, child in itertools.pairwise(chain):
+                await store.fork(parent, 1, SessionRecord(id=child))
+                await store.append(child, [ev(1)], 1)
+            for sid, die in zip(chain, dies, strict=True):
+                await store.put_blob(sid, sid.encode())
+                await store.put_snapshot(sid, (await store.get(sid)).head, b"snap")
+                await store.acquire_lease(sid, "holder", 60)
+                if die:
+                    await pg(
+                        f'UPDATE "{schema}".sessions SET expires_at = $1 WHERE id = $2',
+                        past + n,
+                        sid,
+                    )
+                (expired if die else live).add(sid)
+            for i, sid in enumerate(chain):
+                if dies[i] and not all(dies[i + 1 :]):
+                    kept.add(sid)
+    stores = [open_store(url) for _ in range(4)]
+    try:
+        purged = await asyncio.gather(*(s.purge_expired() for s in stores))
+        assert sum(purged) == len(expired), purged
+        assert await asyncio.gather(*(s.purge_expired() for s in stores)) == [0, 0, 0, 0]
+        for sid in live:
+            assert (await stores[0].get(sid)).id == sid
+    finally:
+        for s in stores:
+            await s.aclose()
+    rows = await pg(f'SELECT id, deleted, lease_owner FROM "{schema}".sessions')
+    assert {r[0] for r in rows} == live | kept
+    assert {r[0] for r in rows if r[1]} == kept
+    assert all(r[2] is None for r in rows if r[1])  # no lease left on a kept row
+    left = await pg(
+        f'SELECT s.id, (SELECT count(*) FROM "{schema}".snapshots n WHERE n.session_pk = s.pk), '
+        f'(SELECT count(*) FROM "{schema}".events e WHERE e.session_pk = s.pk) '
+        f'FROM "{schema}".sessions s'
+    )
+    assert {r[0] for r in left if r[1]} == live  # snapshots only of live sessions
+    assert all(r[2] == 1 for r in left)  # each row's own event: nothing else left
+    for table in ("events", "blobs"):
+        count = await pg(f'SELECT count(*) FROM "{schema}".{table}')
+        assert count[0][0] == len(live | kept), table
+
+
+def plan_nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield plan
+    for child in plan.get("Plans", []):
+        yield from plan_nodes(child)
+
+
+async def test_listing_a_users_sessions_walks_the_users_index(schema: str) -> None:
+    """EXPLAIN the statement list_sessions sends, on a table of 20,000 sessions."""
+    async with open_store(f"{POSTGRES_URL}?schema={schema}") as store:
+        await store.create(SessionRecord(id="first", user_id="u7"))
+        await pg(
+            f'INSERT INTO "{schema}".sessions (id, user_id, agent_id, state, created_at, '
+            "updated_at, expires_at) SELECT 's' || n, 'u' || (n % 200), 'bot', "
+            "CASE WHEN n % 5 = 0 THEN 'archived' ELSE 'active' END, n, n, "
+            "CASE WHEN n % 7 = 0 THEN 1e12 END FROM generate_series(1, 20000) AS n"
+        )
+        await pg(f'ANALYZE "{schema}".sessions')
+        page = await store.list_sessions(user_id="u7", limit=10)
+        cursor = page.next_cursor
+        assert len(page.records) == 10 and cursor is not None
+        queries = {
+            "first page": store._list_query(user_id="u7", limit=10),  # type: ignore[attr-defined]
+            "next page": store._list_query(user_id="u7", limit=10, cursor=cursor),  # type: ignore[attr-defined]
+            "one state": store._list_query(user_id="u7", state="active", limit=10),  # type: ignore[attr-defined]
+            "archived": store._list_query(user_id="u10", state="archived", limit=10),  # type: ignore[attr-defined]
+        }
+        conn = await asyncpg.connect(POSTGRES_URL)
+        try:
+            for what, (sql, params) in queries.items():
+                (plan,) = json.loads(await conn.fetchval(f"EXPLAIN (FORMAT JSON) {sql}", *params))
+                nodes = list(plan_nodes(plan["Plan"]))
+                scans = [n for n in nodes if n.get("Alias") == "s"]
+                assert [n["Node Type"] for n in scans] == ["Index Scan"], (what, nodes)
+                assert scans[0]["Index Name"] in {"sessions_by_user", "sessions_by_user_state"}
+                assert "user_id =" in scans[0]["Index Cond"], (what, scans[0])
+                assert not any(n["Node Type"] == "Sort" for n in nodes), what  # index order
+                # the page, not the user's sessions (100) or the table (20,000)
+                rows = await conn.fetch(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}", *params)
+                analyzed = json.loads(rows[0][0])[0]["Plan"]
+                scan = next(n for n in plan_nodes(analyzed) if n.get("Alias") == "s")
+                assert scan["Actual Rows"] <= 11, (what, scan)
+        finally:
+            await conn.close()

@@ -61,6 +61,10 @@ rewrite, one scan of the events table to check the constraint. Migration
 rewrite, one scan of the sessions table. Migration
 ``005_leases_event_ids_snapshots`` adds ``events.event_id``, the lease
 columns and the ``snapshots`` table: catalog changes only, no scan.
+Migration ``006_session_figures_user_states`` adds ``sessions.messages``,
+``tokens`` and ``bytes`` (the figures ``stats()`` sums), back-filled by one
+pass over the events table that counts what is stored (see its docstring
+for how exact), and index ``sessions_by_user_state``.
 
 What is acknowledged reads back exactly. JSONB keeps JSON *values*, not
 their text: it drops insignificant whitespace, orders object keys (shorter
@@ -96,11 +100,29 @@ more query tells why: the head moved (``ConflictError``), unless the event
 after ``expected_seq`` carries the first event's ``event_id``, which means
 this append was done before and its reply was lost (it then returns the
 head after those events, having written nothing); or the lease
-(``LeaseLostError``, ``SessionBusyError``). The ``sessions`` fillfactor
+(``LeaseLostError``, ``SessionBusyError``), or the session is archived
+(``SessionArchivedError``: the same statement refuses to write to an
+archived session). The same statement adds the events' figures
+(``count_events``) to the session's ``messages``, ``tokens`` and
+``bytes``; ``stats()`` is one statement of aggregates over the
+``sessions`` table, never reading an event. The ``sessions`` fillfactor
 leaves room on each page so that moving the head is a HOT update (no index
 entries written) on pages filled since migration 003. Expiry is the
 ``expires_at`` column, checked on every read; ``purge_expired`` deletes in
-bounded batches that skip sessions locked by other calls.
+bounded batches picked with ``FOR UPDATE SKIP LOCKED``, so purges running
+at once in several processes delete, and count, each session once, and
+never wait for other calls.
+
+``create(max_per_user=)`` is one transaction: it takes a
+transaction-scoped advisory lock on the user
+(``pg_advisory_xact_lock(hashtextextended('chatsession:<schema>:user:<id>', 0))``),
+then counts the user's visible sessions that are not archived and inserts
+in one statement. The lock serialises limited creates for one user across
+connections and processes; being transaction-scoped, it is released by the
+commit and works through poolers in transaction mode. Listing by owner
+walks index ``sessions_by_user`` (``user_id, created_at DESC, id DESC``,
+of rows not deleted), or ``sessions_by_user_state`` with a state, from the
+cursor: its cost follows the page, not the table.
 
 A lease is a row's columns, not an advisory lock (those die with the
 connection and do not work through poolers): acquiring, renewing and

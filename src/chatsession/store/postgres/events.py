@@ -12,6 +12,7 @@ import asyncpg.exceptions as pgerr
 from chatsession.errors import (
     ConflictError,
     CorruptDataError,
+    SessionArchivedError,
     SessionNotFoundError,
     UsageError,
 )
@@ -22,6 +23,7 @@ from chatsession.store.base import (
     StoredEvent,
     check_append,
     check_read,
+    count_events,
     fork_segments,
     now,
     validate_id,
@@ -35,6 +37,7 @@ from chatsession.store.records import check_visible
 
 _VALUES_MAX = 16  # appends of up to this many events (all jsonb) send one VALUES row each
 _FIELDS = 6  # parameters per event in a VALUES row: NewEvent's fields, in order
+_FIRST = 9  # the first event parameter: $1..$8 are the session, head, time, count, token, figures
 _ATTEMPTS = 3  # a refused append whose cause was gone when looked at is sent again this often
 _CLOCK = "date_part('epoch', clock_timestamp())"  # the server's clock, Unix seconds
 
@@ -58,10 +61,10 @@ class Events(Rows):
             True: "SELECT seq, type, ts, turn_id, COALESCE(data_text::json::text, data::text), "
             f"v, event_id FROM {s}.events {where}",
         }
-        # why an append wrote nothing: the head, the lease, and the id of the
-        # event after expected_seq (an append sent again finds its own there)
+        # why an append wrote nothing: the head, the state, the lease, and the id
+        # of the event after expected_seq (an append sent again finds its own there)
         self._refused_sql = f"""
-            SELECT s.head, s.deleted, s.expires_at, s.lease_owner, s.lease_token,
+            SELECT s.head, s.deleted, s.expires_at, s.state, s.lease_owner, s.lease_token,
                 s.lease_expires, {_CLOCK} AS clock,
                 (SELECT e.event_id FROM {s}.events e
                     WHERE e.session_pk = s.pk AND e.seq = $2 + 1) AS next_event_id
@@ -72,13 +75,15 @@ class Events(Rows):
     def _append_sql(self, n: int, text: bool) -> tuple[str, str]:
         """The append statement for ``n`` events and the status it answers on success.
 
-        It moves the head only if it is still ``expected_seq`` and the writer
-        may write (``$5``, the lease's token: it must be the current holder's
-        and unexpired by the server's clock; NULL: no live lease may be held),
-        then inserts the events. Up to ``_VALUES_MAX`` events, all kept as
-        jsonb: a ``VALUES`` row each, whose parameters are the events' fields
-        in order (cheaper than ``unnest``). Otherwise ``unnest`` of one array
-        per column, with ``data_text`` only when some payload is kept as text.
+        It moves the head only if it is still ``expected_seq``, the session is
+        not archived and the writer may write (``$5``, the lease's token: it
+        must be the current holder's and unexpired by the server's clock;
+        NULL: no live lease may be held), adds the events' figures (``$6``
+        messages, ``$7`` tokens, ``$8`` bytes) to the session's, then inserts
+        the events. Up to ``_VALUES_MAX`` events, all kept as jsonb: a
+        ``VALUES`` row each, whose parameters are the events' fields in order
+        (cheaper than ``unnest``). Otherwise ``unnest`` of one array per
+        column, with ``data_text`` only when some payload is kept as text.
         """
         values = n <= _VALUES_MAX and not text
         key = (n if values else 0, text)
@@ -88,9 +93,10 @@ class Events(Rows):
             extra = ", data_text" if text else ""
             # data_text::json checks that it is JSON and gives back the same text
             head = f"""WITH moved AS (
-                UPDATE {s}.sessions SET head = head + $4, updated_at = $3
+                UPDATE {s}.sessions SET head = head + $4, updated_at = $3,
+                    messages = messages + $6, tokens = tokens + $7::numeric, bytes = bytes + $8
                     {", text_payloads = true" if text else ""}
-                WHERE id = $1 AND head = $2 AND NOT deleted
+                WHERE id = $1 AND head = $2 AND NOT deleted AND state <> 'archived'
                     AND (expires_at IS NULL OR expires_at > $3)
                     AND CASE WHEN $5::bigint IS NULL
                         THEN lease_owner IS NULL OR lease_expires <= {_CLOCK}
@@ -102,18 +108,19 @@ class Events(Rows):
             SELECT moved.pk, $2 + e.ord, e.type, e.ts, e.turn_id, e.v, e.data, e.event_id
                 {", e.data_text::json::text" if text else ""}
             FROM moved, """
-            if values:  # $6... : each event's type, data, ts, turn_id, schema_version, event_id
+            if values:  # $9... : each event's type, data, ts, turn_id, schema_version, event_id
                 rows = ", ".join(
-                    f"({i + 1}, ${6 + 6 * i}::text, ${7 + 6 * i}::jsonb, ${8 + 6 * i}::float8, "
-                    f"${9 + 6 * i}::text, ${10 + 6 * i}::int, ${11 + 6 * i}::text)"
+                    "({}, ${}::text, ${}::jsonb, ${}::float8, ${}::text, ${}::int, ${}::text)".format(
+                        i + 1, *range(_FIRST + _FIELDS * i, _FIRST + _FIELDS * (i + 1))
+                    )
                     for i in range(n)
                 )
                 sql = f"{head}(VALUES {rows}) AS e(ord, type, data, ts, turn_id, v, event_id)"
             else:
                 arrays = (
-                    "$6::text[], $7::jsonb[], $8::float8[], $9::text[], $10::int[], $11::text[]"
+                    "$9::text[], $10::jsonb[], $11::float8[], $12::text[], $13::int[], $14::text[]"
                 )
-                arrays += ", $12::text[]" if text else ""
+                arrays += ", $15::text[]" if text else ""
                 sql = (
                     f"{head}unnest({arrays}) "
                     f"WITH ORDINALITY AS e(type, data, ts, turn_id, v, event_id{extra}, ord)"
@@ -141,12 +148,13 @@ class Events(Rows):
         validate_id(session_id)
         token = None if lease is None else check_lease_for(lease, session_id).token
         n = len(events)  # schema_version <= MAX_SCHEMA_VERSION, events.v's smallint
+        figures = count_events(events)
         # a substring test and a regex search for most payloads; a scan or a parse for few
         as_text = [i for i, e in enumerate(events) if jsonb_changes(e.data)]
 
         def arguments(as_text: list[int]) -> tuple[str, str, list[Any]]:
             sql, status = self._append_sql(n, bool(as_text))
-            args: list[Any] = [session_id, expected_seq, now(), n, token]
+            args: list[Any] = [session_id, expected_seq, now(), n, token, *figures]
             if n <= _VALUES_MAX and not as_text:
                 for e in events:
                     args.extend(e)
@@ -214,6 +222,7 @@ class Events(Rows):
         Raises:
             SessionNotFoundError: The session is gone or expired.
             ConflictError: The head is not ``expected_seq``.
+            SessionArchivedError: The session is archived.
             LeaseLostError: ``lease`` is not the current one or expired.
             SessionBusyError: No ``lease`` and another writer holds a live one.
         """
@@ -227,6 +236,8 @@ class Events(Rows):
             if first_id is not None and head > expected_seq and row["next_event_id"] == first_id:
                 return True
             raise ConflictError(session_id, expected_seq, head)
+        if row["state"] == "archived":
+            raise SessionArchivedError(session_id)
         held = None
         if row["lease_owner"] is not None:
             held = Lease(session_id, row["lease_owner"], row["lease_token"], row["lease_expires"])

@@ -112,6 +112,75 @@ def _migration_5(s: str) -> list[str]:
     ]
 
 
+# What an event adds to its session's figures (chatsession.store.types.count_events),
+# for events stored before migration 006, computed from what the row keeps. A
+# payload kept as text is its exact bytes; one kept as jsonb has lost its text:
+# it counts its compact form (jsonb's text minus the ", " and ": " it puts between
+# items), which is the text chatsession itself writes. total_tokens counts when it
+# is a plain non-negative integer (an int to json.loads); in a payload kept as
+# text every escape is blanked out first, so that a \u0000 or a lone surrogate
+# (why it is kept as text) cannot stop the json parser; key order and duplicates
+# (the last one counts) as in json.loads.
+_OLD_TOKENS = """CASE
+    WHEN type <> 'usage' THEN 0
+    WHEN data IS NOT NULL THEN CASE
+        WHEN jsonb_typeof(data -> 'total_tokens') = 'number'
+            AND data ->> 'total_tokens' ~ '^[0-9]+$'
+        THEN (data ->> 'total_tokens')::numeric ELSE 0 END
+    ELSE (SELECT CASE
+        WHEN json_typeof(j -> 'total_tokens') = 'number' AND j ->> 'total_tokens' ~ '^[0-9]+$'
+        THEN (j ->> 'total_tokens')::numeric ELSE 0 END
+        FROM (SELECT regexp_replace(data_text, '\\\\.', '_', 'g')::json AS j) AS blanked)
+    END"""
+_OLD_BYTES = """CASE WHEN data IS NULL THEN octet_length(data_text)
+    ELSE octet_length(data::text) - (
+        SELECT COALESCE(sum(CASE jsonb_typeof(item)
+            WHEN 'object' THEN greatest(2 * (SELECT count(*) FROM jsonb_object_keys(item)) - 1, 0)
+            WHEN 'array' THEN greatest(jsonb_array_length(item) - 1, 0)
+            ELSE 0 END), 0)
+        FROM jsonb_path_query(data, 'strict $.**') AS item)
+    END"""
+
+
+def _migration_6(s: str) -> list[str]:
+    """Per-session figures for ``stats()``, and an index of a user's sessions by state.
+
+    Adds ``sessions.messages``, ``tokens`` and ``bytes`` (what
+    :func:`~chatsession.store.types.count_events` counts; every append adds
+    to them in its own statement from now on; a fork starts at 0). Catalog
+    changes first (constant defaults are not written into rows), then a
+    back-fill: one pass over the events table counts what is already stored,
+    once, and writes it into the sessions that have events (the others keep
+    0). The back-fill is exact for ``messages``; ``tokens`` reads
+    ``total_tokens`` as ``count_events`` does; ``bytes`` is exact for payloads
+    kept as text and, for those kept as JSONB (which has lost their text),
+    the length of their compact form, which is what chatsession itself
+    writes (see ``_OLD_BYTES``). ``tokens`` is numeric: a usage event's
+    ``total_tokens`` is any JSON integer.
+
+    The index ``sessions_by_user_state`` serves listing one user's sessions
+    in one state, and counting them for ``create(max_per_user=)``; its
+    columns are ones an append never changes, so the append's UPDATE of
+    the head stays HOT.
+    """
+    return [
+        f"""ALTER TABLE {s}.sessions
+            ADD COLUMN messages bigint NOT NULL DEFAULT 0,
+            ADD COLUMN tokens numeric NOT NULL DEFAULT 0,
+            ADD COLUMN bytes bigint NOT NULL DEFAULT 0""",
+        f"""UPDATE {s}.sessions AS t
+            SET messages = c.messages, tokens = c.tokens, bytes = c.bytes
+            FROM (SELECT session_pk,
+                    count(*) FILTER (WHERE type = 'message') AS messages,
+                    COALESCE(sum({_OLD_TOKENS}), 0) AS tokens,
+                    COALESCE(sum({_OLD_BYTES}), 0) AS bytes
+                FROM {s}.events GROUP BY session_pk) AS c
+            WHERE t.pk = c.session_pk""",
+        f"CREATE INDEX sessions_by_user_state ON {s}.sessions "
+        "(user_id, state, created_at DESC, id DESC) WHERE NOT deleted",
+    ]
+
+
 #: Applied in order, each once, recorded by name. Never edit or reorder: append.
 MIGRATIONS: list[tuple[str, Callable[[str], list[str]]]] = [
     ("001_sessions_events_blobs", _migration_1),
@@ -119,6 +188,7 @@ MIGRATIONS: list[tuple[str, Callable[[str], list[str]]]] = [
     ("003_events_data_text", _migration_3),
     ("004_sessions_body_text", _migration_4),
     ("005_leases_event_ids_snapshots", _migration_5),
+    ("006_session_figures_user_states", _migration_6),
 ]
 
 
