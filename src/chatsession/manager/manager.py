@@ -93,6 +93,10 @@ class ValueRedactor(Protocol):
         """A JSON value with secrets rewritten in its strings."""
         ...
 
+    def redact_text(self, text: str) -> str:
+        """Text with secrets rewritten (large tool outputs kept as blobs)."""
+        ...
+
 
 def _check_user(user_id: object, what: str = "user_id") -> None:
     if user_id is not None:

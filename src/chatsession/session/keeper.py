@@ -15,7 +15,7 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol, TypeVar
 
-from chatsession.errors import ConflictError, CorruptDataError, SessionBusyError
+from chatsession.errors import ConflictError, CorruptDataError, DecryptionError, SessionBusyError
 from chatsession.log import (
     ConversationState,
     LogEvent,
@@ -65,6 +65,10 @@ class EventRedactor(Protocol):
 
     def redact_event(self, event: LogEvent) -> LogEvent:
         """The event with secrets rewritten (the same object when nothing changed)."""
+        ...
+
+    def redact_text(self, text: str) -> str:
+        """The text with secrets rewritten (a large tool output kept as a blob)."""
         ...
 
 
@@ -121,7 +125,17 @@ class LogKeeper:
 
     async def _load_snapshot(self, record: SessionRecord) -> bool:
         """Restore from the stored snapshot; False when there is none or it is unusable."""
-        stored = await self.store.get_snapshot(self.session_id)
+        try:
+            stored = await self.store.get_snapshot(self.session_id)
+        except DecryptionError:
+            raise  # the log is written with the same keys: rebuilding would not help
+        except CorruptDataError as exc:
+            _logger.warning(
+                "session %r: its snapshot cannot be read (%s); reading the whole log instead",
+                self.session_id,
+                exc,
+            )
+            return False
         if stored is None:
             return False
         seq, data = stored

@@ -338,6 +338,9 @@ class TurnStream:
         threshold = session.offload_threshold
         if threshold <= 0 or len(text) <= threshold:
             return message
+        redactor = session._keeper.redact
+        if redactor is not None:  # the blob is stored as is: rewrite its secrets first
+            text = redactor.redact_text(text)
         blob_id = await session.store.put_blob(session.session_id, text.encode(), "text/plain")
         preview = text[: min(1000, threshold // 2)]
         self._progress.pending.append(
