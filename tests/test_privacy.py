@@ -1191,3 +1191,37 @@ async def test_concurrent_appends_through_two_wrappers_never_interleave() -> Non
 
     await asyncio.gather(writer(one, "a"), writer(two, "b"))
     assert len(await _all(one, "race")) == 40
+
+
+async def test_the_manager_redacts_before_anything_reaches_the_backend(
+    durable: tuple[str, str], tmp_path: Path
+) -> None:
+    durable_backend, durable_url = durable
+    manager = SessionManager(durable_url, redact=True)
+    try:
+        made = await manager.create_session(
+            "ann", "helper", title=f"keys {GITHUB}", metadata={"note": f"card {VISA}"}
+        )
+        llm = ScriptedLLM([f"I will not repeat {AWS}"])
+        async with await manager.chat(made.session_id, "ann", Agent(llm)) as chat:
+            await chat.query(f"my key is {OPENAI}, card {VISA}, password=hunter2hunter2")
+        await manager.save_checkpoint(
+            made.session_id, "ann", {"token": STRIPE, "text": f"Bearer {OPENAI}"}
+        )
+        await manager.update_session_metadata(made.session_id, "ann", {"slack": SLACK})
+    finally:
+        await manager.aclose()
+    dump = await raw_dump(durable_backend, durable_url, tmp_path)
+    for secret in (
+        GITHUB,
+        VISA,
+        VISA.replace(" ", ""),
+        AWS,
+        OPENAI,
+        STRIPE,
+        SLACK,
+        "hunter2hunter2",
+    ):
+        assert not _contains(dump, secret), f"{secret!r} is stored on {durable_backend}"
+    assert _contains(dump, "[REDACTED:openai_api_key]") or b"REDACTED" in dump
+    assert made.session_id.encode() in dump  # the scan reads where the session is
