@@ -106,5 +106,9 @@ def main() -> None:
 
 
 from chatsession.cli.chat import chat  # noqa: E402  (registers the command)
+from chatsession.cli.keys import keys  # noqa: E402
+from chatsession.cli.serve import serve  # noqa: E402
 
 main.add_command(chat)
+main.add_command(keys)
+main.add_command(serve)
