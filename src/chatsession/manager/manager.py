@@ -25,7 +25,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol, Self
 
 from chatsession.agent import Agent
@@ -33,6 +33,7 @@ from chatsession.errors import (
     ChatSessionClosedError,
     ConflictError,
     InvalidArgumentError,
+    SessionArchivedError,
     SessionBusyError,
     SessionExistsError,
     SessionLimitError,
@@ -99,20 +100,60 @@ class ValueRedactor(Protocol):
 
 
 def _check_user(user_id: object, what: str = "user_id") -> None:
+    """A user id is None (the administrator) or non-blank text: ``""`` is no account."""
     if user_id is not None:
         check_text(user_id, what, controls=False)
+        if isinstance(user_id, str) and not user_id.strip():
+            raise InvalidArgumentError(
+                f"{what} must not be blank ({user_id!r}): a missing user is no account; "
+                "pass None only for the administrator"
+            )
 
 
 def _check_ttl(ttl: object, what: str = "ttl") -> None:
-    if ttl is not None and (
-        isinstance(ttl, bool)
-        or not isinstance(ttl, int | float)
-        or not math.isfinite(ttl)
-        or ttl <= 0
-    ):
+    if ttl is None:
+        return
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float):
         raise InvalidArgumentError(
             f"{what} must be None or a positive number of seconds, not {ttl!r}"
         )
+    try:
+        seconds = float(ttl)
+    except OverflowError:
+        seconds = math.inf
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise InvalidArgumentError(
+            f"{what} must be None or a positive, finite number of seconds, not {ttl!r}"[:300]
+        )
+
+
+def _later(record: SessionRecord, expires: float) -> float:
+    """The new expiry, never earlier than the record's (a clock stepped back)."""
+    if record.expires_at is None:
+        return expires
+    return max(record.expires_at, expires)
+
+
+#: Ids the manager makes for windows: callers cannot choose them (another user
+#: could otherwise take or probe a window's session id, which is derived from
+#: public names).
+_WINDOW_PREFIX = "win_"
+
+#: ChatSession options chat() sets itself.
+_CHAT_SETS = frozenset(
+    {
+        "store",
+        "user_id",
+        "agent_id",
+        "window_id",
+        "title",
+        "redact",
+        "on_turn",
+        "must_exist",
+        "session_id",
+        "agent",
+    }
+)
 
 
 def _check_metadata(metadata: object) -> dict[str, Any]:
@@ -229,6 +270,7 @@ class SessionManager:
         self._clock = clock or time.time
         self._cleaner: asyncio.Task[None] | None = None
         self._closed = False
+        self._user_locks: dict[str, asyncio.Lock] = {}
 
     # ------------------------------------------------------------------
     # records and sessions
@@ -343,13 +385,44 @@ class SessionManager:
             InvalidArgumentError: A bad argument (unknown template, reserved
                 metadata key, bad ttl).
         """
+        if session_id is not None and str(session_id).startswith(_WINDOW_PREFIX):
+            raise InvalidArgumentError(
+                f"session ids starting with {_WINDOW_PREFIX!r} are the manager's own (for "
+                "open_window); choose another id"
+            )
+        return await self._create(
+            user_id,
+            agent_id,
+            window_id=window_id,
+            metadata=metadata,
+            template=template,
+            ttl=ttl,
+            title=title,
+            session_id=session_id,
+        )
+
+    async def _create(
+        self,
+        user_id: str | None,
+        agent_id: str | None,
+        *,
+        window_id: str | None,
+        metadata: Mapping[str, Any] | None,
+        template: str | SessionTemplate | None,
+        ttl: float | None,
+        title: str | None,
+        session_id: str | None,
+    ) -> Session:
         self._check_open()
         _check_user(user_id)
+        check_text(agent_id, "agent_id", optional=True, controls=False)
+        check_text(window_id, "window_id", optional=True, controls=False)
+        check_text(title, "title", optional=True)
         _check_ttl(ttl)
         name, tpl = self._template(template)
         values = _check_metadata(metadata)
         if tpl is not None:
-            values = {**tpl.metadata, **values}
+            values = {**_check_metadata(tpl.metadata), **values}
         values = self._redact(values)
         life = ttl if ttl is not None else (tpl.ttl if tpl is not None and tpl.ttl else self.ttl)
         if life is not None:
@@ -368,15 +441,44 @@ class SessionManager:
             metadata=values,
         )
         limit = self.max_sessions_per_user if user_id is not None else None
-        for _ in range(5):
+        for _ in range(8):
             try:
                 return self._session(await self.store.create(record, max_per_user=limit))
             except SessionLimitError:
-                if self.limit_policy != "archive_oldest_idle" or user_id is None:
+                if user_id is None:
                     raise
-                if not await self._archive_oldest_idle(user_id):
-                    raise
+                async with self._user_lock(user_id):
+                    if await self._drop_expired(user_id):
+                        continue  # expired by the manager's clock: they never count
+                    if self.limit_policy != "archive_oldest_idle":
+                        raise
+                    if not await self._archive_oldest_idle(user_id):
+                        raise
         return self._session(await self.store.create(record, max_per_user=limit))
+
+    def _user_lock(self, user_id: str) -> asyncio.Lock:
+        """This process's lock on a user's limit bookkeeping (fewer lost races)."""
+        lock = self._user_locks.get(user_id)
+        if lock is None:
+            lock = self._user_locks[user_id] = asyncio.Lock()
+        return lock
+
+    async def _drop_expired(self, user_id: str) -> int:
+        """Delete the user's sessions that are expired by the manager's clock but not
+        yet by the store's (they would count against the limit); returns how many."""
+        dropped = 0
+        now = self.now()
+        cursor: str | None = None
+        while True:
+            page = await self.store.list_sessions(user_id=user_id, limit=_PAGE, cursor=cursor)
+            for record in page.records:
+                if record.is_expired(now):
+                    with contextlib.suppress(SessionNotFoundError):
+                        await self.store.delete(record.id)
+                        dropped += 1
+            if page.next_cursor is None:
+                return dropped
+            cursor = page.next_cursor
 
     async def _archive_oldest_idle(self, user_id: str) -> bool:
         """Archive the user's idle session with the oldest activity; False when none is idle."""
@@ -388,10 +490,37 @@ class SessionManager:
                 oldest = record
         if oldest is None:
             return False
-        # deleted or busy meanwhile: the next create counts again
-        with contextlib.suppress(SessionNotFoundError, SessionBusyError):
+        # archived, deleted or busy meanwhile (another process): the next create counts again
+        with contextlib.suppress(SessionNotFoundError, SessionBusyError, SessionArchivedError):
             await self._transition(oldest.id, "archived", "the user's session limit", None)
         return True
+
+    async def _make_room(self, user_id: str | None) -> None:
+        """Make sure one more active session fits the user's limit (archiving an idle
+        one per policy), or raise :class:`SessionLimitError`. Call under the user's lock."""
+        limit = self.max_sessions_per_user
+        if limit is None or user_id is None:
+            return
+        for _ in range(8):
+            count = await self.get_active_session_count(user_id)
+            if count < limit:
+                return
+            if await self._drop_expired(user_id):
+                continue
+            if self.limit_policy != "archive_oldest_idle" or not await self._archive_oldest_idle(
+                user_id
+            ):
+                raise SessionLimitError(user_id, limit, count)
+        raise SessionLimitError(user_id, limit, await self.get_active_session_count(user_id))
+
+    async def _over_limit(self, user_id: str | None) -> int | None:
+        """The user's active count when it is past the limit (a race another process
+        won), else None."""
+        limit = self.max_sessions_per_user
+        if limit is None or user_id is None:
+            return None
+        count = await self.get_active_session_count(user_id)
+        return count if count > limit else None
 
     async def open_window(
         self,
@@ -412,7 +541,9 @@ class SessionManager:
         """
         self._check_open()
         check_text(user_id, "user_id", controls=False)
+        _check_user(user_id)
         check_text(window_id, "window_id", controls=False)
+        check_text(agent_id, "agent_id", optional=True, controls=False)
         async for record in self._listing(
             user_id=user_id, window_id=window_id, state=SessionState.ACTIVE
         ):
@@ -425,12 +556,14 @@ class SessionManager:
         for generation in range(100):
             sid = f"win_{key}_{generation}"
             try:
-                return await self.create_session(
+                return await self._create(
                     user_id,
                     agent_id,
                     window_id=window_id,
                     metadata=metadata,
                     template=template,
+                    ttl=None,
+                    title=None,
                     session_id=sid,
                 )
             except SessionExistsError:
@@ -612,8 +745,9 @@ class SessionManager:
 
         def slide(record: SessionRecord) -> SessionRecord:
             life = ttl if ttl is not None else record.metadata.get(TTL_KEY)
-            expires = self.now() + life if life is not None else None
-            return record.model_copy(update={"expires_at": expires})
+            if life is None:
+                return record.model_copy(update={"expires_at": None})
+            return record.model_copy(update={"expires_at": _later(record, self.now() + life)})
 
         return self._session(await self._checked_update(session_id, user_id, slide))
 
@@ -649,8 +783,14 @@ class SessionManager:
             "IDLE cannot be set: a session reads as idle after idle_after seconds without activity"
         )
 
-    async def _log_write(self, session_id: str, events: list[LogEvent]) -> None:
-        """Append ``events`` under the session's lease (after any turn in progress)."""
+    async def _log_write(
+        self,
+        session_id: str,
+        events: list[LogEvent],
+        then: Callable[[], Awaitable[object]] | None = None,
+    ) -> None:
+        """Append ``events`` under the session's lease (after any turn in progress),
+        then run ``then`` still holding it (a state change no turn may slip into)."""
         if self.redactor is not None:
             events = [self.redactor.redact_event(e) for e in events]
         rows = [encode(e) for e in events]
@@ -662,7 +802,10 @@ class SessionManager:
             for _ in range(20):
                 head = (await self.store.get(session_id)).head
                 try:
-                    await self.store.append(session_id, rows, head, lease=lease)
+                    if rows:
+                        await self.store.append(session_id, rows, head, lease=lease)
+                    if then is not None:
+                        await then()
                     return
                 except ConflictError as exc:
                     if type(exc) is not ConflictError:
@@ -675,20 +818,28 @@ class SessionManager:
         self, session_id: str, state: str, reason: str | None, by: str | None
     ) -> SessionRecord:
         event = LifecycleEntry(data=Lifecycle(state=state, reason=reason, by=by))  # type: ignore[arg-type]
-        if state == "archived":  # recorded first: an archived session takes no events
-            await self._log_write(session_id, [event])
-            return await self._update(
-                session_id, lambda r: r.model_copy(update={"state": SessionState.ARCHIVED})
+        done: list[SessionRecord] = []
+
+        async def change(update: dict[str, Any]) -> None:
+            done.append(await self._update(session_id, lambda r: r.model_copy(update=update)))
+
+        if state == "archived":
+            # recorded first (an archived session takes no events), and made so while
+            # the lease is still held: no turn can begin in between
+            await self._log_write(
+                session_id, [event], lambda: change({"state": SessionState.ARCHIVED})
             )
+            return done[-1]
         if state == "active":
-            record = await self._update(
-                session_id, lambda r: r.model_copy(update={"state": SessionState.ACTIVE})
-            )
+            await change({"state": SessionState.ACTIVE})
             await self._log_write(session_id, [event])
-            return record
-        await self._log_write(session_id, [event])  # expired: recorded, then made so
-        now = self.now()
-        return await self._update(session_id, lambda r: r.model_copy(update={"expires_at": now}))
+            return done[-1]
+        now = self.now()  # expired: recorded, then made so (an archived log takes no event)
+        archived = (await self.store.get(session_id)).state == SessionState.ARCHIVED
+        await self._log_write(
+            session_id, [] if archived else [event], lambda: change({"expires_at": now})
+        )
+        return done[-1]
 
     async def archive_session(
         self, session_id: str, user_id: str | None, *, reason: str | None = None
@@ -711,17 +862,31 @@ class SessionManager:
 
         Raises:
             SessionLimitError: Restoring would take the user past
-                ``max_sessions_per_user`` (archived sessions do not count).
+                ``max_sessions_per_user`` (archived sessions do not count; with
+                ``archive_oldest_idle`` an idle session is archived to make room).
         """
         record = await self._record(session_id, user_id)
         if record.state != SessionState.ARCHIVED:
             return self._session(record)
-        limit = self.max_sessions_per_user
-        if limit is not None and record.user_id is not None:
-            count = await self.get_active_session_count(record.user_id)
-            if count >= limit:
-                raise SessionLimitError(record.user_id, limit, count)
-        return self._session(await self._transition(session_id, "active", reason, user_id))
+        owner = record.user_id
+        if owner is None or self.max_sessions_per_user is None:
+            return self._session(await self._transition(session_id, "active", reason, user_id))
+        async with self._user_lock(owner):
+            await self._make_room(owner)
+            restored = await self._update(
+                session_id, lambda r: r.model_copy(update={"state": SessionState.ACTIVE})
+            )
+            count = await self._over_limit(owner)
+            if count is not None:  # another process took the room meanwhile: undone
+                await self._update(
+                    session_id, lambda r: r.model_copy(update={"state": SessionState.ARCHIVED})
+                )
+                raise SessionLimitError(owner, self.max_sessions_per_user, count - 1)
+            await self._log_write(
+                session_id,
+                [LifecycleEntry(data=Lifecycle(state="active", reason=reason, by=user_id))],
+            )
+        return self._session(restored)
 
     async def expire_session(
         self, session_id: str, user_id: str | None, *, reason: str | None = None
@@ -783,11 +948,16 @@ class SessionManager:
             SessionNotFoundError: No such session (or another user's, or expired).
         """
         record = await self._record(session_id, user_id)
-        for name in ("store", "user_id", "agent_id", "window_id", "title", "redact", "on_turn"):
-            if name in options:
+        for name in sorted(options):
+            if name in _CHAT_SETS:
                 raise UsageError(f"chat() sets {name} itself; leave it out")
+            if name not in _chat_options():
+                raise UsageError(
+                    f"chat() got an unknown option {name!r}; it takes ChatSession's: "
+                    f"{', '.join(sorted(_chat_options() - _CHAT_SETS))}"
+                )
         options.setdefault("busy_timeout", self.busy_timeout)
-        session = ChatSession(
+        session = _ManagedChatSession(
             self._agent_for(agent, record),
             session_id,
             store=self.store,
@@ -796,12 +966,40 @@ class SessionManager:
             on_turn=self._slide,
             **options,
         )
+        session._manager = self
         try:
             await session.open()
         except BaseException:
             await session.close()
             raise
         return session
+
+    async def _fork(
+        self, parent: _ManagedChatSession, at: int | str | None, session_id: str | None
+    ) -> ChatSession:
+        """A fork through the manager: the owner's limit applies, the TTL starts afresh."""
+        owner = parent.record.user_id if parent.record is not None else None
+        if session_id is not None and str(session_id).startswith(_WINDOW_PREFIX):
+            raise InvalidArgumentError(
+                f"session ids starting with {_WINDOW_PREFIX!r} are the manager's own; "
+                "choose another id"
+            )
+        if owner is None or self.max_sessions_per_user is None:
+            fork = await ChatSession.fork_session(parent, at, session_id=session_id)
+        else:
+            async with self._user_lock(owner):
+                await self._make_room(owner)
+                fork = await ChatSession.fork_session(parent, at, session_id=session_id)
+                count = await self._over_limit(owner)
+                if count is not None:  # another process took the room meanwhile: undone
+                    await fork.close()
+                    with contextlib.suppress(SessionNotFoundError):
+                        await self.store.delete(fork.session_id)
+                    raise SessionLimitError(owner, self.max_sessions_per_user, count - 1)
+        if isinstance(fork, _ManagedChatSession):
+            fork._manager = self
+        await self._slide(fork)
+        return fork
 
     def _agent_for(self, agent: Agent, record: SessionRecord) -> Agent:
         name = record.metadata.get(TEMPLATE_KEY)
@@ -841,7 +1039,8 @@ class SessionManager:
         if record.expires_at is not None and record.expires_at - now > life - max(1.0, life * 0.01):
             return  # slid a moment ago
         session.record = await self._update(
-            session.session_id, lambda r: r.model_copy(update={"expires_at": now + life})
+            session.session_id,
+            lambda r: r.model_copy(update={"expires_at": _later(r, now + life)}),
         )
 
     # ------------------------------------------------------------------
@@ -921,6 +1120,7 @@ class SessionManager:
         self, session_id: str, user_id: str | None, checkpoint_id: str
     ) -> CheckpointInfo | None:
         """The checkpoint with that id, or None when there is none."""
+        check_text(checkpoint_id, "checkpoint id", controls=False)
         for cid, seq, data in await self._checkpoints(session_id, user_id):
             if cid == checkpoint_id:
                 return await self._info(session_id, cid, seq, data)
@@ -930,6 +1130,7 @@ class SessionManager:
         self, session_id: str, user_id: str | None, checkpoint_id: str
     ) -> bool:
         """Remove a checkpoint (the log keeps that it existed); False when there was none."""
+        check_text(checkpoint_id, "checkpoint id", controls=False)
         ids = {cid for cid, _, _ in await self._checkpoints(session_id, user_id)}
         if checkpoint_id not in ids:
             return False
@@ -1028,16 +1229,26 @@ class SessionManager:
                 if removed:
                     _logger.info("cleanup removed %d expired session(s)", removed)
             except StoreError as exc:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise asyncio.CancelledError from exc  # being stopped: not a failure
                 _logger.warning("cleanup of expired sessions failed (will retry): %s", exc)
             await asyncio.sleep(self.cleanup_interval)
 
     async def stop(self) -> None:
         """Stop the background cleanup (if running)."""
         task, self._cleaner = self._cleaner, None
-        if task is not None:
+        if task is None:
+            return
+        # a driver may turn the cancellation of a call in flight into an error the
+        # cleanup logs and goes on from: cancel until the task has ended
+        while not task.done():
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await asyncio.wait({task}, timeout=1.0)
+        with contextlib.suppress(asyncio.CancelledError):
+            failure = task.exception()
+            if failure is not None:
+                _logger.warning("the background cleanup had stopped: %r", failure)
 
     async def aclose(self) -> None:
         """Stop the cleanup and close the store if the manager opened it. Idempotent."""
@@ -1054,3 +1265,30 @@ class SessionManager:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+def _chat_options() -> frozenset[str]:
+    """The keyword options :class:`ChatSession` takes."""
+    import inspect
+
+    return frozenset(
+        name
+        for name, p in inspect.signature(ChatSession.__init__).parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    )
+
+
+class _ManagedChatSession(ChatSession):
+    """A :class:`ChatSession` handed out by :meth:`SessionManager.chat`: its forks go
+    through the manager (the owner's limit, a fresh TTL)."""
+
+    _manager: SessionManager | None = None
+
+    async def fork_session(
+        self, at: int | str | None = None, *, session_id: str | None = None
+    ) -> ChatSession:
+        """See :meth:`ChatSession.fork_session`; also refused with
+        :class:`~chatsession.errors.SessionLimitError` past the owner's limit."""
+        if self._manager is None:
+            return await super().fork_session(at, session_id=session_id)
+        return await self._manager._fork(self, at, session_id)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from chatsession.errors import InvalidArgumentError
 from chatsession.store.types import ParentRef, SessionState
 
 __all__ = [
@@ -107,11 +108,40 @@ class SessionTemplate(BaseModel):
     ttl: float | None = None
     title: str | None = None
 
-    @field_validator("ttl")
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'template'}: {e['msg']}"
+                for e in exc.errors()
+            )
+            raise InvalidArgumentError(f"bad SessionTemplate: {problems}"[:2000]) from None
+
+    @field_validator("ttl", mode="before")
     @classmethod
-    def _positive_ttl(cls, value: float | None) -> float | None:
-        if value is not None and not (math.isfinite(value) and value > 0):
-            raise ValueError("ttl must be a positive number of seconds")
+    def _positive_ttl(cls, value: object) -> float | None:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"ttl must be None or a number of seconds, not {type(value).__name__}")
+        try:
+            seconds = float(value)
+        except OverflowError:
+            seconds = math.inf
+        if not (math.isfinite(seconds) and seconds > 0):
+            raise ValueError("ttl must be a positive, finite number of seconds")
+        return seconds
+
+    @field_validator("metadata")
+    @classmethod
+    def _own_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        reserved = sorted(k for k in value if k.startswith(RESERVED_PREFIX))
+        if reserved:
+            raise ValueError(
+                f"metadata keys starting with {RESERVED_PREFIX!r} are the manager's own: "
+                f"{', '.join(reserved)}"
+            )
         return value
 
 
