@@ -673,3 +673,19 @@ async def test_a_session_made_by_one_manager_is_seen_the_same_by_another(
     finally:
         await one.aclose()
         await two.aclose()
+
+
+async def test_system_sessions_are_reserved_unlisted_and_never_deleted_as_conversations(
+    manager: SessionManager,
+) -> None:
+    """``_chatsession.*`` ids hold chatsession's own records (the server's API keys)."""
+    await raises_typed(
+        manager.create_session("ann", "a", session_id="_chatsession.apikeys"),
+        InvalidArgumentError,
+    )
+    await manager.store.create(SessionRecord(id="_chatsession.apikeys", agent_id="_chatsession"))
+    mine = await manager.create_session(None, "_chatsession")
+    listed = [s.session_id for s in await manager.get_sessions_by_user(None)]
+    assert listed == [mine.session_id]
+    assert await manager.delete_agent_sessions("_chatsession") == 1
+    assert (await manager.store.get("_chatsession.apikeys")).id == "_chatsession.apikeys"

@@ -18,6 +18,7 @@ ROUTES: list[tuple[str, str, Any]] = [
     ("POST", "/v1/sessions/{sid}/messages", {"message": "hi"}),
     ("POST", "/v1/sessions/{sid}/messages", {"message": "hi", "stream": True}),
     ("GET", "/v1/sessions/{sid}/history", None),
+    ("GET", "/v1/sessions/{sid}/events", None),
     ("POST", "/v1/sessions/{sid}/fork", {}),
     ("POST", "/v1/sessions/{sid}/rewind", {"to": 1}),
     ("POST", "/v1/sessions/{sid}/checkpoints", {"name": "c"}),

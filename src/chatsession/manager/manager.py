@@ -134,6 +134,15 @@ def _later(record: SessionRecord, expires: float) -> float:
     return max(record.expires_at, expires)
 
 
+#: Ids of chatsession's own records kept as sessions (the server's API keys):
+#: never created by callers, never listed or deleted as conversations.
+SYSTEM_PREFIX = "_chatsession."
+
+
+def _is_system(session_id: str) -> bool:
+    return session_id.startswith(SYSTEM_PREFIX)
+
+
 #: Ids the manager makes for windows: callers cannot choose them (another user
 #: could otherwise take or probe a window's session id, which is derived from
 #: public names).
@@ -390,6 +399,11 @@ class SessionManager:
                 f"session ids starting with {_WINDOW_PREFIX!r} are the manager's own (for "
                 "open_window); choose another id"
             )
+        if session_id is not None and _is_system(str(session_id)):
+            raise InvalidArgumentError(
+                f"session ids starting with {SYSTEM_PREFIX!r} are reserved for chatsession's "
+                "own records; choose another id"
+            )
         return await self._create(
             user_id,
             agent_id,
@@ -619,7 +633,7 @@ class SessionManager:
             )
             at = self.now()
             for record in page.records:
-                if not record.is_expired(at):
+                if not record.is_expired(at) and not _is_system(record.id):
                     yield record
             if page.next_cursor is None:
                 return
@@ -674,7 +688,9 @@ class SessionManager:
             cursor=cursor,
         )
         at = self.now()
-        sessions = [self._session(r) for r in page.records if not r.is_expired(at)]
+        sessions = [
+            self._session(r) for r in page.records if not r.is_expired(at) and not _is_system(r.id)
+        ]
         if wanted in (SessionState.ACTIVE, SessionState.IDLE):
             sessions = [s for s in sessions if s.state == wanted]
         return SessionPage(sessions=sessions, next_cursor=page.next_cursor)
@@ -919,16 +935,22 @@ class SessionManager:
     async def _delete_all(self, *, user_id: str | None, agent_id: str | None = None) -> int:
         self._check_open()
         deleted = 0
+        cursor: str | None = None
         while True:
-            page = await self.store.list_sessions(user_id=user_id, agent_id=agent_id, limit=_PAGE)
-            if not page.records:
-                return deleted
+            page = await self.store.list_sessions(
+                user_id=user_id, agent_id=agent_id, limit=_PAGE, cursor=cursor
+            )
             for record in page.records:
+                if _is_system(record.id):
+                    continue  # not a conversation (the server's API keys)
                 try:
                     await self.store.delete(record.id)
                     deleted += 1
                 except SessionNotFoundError:
                     pass  # deleted or expired meanwhile
+            if page.next_cursor is None:
+                return deleted
+            cursor = page.next_cursor
 
     # ------------------------------------------------------------------
     # conversations

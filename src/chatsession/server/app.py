@@ -16,8 +16,9 @@ from chatsession.server.context import ServerContext
 from chatsession.server.errors import install_error_handlers
 from chatsession.server.keys import KeyRing
 from chatsession.server.limits import BodyLimit, CountRequests
+from chatsession.server.live import LiveHub
 from chatsession.server.metrics import Metrics
-from chatsession.server.routes import admin, aliases, conversation, health, sessions
+from chatsession.server.routes import admin, aliases, conversation, health, page, sessions
 from chatsession.server.settings import ServerSettings
 
 __all__ = ["create_app", "default_model_spec"]
@@ -72,12 +73,20 @@ def create_app(settings: ServerSettings | None = None, *, agent: Agent | None = 
             busy_timeout=settings.busy_timeout,
         )
         manager.start()
+        live = LiveHub(
+            manager.store,
+            settings.store_url or manager.store.url,  # the default: SQLite (no password)
+            queue_size=settings.live_queue_size,
+            poll_interval=settings.live_poll_interval,
+        )
+        await live.start()
         context = ServerContext(
             settings=settings,
             manager=manager,
             agent=the_agent,
             keys=KeyRing(manager.store, cache_seconds=settings.key_cache_seconds),
             metrics=metrics,
+            live=live,
         )
         app.state.chatsession = context
         _logger.info("serving the store %s", manager.store.url)
@@ -88,7 +97,10 @@ def create_app(settings: ServerSettings | None = None, *, agent: Agent | None = 
                 await context.finish_turns()
             finally:
                 app.state.chatsession = None
-                await manager.aclose()
+                try:
+                    await live.aclose()
+                finally:
+                    await manager.aclose()
 
     app = FastAPI(
         title="chatsession",
@@ -97,7 +109,7 @@ def create_app(settings: ServerSettings | None = None, *, agent: Agent | None = 
         lifespan=lifespan,
     )
     install_error_handlers(app, on_error=lambda kind: metrics.errors.labels(type=kind).inc())
-    for module in (sessions, conversation, admin, aliases, health):
+    for module in (sessions, conversation, admin, aliases, health, page):
         app.include_router(module.router)
     if settings.cors_origins:
         app.add_middleware(

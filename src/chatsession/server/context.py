@@ -17,6 +17,7 @@ from chatsession.server.metrics import Metrics
 from chatsession.server.settings import ServerSettings
 
 if TYPE_CHECKING:
+    from chatsession.server.live import LiveHub
     from chatsession.server.turns import RunningTurn
 
 __all__ = ["ServerContext"]
@@ -35,6 +36,7 @@ class ServerContext:
         keys: The API key table.
         metrics: The app's Prometheus metrics.
         turns: Turns in flight (finished or cancelled at shutdown).
+        live: The worker's live events (``GET /v1/sessions/{id}/events``).
     """
 
     settings: ServerSettings
@@ -44,6 +46,7 @@ class ServerContext:
     metrics: Metrics
     turns: set[RunningTurn] = field(default_factory=set)
     closing: bool = False
+    live: LiveHub | None = None
 
     def chat_options(self) -> dict[str, Any]:
         """The :class:`~chatsession.ChatSession` options the settings give every session."""

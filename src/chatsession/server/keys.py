@@ -39,13 +39,14 @@ from chatsession.errors import (
     SessionNotFoundError,
 )
 from chatsession.log import Metadata, MetadataEntry, encode
+from chatsession.manager.manager import SYSTEM_PREFIX
 from chatsession.store import SessionRecord, Store
 from chatsession.store.base import check_text
 
 __all__ = ["KEYS_SESSION", "APIKey", "KeyRing", "hash_key", "is_system_session"]
 
 #: The reserved session that holds the key table (no owner, never expires).
-KEYS_SESSION = "_chatsession.apikeys"
+KEYS_SESSION = SYSTEM_PREFIX + "apikeys"
 #: The agent id recorded on system sessions.
 SYSTEM_AGENT = "_chatsession"
 #: Metadata keys of key entries start with this.
@@ -62,7 +63,7 @@ def hash_key(key: str) -> str:
 
 def is_system_session(session_id: str) -> bool:
     """Whether a session id is one chatsession reserves for itself (``_chatsession.*``)."""
-    return session_id.startswith("_chatsession.")
+    return session_id.startswith(SYSTEM_PREFIX)
 
 
 def _key_id(key: str) -> str | None:

@@ -20,6 +20,10 @@ variable                             meaning
 ``CHATSESSION_MAX_SESSIONS_PER_USER``  the most sessions a user may have (unset: no limit)
 ``CHATSESSION_KEY_CACHE_SECONDS``    how long a worker trusts its copy of the key table (2)
 ``CHATSESSION_SHUTDOWN_GRACE``       seconds turns in flight get to finish at shutdown (10)
+``CHATSESSION_LIVE_QUEUE_SIZE``      events a live watcher may fall behind before it is told
+                                     to reconnect (1000)
+``CHATSESSION_LIVE_POLL_INTERVAL``   seconds between reads of a watched session's log on
+                                     ``sqlite://`` and ``file://`` stores (0.1)
 ===================================  =========================================================
 """
 
@@ -78,6 +82,10 @@ class ServerSettings(Settings):
         shutdown_grace: Seconds turns in flight get to finish at shutdown
             before they are cancelled (and recorded as ``cancelled``).
         max_steps: The agent's step limit per turn.
+        live_queue_size: How many events a live watcher (``GET .../events``)
+            may fall behind before it is told to reconnect.
+        live_poll_interval: Seconds between reads of a watched session's log
+            on ``sqlite://`` and ``file://`` stores (other workers' turns).
     """
 
     model_options: dict[str, Any] = Field(default_factory=dict)
@@ -92,6 +100,8 @@ class ServerSettings(Settings):
     key_cache_seconds: float = Field(default=2.0, ge=0, le=3600)
     shutdown_grace: float = Field(default=10.0, ge=0, le=3600)
     max_steps: int = Field(default=10, ge=1, le=1000)
+    live_queue_size: int = Field(default=1000, ge=1, le=1_000_000)
+    live_poll_interval: float = Field(default=0.1, gt=0, le=60)
 
     @field_validator("cors_origins", mode="before")
     @classmethod

@@ -1,4 +1,4 @@
-"""A running turn as a server-sent events response (sse-starlette)."""
+"""Server-sent events responses (sse-starlette): a running turn, and a live watch."""
 
 from __future__ import annotations
 
@@ -10,12 +10,13 @@ import anyio
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from chatsession.server.context import ServerContext
+from chatsession.server.live import watch
 from chatsession.server.turns import RunningTurn
 
-__all__ = ["sse_response"]
+__all__ = ["live_response", "sse_response"]
 
-#: Seconds between keep-alive comments on a quiet stream.
-PING_SECONDS = 15
+#: Seconds between keep-alive comments (``: ping``) on a quiet stream (read per response).
+PING_SECONDS: float = 15
 
 
 def sse_response(turn: RunningTurn, context: ServerContext) -> EventSourceResponse:
@@ -50,4 +51,36 @@ def sse_response(turn: RunningTurn, context: ServerContext) -> EventSourceRespon
         stream(),
         ping=PING_SECONDS,
         headers={"X-Session-Id": turn.session_id, "Cache-Control": "no-store"},
+    )
+
+
+def live_response(
+    context: ServerContext, session_id: str, after: int, n: int | None
+) -> EventSourceResponse:
+    """Stream the session's events after ``after`` (delta ``n`` of it), then live.
+
+    The events of :func:`chatsession.server.live.watch`; the watch ends when
+    the client goes away, at shutdown, or with a ``reconnect`` event when the
+    client fell more than ``live_queue_size`` events behind.
+    """
+    metrics = context.metrics
+    hub = context.live
+    assert hub is not None
+
+    async def stream() -> AsyncIterator[ServerSentEvent]:
+        metrics.active_streams.inc()
+        try:
+            async for event in watch(hub, session_id, after, n):
+                yield ServerSentEvent(
+                    data=json.dumps(event.data, ensure_ascii=False),
+                    event=event.event,
+                    id=event.id,
+                )
+        finally:
+            metrics.active_streams.dec()
+
+    return EventSourceResponse(
+        stream(),
+        ping=PING_SECONDS,
+        headers={"X-Session-Id": session_id, "Cache-Control": "no-store"},
     )

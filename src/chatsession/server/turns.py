@@ -36,6 +36,7 @@ from chatsession.errors import ChatSessionError, ModelError, SessionTimeoutError
 from chatsession.log import to_builtins
 from chatsession.server.context import ServerContext
 from chatsession.server.errors import status_of
+from chatsession.server.live import TurnFeed
 from chatsession.session import ChatSession
 
 __all__ = ["RunningTurn", "TurnEvent"]
@@ -118,6 +119,7 @@ class RunningTurn:
         assert entered is not None
         manager = self.context.manager
         chat: ChatSession | None = None
+        feed: TurnFeed | None = None
         try:
             chat = await manager.chat(
                 self.session_id,
@@ -127,10 +129,20 @@ class RunningTurn:
             )
             async with chat.stream(self.message) as turn:
                 entered.set_result(None)
+                live = self.context.live
+                feed = live.feed(self.session_id) if live is not None else None
+                if feed is not None:
+                    feed.stored(chat.conversation.head)  # the turn's start and the message
                 counter = [0, -1]  # deltas since the last stored seq, that seq
                 async for event in turn:
-                    for item in self._convert(event, chat.conversation.head, counter):
+                    head = chat.conversation.head
+                    for item in self._convert(event, head, counter):
                         self._queue.put_nowait(item)
+                        if feed is not None:
+                            if item.event == "text":
+                                feed.delta(head, counter[0], item.data["text"])
+                            else:
+                                feed.stored(head)
         except asyncio.CancelledError:
             if not entered.done():
                 entered.cancel()
@@ -162,6 +174,8 @@ class RunningTurn:
             if not isinstance(exc, Exception):
                 raise
         finally:
+            if feed is not None:
+                feed.end(chat.conversation.head if chat is not None else None)
             if chat is not None:
                 await chat.close()
             self._queue.put_nowait(_END)

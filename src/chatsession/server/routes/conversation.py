@@ -7,13 +7,14 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Query, Response
+from fastapi import APIRouter, Header, Path, Query, Response
 
 from chatsession.errors import ModelError, SessionNotFoundError
 from chatsession.log import decode, to_builtins
 from chatsession.manager import CheckpointInfo, Session
 from chatsession.server.auth import Context, User
 from chatsession.server.context import ServerContext
+from chatsession.server.live import parse_event_id
 from chatsession.server.models import (
     CheckpointIn,
     CheckpointList,
@@ -30,7 +31,7 @@ from chatsession.server.models import (
     UsageOut,
 )
 from chatsession.server.routes.sessions import SessionId
-from chatsession.server.streaming import sse_response
+from chatsession.server.streaming import live_response, sse_response
 from chatsession.server.turns import RunningTurn
 from chatsession.session import ChatSession
 
@@ -47,6 +48,8 @@ _ERRORS: dict[int | str, dict[str, object]] = {
 router = APIRouter(prefix="/v1/sessions/{session_id}", tags=["conversation"], responses=_ERRORS)
 
 CheckpointId = Annotated[str, Path(min_length=1, max_length=1024)]
+
+_EVENT_ID = r"^[0-9]{1,18}(-[0-9]{1,18})?$"
 
 
 @contextlib.asynccontextmanager
@@ -112,6 +115,45 @@ async def post_message(
 ) -> Response | ReplyOut:
     """Send a message; the answer comes as JSON, or streamed with ``stream: true``."""
     return await reply_or_stream(context, user, session_id, body.message, body.stream)
+
+
+@router.get(
+    "/events",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "`text/event-stream`: the session's events after `Last-Event-ID` "
+            "(replayed from the log), then live: `message`, `text`, `tool_call`, "
+            "`tool_result`, `usage`, `error`, `stop`, and `reconnect` when the client "
+            "fell behind",
+            "content": {"text/event-stream": {}},
+        },
+    },
+)
+async def events(
+    context: Context,
+    user: User,
+    session_id: SessionId,
+    after: Annotated[
+        str | None,
+        Query(pattern=_EVENT_ID, description="an event id, for clients that cannot set headers"),
+    ] = None,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", pattern=_EVENT_ID)] = None,
+) -> Response:
+    """Watch the session: its events after ``Last-Event-ID`` (or ``?after=``), then live.
+
+    Any window or device of the session's owner may watch, on any worker:
+    a reload or a second tab gets the answer in progress.
+    """
+    await context.manager.get_session(session_id, user)
+    seq, n = parse_event_id(last_event_id if last_event_id is not None else after)
+    try:
+        head = (await context.manager.store.get(session_id)).head
+    except SessionNotFoundError:
+        raise SessionNotFoundError(session_id) from None
+    if seq > head:  # an id from the future: from the head
+        seq, n = head, None
+    return live_response(context, session_id, seq, n)
 
 
 @router.get("/history", response_model=HistoryOut)
