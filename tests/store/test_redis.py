@@ -435,10 +435,13 @@ def usage(total: int) -> NewEvent:
     return NewEvent("usage", json.dumps({"total_tokens": total}), 1.0)
 
 
+@pytest.mark.parametrize("names", [5000, 1, 0], ids=["in-client", "in-server", "each-batch"])
 async def test_stats_read_in_batches_rank_ties_by_name_and_leave_no_tally(
-    prefix: str, raw: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+    prefix: str, raw: aioredis.Redis, monkeypatch: pytest.MonkeyPatch, names: int
 ) -> None:
     monkeypatch.setattr(redis_stats, "_BATCH", 3)  # many batches from a few sessions
+    monkeypatch.setattr(redis_stats, "_NAMES", names)  # counts sent to the server, or not
+    monkeypatch.setattr(redis_stats, "_PAIRS", 2)  # several tally calls per flush
     async with open_store(f"{REDIS_URL}?prefix={prefix}") as store:
         written: list[NewEvent] = []
         for n, user in enumerate(["dan", "bea", "cal", "bea", "cal", "dan", "al", None]):
@@ -456,6 +459,66 @@ async def test_stats_read_in_batches_rank_ties_by_name_and_leave_no_tally(
         assert (stats.messages, stats.tokens, stats.bytes) == tuple(counts)
         assert (await store.stats(top=10)).by_user == {"bea": 2, "cal": 2, "dan": 2, "al": 1}
     assert [k async for k in raw.scan_iter(match=f"{prefix}{{idx}}:tally*")] == []
+
+
+async def test_stats_leave_out_damaged_records_and_read_who_as_records_do(
+    prefix: str, raw: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with open_store(f"{REDIS_URL}?prefix={prefix}") as store:
+        old = time.time() - 100
+        await store.create(SessionRecord(id="empty", user_id="", agent_id="a b"))  # "" is a name
+        await store.create(SessionRecord(id="none"))  # no user, no agent
+        await store.create(SessionRecord(id="quiet", user_id="u", agent_id="a"))
+        await store.append("quiet", [ev(1)], 0)
+        await raw.hset(f"{prefix}{{quiet}}:rec", "updated_at", repr(old))
+        await store.create(SessionRecord(id="kept", user_id="u", state="archived"))
+        # written before `unset`: "" was None
+        await store.create(SessionRecord(id="older", user_id="v"))
+        await raw.hset(f"{prefix}{{older}}:rec", "user_id", "")
+        await raw.hdel(f"{prefix}{{older}}:rec", "unset")
+        for sid, field, value in [
+            ("bad-state", "state", "sleeping"),
+            ("bad-time", "updated_at", "soon"),
+            ("bad-figure", "tokens", "1.5"),
+            ("bad-name", "user_id", b"\xff\xfe"),
+        ]:
+            await store.create(SessionRecord(id=sid, user_id="w"))
+            await raw.hset(f"{prefix}{{{sid}}}:rec", field, value)
+        with caplog.at_level("WARNING", logger="chatsession.store"):
+            stats = await store.stats(idle_before=old + 1)
+        assert stats.sessions == 5
+        assert stats.by_state == {"active": 3, "idle": 1, "archived": 1, "expired": 0}
+        assert stats.by_user == {"u": 2, "": 1} and stats.users == 2
+        assert stats.by_agent == {"a": 1, "a b": 1} and stats.agents == 2
+        assert stats.messages == 1 and stats.bytes == len(ev(1).data.encode())
+        left_out = {m for m in caplog.messages if "left out session" in m}
+        assert len(left_out) == 4, left_out
+        assert all(f"'bad-{what}'" in " ".join(left_out) for what in ("state", "time", "figure"))
+
+
+async def test_stats_load_their_script_when_the_server_lacks_it(
+    prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    unknown = redis_scripts.SCRIPTS["count_one"] + f"\n-- {uuid.uuid4().hex}\n"
+    monkeypatch.setitem(redis_scripts.SCRIPTS, "count_one", unknown)  # a SHA never loaded
+    async with open_store(f"{REDIS_URL}?prefix={prefix}") as store:
+        await store.create(SessionRecord(id="s", user_id="u"))
+        assert (await store.stats()).by_user == {"u": 1}
+
+
+async def test_stats_after_an_error_reply_leave_the_connection_in_step(
+    prefix: str, raw: aioredis.Redis
+) -> None:
+    async with open_store(f"{REDIS_URL}?prefix={prefix}&max_connections=1") as store:
+        for sid in ("a", "b", "c"):
+            await store.create(SessionRecord(id=sid, user_id=sid))
+        await raw.delete(f"{prefix}{{b}}:rec")
+        await raw.rpush(f"{prefix}{{b}}:rec", "not a hash")
+        with pytest.raises(CorruptDataError):
+            await store.stats()
+        assert (await store.get("a")).user_id == "a"  # no reply of the batch left unread
+        await raw.delete(f"{prefix}{{b}}:rec")
+        assert (await store.stats()).by_user == {"a": 1, "c": 1}
 
 
 async def test_an_expired_parent_kept_for_its_forks_counts_as_expired(prefix: str) -> None:
@@ -637,6 +700,13 @@ def _recording(store: RedisStore) -> list[tuple[str, list[str]]]:
         return await in_order(steps)
 
     store._conn.in_order = recording_in_order  # type: ignore[method-assign]
+    script_each = store._conn.script_each
+
+    async def recording_script_each(name: str, each: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.extend((name, [key.decode()]) for key, _ in each)
+        return await script_each(name, each, *args, **kwargs)
+
+    store._conn.script_each = recording_script_each  # type: ignore[method-assign]
     return calls
 
 
@@ -649,7 +719,10 @@ async def _half_fork(store: RedisStore, parent: str, at_seq: int, child: str) ->
     return change.member
 
 
-async def test_every_script_call_stays_in_one_hash_slot(prefix: str, raw: aioredis.Redis) -> None:
+async def test_every_script_call_stays_in_one_hash_slot(
+    prefix: str, raw: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(redis_stats, "_NAMES", 0)  # stats() tallies in the server too
     store = open_store(f"{REDIS_URL}?prefix={prefix}")
     assert isinstance(store, RedisStore)
     store._conn.grace, store._conn.recheck = GRACE, 0.0

@@ -66,7 +66,8 @@ standalone, or a primary behind Sentinel.) ::
                          for, by when cleanup may finish that change
     PREFIX{idx}:meta     hash: the layout number of the data (see :mod:`.layout`)
     PREFIX{idx}:tally:R:user, ...:agent   sorted sets kept during one stats()
-                         call (expiring after 10 minutes, removed at its end)
+                         call when it counts more than 5,000 users and agents
+                         (expiring after 10 minutes, removed at its end)
 
 Values. Whatever a write acknowledged reads back exactly (same values, same
 types): see :mod:`.events` for events (a JSON header with the event id, a
@@ -216,9 +217,10 @@ Other guarantees:
   cursor, so paging always progresses. A listing by user (agent, window)
   reads that user's own index (by ``created_at``, the listing order), so its
   cost is the page's, whatever the number of other sessions.
-- ``stats()`` reads the ``all`` index and the records' fields in batches of
-  500 (pipelines), never an event: the client's memory is flat in the number
-  of sessions (see :mod:`.stats`).
+- ``stats()`` reads the ``all`` index in batches of 2,000 and, per session,
+  one short reply of ``count_one.lua`` on its slot (all of a batch in one
+  round trip), never an event: the client's memory is flat in the number of
+  sessions (see :mod:`.stats`).
 - ``purge_expired`` is safe in several processes at once: each batch of the
   expiry set is *claimed* in one script (see :mod:`.cleanup`), so each
   session is deleted, and counted, by one of them; its index entries (its

@@ -9,9 +9,12 @@ the store's (:func:`translate`).
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import math
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar, cast
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
@@ -47,6 +50,7 @@ _REQUIRED_VERSION = (7, 0)
 GRACE = 300.0
 #: Seconds between two checks of one tombstone's forks.
 RECHECK = 3600.0
+_STEP = 64  # replies read between two moves of script_each's deadline
 _BACKOFF_BASE, _BACKOFF_CAP = 0.05, 1.0  # seconds: the first wait before a re-send, the longest
 
 #: The options a ``redis://`` URL (or ``open_store`` keywords) may give.
@@ -271,6 +275,10 @@ class RedisConnection:
             f"{base}:snap",
         )
 
+    def record_key(self, session_id: str) -> str:
+        """The session's record (``session_keys(session_id).rec``, made alone)."""
+        return f"{self.prefix}{{{session_id}}}:rec"
+
     def index(self, kind: str = "all", value: str | None = None) -> str:
         """A key of the index slot ``{idx}``: a listing index, ``where``, ``due``, ``expiry``."""
         return f"{self.prefix}{{idx}}:{kind}" + (f":{value}" if value is not None else "")
@@ -386,6 +394,59 @@ class RedisConnection:
             return result
 
         return await self.run(work, write=write, keys=keys, resend=resend, sent=sent)
+
+    async def script_each(
+        self,
+        name: str,
+        calls: Sequence[tuple[bytes, Sequence[bytes]]],
+        shared: Sequence[bytes] = (),
+        *,
+        write: bool = False,
+    ) -> list[Any]:
+        """Run the script ``name`` once per call, all in one round trip on one connection.
+
+        Each call is ``(key, args)``: the script's one key, and its first
+        arguments (as many in every call); ``shared`` follows them in every
+        call. Each call may be on another hash slot. For many small calls (``stats()`` sends one per
+        session): the commands are packed here, once for what they share,
+        rather than one by one by the driver's pipeline, whose packing and
+        per-command bookkeeping cost several times more than the calls
+        themselves. The script goes by its SHA (loaded, and the calls sent
+        again, if the server lacks it). Every call is sent again after a
+        dropped connection: use it for scripts that are safe to repeat. (On
+        Redis Cluster, the calls would have to be grouped by node.)
+
+        Returns:
+            The replies, in the order of ``calls``.
+
+        Raises:
+            StoreUnavailableError, StoreError: As :meth:`run` (the first error
+                reply of any call).
+        """
+        if not calls:
+            return []
+        source = SCRIPTS[name]
+        sha = hashlib.sha1(source.encode()).hexdigest().encode()  # as SCRIPT LOAD names it
+        rest = b"".join(_bulk(arg) for arg in shared)
+        head = f"*{4 + len(shared) + len(calls[0][1])}\r\n$7\r\nEVALSHA\r\n".encode()
+        head += _bulk(sha) + b"$1\r\n1\r\n"
+        payload = b"".join(
+            head + _bulk(key) + b"".join(_bulk(arg) for arg in args) + rest for key, args in calls
+        )
+
+        async def work(r: aioredis.Redis) -> list[Any]:
+            for loaded in (False, True):
+                replies = await _exchange(r, payload, len(calls), self._socket_timeout)
+                first = next((x for x in replies if isinstance(x, Exception)), None)
+                if isinstance(first, rexc.NoScriptError) and not loaded:
+                    await r.script_load(source)
+                    continue
+                if first is not None:
+                    raise first
+                break
+            return replies
+
+        return await self.run(work, write=write)
 
     async def in_order(
         self, calls: Sequence[tuple[str, Sequence[Any], Sequence[str]]]
@@ -516,3 +577,46 @@ def _error_code(exc: rexc.ResponseError) -> str:
     # an error of a pipelined command: "Command # 2 (LLEN k) of pipeline caused error: ('CODE ..."
     inner = re.search(r"caused error: \(?['\"]?([A-Z]+) ", message)
     return inner.group(1) if inner else ""
+
+
+def _bulk(value: bytes) -> bytes:
+    """One argument of a command in the Redis protocol (RESP)."""
+    return b"$%d\r\n%s\r\n" % (len(value), value)
+
+
+async def _exchange(r: aioredis.Redis, payload: bytes, count: int, timeout: float) -> list[Any]:
+    """Send ``payload`` (``count`` packed commands) on one pooled connection; read every reply.
+
+    An error reply is kept in its place (the replies after it are still
+    read, so the connection stays in step); a connection that failed half
+    way is closed, never handed out again with replies left unread. The
+    replies are read under one deadline, moved ``timeout`` seconds on every
+    :data:`_STEP` replies (a deadline per reply, as the driver sets, costs
+    more than reading the reply): a server that sends nothing for
+    ``timeout`` seconds fails the call.
+    """
+    pool = r.connection_pool
+    # typed loosely: untyped in some versions of redis-py
+    get_connection = cast(Callable[[], Awaitable[Any]], pool.get_connection)
+    connection = await get_connection()
+    loop = asyncio.get_running_loop()
+    try:
+        await connection.send_packed_command(payload)
+        replies: list[Any] = []
+        async with asyncio.timeout_at(loop.time() + timeout) as deadline:
+            for i in range(count):
+                if i % _STEP == 0 and i:
+                    deadline.reschedule(loop.time() + timeout)
+                try:
+                    replies.append(await connection.read_response(timeout=math.inf))
+                except rexc.ResponseError as exc:
+                    replies.append(exc)
+        return replies
+    except TimeoutError:
+        await connection.disconnect(nowait=True)
+        raise rexc.TimeoutError("Timeout reading the replies of a batch of script calls") from None
+    except BaseException:
+        await connection.disconnect(nowait=True)
+        raise
+    finally:
+        await pool.release(connection)

@@ -15,7 +15,8 @@ order). They decide whether an append, a lease, a snapshot, a fork of the
 session, a create, an update or a delete happens at all. They answer
 ``{-8, field}`` when the record's ``field`` is missing or not a number where
 one is needed (a damaged record: the client reports it as such), never a Lua
-error.
+error. (``count_one.lua``, which ``stats()`` runs once per session, gets only
+the record's key, and only reads.)
 
 *Index scripts* get ``PREFIX{idx}:where``, ``:due``, ``:expiry`` and then
 listing indexes (``:all``, ``:user:U``, ...). ``ARGV[1]`` is always the
@@ -36,8 +37,9 @@ Every script can be sent again after a lost reply (the client does so for
 connection errors): it either changes nothing the second time, or recognises
 its own first run (the stamp of a ``create``, the change id of an ``update``
 or a ``delete``, the event id of an ``append``) and answers as the first run
-did. The one exception is ``tally.lua`` (``stats()`` counting one batch in
-two sorted sets kept for the call): it adds, so it is never sent again. See
+did. The one exception is ``tally.lua`` (``stats()`` adding counts of users
+and agents to two sorted sets kept for the call): it adds, so it is never
+sent again. See
 the package docstring for how the steps are put together.
 """
 

@@ -1,9 +1,11 @@
 -- KEYS: an index.  ARGV: cursor score, cursor id .. '#' ('' for the first
--- page), n.  Returns the next n members (flat: member, score, ...) after the
--- cursor in (score, member) descending order, in one atomic step so that
--- concurrent inserts and removals never shift the window. Members are
--- ID#STAMP and '#' sorts before every character an id may hold, so the
--- member order is the id order.
+-- page), n, and optionally 'joined'.  Returns the next n members (flat:
+-- member, score, ...) after the cursor in (score, member) descending order,
+-- in one atomic step so that concurrent inserts and removals never shift the
+-- window. Members are ID#STAMP and '#' sorts before every character an id
+-- may hold, so the member order is the id order. 'joined' (a walk over a
+-- whole index, one reply item per page): {the members joined by spaces, how
+-- many, the last one's score, the last one} ({'', 0} for none).
 local key, n = KEYS[1], tonumber(ARGV[3])
 local start = 0
 local function before(a, b)  -- byte order, as Redis sorts equal scores
@@ -27,5 +29,11 @@ if ARGV[2] ~= '' then
     if #ties < 200 then done = true end
     off = off + 200
   end
+end
+if ARGV[4] == 'joined' then
+  local members = redis.call('ZRANGE', key, start, start + n - 1, 'REV')
+  if #members == 0 then return {'', 0} end
+  local last = members[#members]
+  return {table.concat(members, ' '), #members, redis.call('ZSCORE', key, last), last}
 end
 return redis.call('ZRANGE', key, start, start + n - 1, 'REV', 'WITHSCORES')
