@@ -1001,10 +1001,12 @@ class SessionManager:
     ) -> ChatSession:
         """A fork through the manager: the owner's limit applies, the TTL starts afresh."""
         owner = parent.record.user_id if parent.record is not None else None
-        if session_id is not None and str(session_id).startswith(_WINDOW_PREFIX):
+        if session_id is not None and (
+            str(session_id).startswith(_WINDOW_PREFIX) or _is_system(str(session_id))
+        ):
             raise InvalidArgumentError(
-                f"session ids starting with {_WINDOW_PREFIX!r} are the manager's own; "
-                "choose another id"
+                f"session ids starting with {_WINDOW_PREFIX!r} or {SYSTEM_PREFIX!r} are "
+                "reserved; choose another id"
             )
         if owner is None or self.max_sessions_per_user is None:
             fork = await ChatSession.fork_session(parent, at, session_id=session_id)

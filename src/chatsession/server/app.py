@@ -15,7 +15,7 @@ from chatsession.manager import SessionManager
 from chatsession.server.context import ServerContext
 from chatsession.server.errors import install_error_handlers
 from chatsession.server.keys import KeyRing
-from chatsession.server.limits import BodyLimit, CountRequests
+from chatsession.server.limits import BodyLimit, CountRequests, HeadAsGet
 from chatsession.server.live import LiveHub
 from chatsession.server.metrics import Metrics
 from chatsession.server.routes import admin, aliases, conversation, health, page, sessions
@@ -107,6 +107,10 @@ def create_app(settings: ServerSettings | None = None, *, agent: Agent | None = 
         summary="Durable, resumable, forkable conversation sessions for LLM agents",
         version=_version(),
         lifespan=lifespan,
+        # the interactive docs pages load their scripts from a CDN: off, so nothing
+        # the server serves fetches from the network; /openapi.json stays
+        docs_url=None,
+        redoc_url=None,
     )
     install_error_handlers(app, on_error=lambda kind: metrics.errors.labels(type=kind).inc())
     for module in (sessions, conversation, admin, aliases, health, page):
@@ -121,6 +125,7 @@ def create_app(settings: ServerSettings | None = None, *, agent: Agent | None = 
             max_age=600,
         )
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(HeadAsGet)
     app.add_middleware(
         CountRequests,
         record=lambda method, status: metrics.requests.labels(

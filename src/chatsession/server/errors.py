@@ -73,16 +73,23 @@ class APIError(Exception):
         type: A short machine-readable name.
         message: What went wrong and what to do.
         headers: Extra response headers.
+        field: The request field at fault, when one is.
     """
 
     def __init__(
-        self, status: int, type: str, message: str, headers: dict[str, str] | None = None
+        self,
+        status: int,
+        type: str,
+        message: str,
+        headers: dict[str, str] | None = None,
+        field: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.type = type
         self.message = message
         self.headers = headers or {}
+        self.field = field
 
 
 def error_body(type: str, message: str, field: str | None = None) -> dict[str, Any]:
@@ -155,22 +162,33 @@ def install_error_handlers(app: FastAPI, on_error: Callable[[str], None] | None 
         assert isinstance(exc, APIError)
         told(exc.type)
         return JSONResponse(
-            error_body(exc.type, exc.message), status_code=exc.status, headers=exc.headers
+            error_body(exc.type, exc.message, exc.field),
+            status_code=exc.status,
+            headers=exc.headers,
         )
 
     async def on_validation(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
         errors = exc.errors()
         first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-        field = _field(first.get("loc", ()))
+        field = "body" if first.get("type") == "json_invalid" else _field(first.get("loc", ()))
         told("validation_error")
-        message = "; ".join(f"{_field(e.get('loc', ()))}: {e.get('msg', '')}" for e in errors)
+        message = "; ".join(
+            f"{'body' if e.get('type') == 'json_invalid' else _field(e.get('loc', ()))}: "
+            f"{e.get('msg', '')}"
+            for e in errors
+        )
         return JSONResponse(
             error_body("validation_error", message or "invalid request", field), status_code=422
         )
 
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 400:  # a body the parser gave up on (too deep, huge numbers)
+            told("validation_error")
+            return JSONResponse(
+                error_body("validation_error", f"body: {exc.detail}", "body"), status_code=422
+            )
         kinds = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
         told(kinds.get(exc.status_code, "http_error"))
         return JSONResponse(

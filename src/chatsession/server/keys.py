@@ -54,6 +54,8 @@ _ENTRY_PREFIX = "apikey."
 _KEY_PREFIX = "csk_"
 _ID_HEX = 12
 _APPEND_TRIES = 50
+#: Seconds between re-reads of the key table for key ids it does not hold.
+_MISS_REFRESH = 0.1
 
 
 def hash_key(key: str) -> str:
@@ -227,7 +229,10 @@ class KeyRing:
             return None
         await self._fresh()
         entry = self._keys.get(key_id)
-        if entry is None:
+        if entry is None and time.monotonic() - self._read_at >= _MISS_REFRESH:
+            # an id made by another worker since the last read: read again, but at most
+            # every _MISS_REFRESH seconds, so made-up keys cannot make every request
+            # read the store
             await self.refresh()
             entry = self._keys.get(key_id)
         if entry is None or entry.revoked_at is not None:

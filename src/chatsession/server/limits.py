@@ -14,6 +14,10 @@ __all__ = ["BodyLimit", "CountRequests"]
 _WITH_BODY = {"POST", "PUT", "PATCH", "DELETE"}
 
 
+#: Methods counted by name in the request metric; any other is counted as "other".
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 class BodyLimit:
     """Refuse request bodies larger than ``max_bytes`` with 413.
 
@@ -98,6 +102,8 @@ class CountRequests:
             await self.app(scope, receive, send)
             return
         method = str(scope.get("method", ""))
+        if method not in _METHODS:
+            method = "other"  # a client must not make label values up
 
         async def counting(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -105,3 +111,25 @@ class CountRequests:
             await send(message)
 
         await self.app(scope, receive, counting)
+
+
+class HeadAsGet:
+    """Answer ``HEAD`` wherever ``GET`` is answered (RFC 9110): the GET's status and
+    headers, without its body. Health probes and caches send ``HEAD``."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def headers_only(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                if message.get("more_body", False):
+                    return  # the rest of the body is dropped too
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)

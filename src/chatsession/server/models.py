@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from chatsession.manager import CheckpointInfo, Session
 
@@ -132,7 +132,7 @@ class ForkIn(BaseModel):
 
     model_config = _STRICT
 
-    at: int | str | None = None
+    at: StrictInt | StrictStr | None = None
     session_id: str | None = Field(default=None, pattern=ID_PATTERN)
 
 
@@ -141,7 +141,7 @@ class RewindIn(BaseModel):
 
     model_config = _STRICT
 
-    to: int | str
+    to: StrictInt | StrictStr
 
 
 class RewindOut(BaseModel):

@@ -58,8 +58,11 @@ async def list_keys(
 
 
 @router.post("/keys", status_code=201, response_model=KeyCreatedOut)
-async def create_key(context: Context, admin: Admin, body: KeyCreateIn) -> KeyCreatedOut:
+async def create_key(
+    context: Context, admin: Admin, body: KeyCreateIn, response: Response
+) -> KeyCreatedOut:
     """Make a key for a user (a user exists once they have a key); the key is shown once."""
+    response.headers["Cache-Control"] = "no-store"  # the answer holds the secret
     entry, key = await context.keys.create_key(body.user_id, name=body.name, admin=body.admin)
     return KeyCreatedOut(**_out(entry).model_dump(), key=key)
 

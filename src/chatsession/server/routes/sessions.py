@@ -7,8 +7,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Body, Path, Query, Response
 
+from chatsession.errors import InvalidArgumentError
 from chatsession.manager import Session
 from chatsession.server.auth import Context, User
+from chatsession.server.errors import APIError
 from chatsession.server.models import (
     ID_PATTERN,
     CreateSessionIn,
@@ -58,9 +60,16 @@ async def list_sessions(
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
 ) -> SessionList:
     """The caller's sessions, newest first; pass ``next_cursor`` as ``cursor`` for more."""
-    page = await context.manager.get_sessions_by_user(
-        user, agent_id=agent_id, window_id=window_id, state=state, cursor=cursor, limit=limit
-    )
+    try:
+        page = await context.manager.get_sessions_by_user(
+            user, agent_id=agent_id, window_id=window_id, state=state, cursor=cursor, limit=limit
+        )
+    except InvalidArgumentError as exc:
+        field = next(
+            (name for name in ("cursor", "agent_id", "window_id", "state") if name in str(exc)),
+            None,
+        )
+        raise APIError(422, "validation_error", str(exc), field=field) from exc
     return SessionList(sessions=page.sessions, next_cursor=page.next_cursor)
 
 
