@@ -109,3 +109,42 @@ def test_manager_bench_writes_rows(tmp_path: Path) -> None:
             assert by[(metric, n)] > 0, (metric, n)
     assert by[("cleanup_rate", 300)] > 0 and by[("rss_mb", 300)] > 0
     assert "get_sessions_by_user p50 <= 5 ms" in result.stdout
+
+
+def test_server_bench_writes_rows(tmp_path: Path) -> None:
+    out = tmp_path / "rows.jsonl"
+    script = BENCH.with_name("server_bench.py")
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--backend",
+            "sqlite",
+            "--workers",
+            "1",
+            "--clients",
+            "4",
+            "--duration",
+            "1",
+            "--warmup",
+            "0.5",
+            "--stream-every",
+            "2",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all(set(r) == {"backend", "workers", "metric", "value", "unit"} for r in rows)
+    by = {r["metric"]: r["value"] for r in rows}
+    for metric in ("turns_per_s", "turn_p50", "turn_p99", "first_byte_p50", "floor_rps"):
+        assert by[metric] > 0, metric
+    assert by["acked_turns"] > 0
+    assert by["lost_turns"] == by["duplicate_turns"] == by["errors"] == 0
+    assert by["vs_floor"] == pytest.approx(by["turns_per_s"] / by["floor_rps"], rel=1e-2)
+    assert "- PASS: no lost turns (1 worker)" in result.stdout
+    assert "first byte p50 <= 10 ms (1 worker)" in result.stdout

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -1291,6 +1292,7 @@ class SessionManager:
         await self.aclose()
 
 
+@functools.cache
 def _chat_options() -> frozenset[str]:
     """The keyword options :class:`ChatSession` takes."""
     import inspect

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from chatsession.manager import CheckpointInfo, Session
 
@@ -94,7 +94,7 @@ class MessageIn(BaseModel):
     model_config = _STRICT
 
     message: str = Field(min_length=1, max_length=1_000_000)
-    stream: bool = Field(default=False, description="answer with server-sent events")
+    stream: StrictBool = Field(default=False, description="answer with server-sent events")
 
 
 class ReplyOut(BaseModel):
@@ -171,7 +171,7 @@ class ClearIn(BaseModel):
 
     model_config = _STRICT
 
-    clear_state: bool = False
+    clear_state: StrictBool = False
 
 
 class UsageTotalsOut(BaseModel):
@@ -227,7 +227,7 @@ class KeyCreateIn(BaseModel):
 
     user_id: str | None = Field(default=None, min_length=1, max_length=1024)
     name: str | None = Field(default=None, max_length=1024)
-    admin: bool = False
+    admin: StrictBool = False
 
 
 class KeyOut(BaseModel):
@@ -293,7 +293,7 @@ class AliasChatIn(BaseModel):
     message: str = Field(min_length=1, max_length=1_000_000)
     window_id: str | None = Field(default=None, max_length=1024)
     session_id: str | None = Field(default=None, pattern=ID_PATTERN)
-    stream: bool = False
+    stream: StrictBool = False
 
 
 class AliasChatOut(BaseModel):
