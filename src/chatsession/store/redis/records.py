@@ -461,8 +461,14 @@ async def list_sessions(
     found: list[SessionRecord] = []
     scanned = 0
     exhausted = False
+    # the index key already is the only filter (a user's, an agent's, a window's or
+    # every session): nearly every member matches, so read what the page needs and
+    # one more (to tell the last page), not a fixed 50 records
+    filters = sum(v is not None for v in (user_id, agent_id, window_id, state))
+    only_index = filters <= 1 and state is None
     while len(found) < limit and scanned < budget:
-        want = min(budget - scanned, max(2 * (limit - len(found)), 50))
+        left = limit - len(found)
+        want = min(budget - scanned, left + 1 if only_index else max(2 * left, 50))
         args = (
             ["+inf", "", want]
             if position is None
