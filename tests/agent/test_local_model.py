@@ -72,7 +72,9 @@ async def test_loading_and_tokenizing_do_not_block_the_loop() -> None:
         counted = await Agent(counting).acount_tokens(question)
     took = time.monotonic() - started
     assert counted == counting.count_tokens(question) and counted > 5
-    assert took > 0.2 and max(gaps) < 0.25, (took, max(gaps))
+    # the load took a while (ticks went on during it: the loop was free); how long
+    # depends on the disk cache, so it is not asserted against a fixed time
+    assert took > 0.05 and len(gaps) >= 5 and max(gaps) < 0.25, (took, len(gaps), max(gaps))
 
     # loads inside the first call, then tokenizes for usage; 3 tokens: cut by the limit
     answering = LocalLLM(max_tokens=3, threads=1)
