@@ -8,7 +8,8 @@ to every window watching the session:
   and, whenever the turn stored something, the new head of the log
   (``Stored``: a pointer, never the events themselves). Publishing never
   waits: items go to each local watcher's bounded queue and to the broker's
-  outbox, and the turn goes on.
+  outbox, and the turn goes on. The outbox is sent every ``LINGER`` (20 ms):
+  each session's items of that time as one message, in order.
 - A watcher sends stored events from the log (read after its cursor
   whenever a ``Stored`` pointer says there is more) and text deltas of the
   model call in progress. Every event id means "the log up to this seq":
@@ -243,35 +244,91 @@ class _Tail(_Broker):
         self.poll_interval = interval
 
 
-def _encode(worker: str, session_id: str, item: Item) -> str:
+def _entry(item: Item) -> list[Any]:
+    """One item of a batch payload: ``[seq]`` (a pointer) or ``[head, n, text]`` (a delta)."""
     if isinstance(item, Delta):
-        return json.dumps(
-            {"w": worker, "s": session_id, "h": item.head, "n": item.n, "t": item.text},
-            ensure_ascii=False,
-        )
+        return [item.head, item.n, item.text]
     assert isinstance(item, Stored)
-    return json.dumps({"w": worker, "s": session_id, "q": item.seq})
+    return [item.seq]
 
 
-def _decode(payload: str | bytes) -> tuple[str, str, Item] | None:
+def _encode_batch(
+    worker: str, session_id: str, items: list[Item], limit: int | None = None
+) -> list[str]:
+    """Encode one session's items, in order, as few payloads as fit in ``limit`` bytes.
+
+    A payload is ``{"w": worker, "s": session id, "i": [entry, ...]}``. A delta
+    too large for ``limit`` on its own crosses as a gap (text None).
+    """
+    head = json.dumps({"w": worker, "s": session_id, "i": []}, ensure_ascii=False)
+    base = len(head.encode())
+    payloads: list[str] = []
+    chunk: list[str] = []
+    size = base
+    for item in items:
+        entry = json.dumps(_entry(item), ensure_ascii=False, separators=(",", ":"))
+        grow = len(entry.encode()) + (1 if chunk else 0)
+        if limit is not None and base + grow > limit and isinstance(item, Delta):
+            entry = json.dumps([item.head, item.n, None])
+            grow = len(entry) + (1 if chunk else 0)
+        if limit is not None and chunk and size + grow > limit:
+            payloads.append(head[:-2] + ",".join(chunk) + "]}")
+            chunk, size = [], base
+            grow = len(entry.encode())
+        chunk.append(entry)
+        size += grow
+    if chunk:
+        payloads.append(head[:-2] + ",".join(chunk) + "]}")
+    return payloads
+
+
+def _decode_entry(entry: Any) -> Item:
+    if len(entry) == 1:
+        return Stored(int(entry[0]))
+    text = entry[2]
+    return Delta(int(entry[0]), int(entry[1]), text if isinstance(text, str) else None)
+
+
+def _decode(payload: str | bytes) -> tuple[str, str, list[Item]] | None:
     try:
         value = json.loads(payload)
+        worker, session_id = value["w"], value["s"]
+        if "i" in value:
+            return worker, session_id, [_decode_entry(e) for e in value["i"]]
         if "q" in value:
-            return value["w"], value["s"], Stored(int(value["q"]))
+            return worker, session_id, [Stored(int(value["q"]))]
         text = value.get("t")
-        return value["w"], value["s"], Delta(int(value["h"]), int(value["n"]), text)
-    except (ValueError, KeyError, TypeError):
+        return worker, session_id, [Delta(int(value["h"]), int(value["n"]), text)]
+    except (ValueError, KeyError, TypeError, IndexError):
         return None
 
 
+#: Seconds a worker gathers items before publishing them: each session's items of
+#: that time cross as one message (a turn's ~35 deltas as one or two PUBLISHes).
+LINGER = 0.02
+#: The most items waiting to be published (then new ones are dropped: watchers on
+#: other workers catch up from the safety poll of the head).
+OUTBOX_LIMIT = 100_000
+
+
 class _Remote(_Broker):
-    """The shared parts of Redis and PostgreSQL: an outbox drained by one task."""
+    """The shared parts of Redis and PostgreSQL: an outbox drained by one task.
+
+    Items are gathered per session for :data:`LINGER` seconds and sent as one
+    payload per session (in order; PostgreSQL splits what exceeds its limit).
+    """
 
     poll_interval = SAFETY_POLL
+    #: The largest payload the broker carries (None: no limit).
+    payload_limit: int | None = None
 
     def __init__(self, worker: str) -> None:
         self.worker = worker
-        self._outbox: asyncio.Queue[tuple[str, str]] = asyncio.Queue(maxsize=100_000)
+        self._pending: dict[str, list[Item]] = {}
+        self._count = 0
+        self._ready = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._deliver: Callable[[str, Item], None] | None = None
         self._sender: asyncio.Task[None] | None = None
 
@@ -283,26 +340,46 @@ class _Remote(_Broker):
 
     def send(self, session_id: str, item: Item) -> None:
         # when the broker is gone and the outbox full, watchers fall back to the safety poll
-        with contextlib.suppress(asyncio.QueueFull):
-            self._outbox.put_nowait((session_id, self._payload(session_id, item)))
+        if self._count >= OUTBOX_LIMIT:
+            return
+        items = self._pending.get(session_id)
+        if items is None:
+            self._pending[session_id] = [item]
+        elif isinstance(item, Stored) and isinstance(items[-1], Stored):
+            if item.seq > items[-1].seq:
+                items[-1] = item  # pointers coalesce
+            return
+        else:
+            items.append(item)
+        self._count += 1
+        if not self._ready.is_set():
+            self._ready.set()
+            self._idle.clear()
 
-    def _payload(self, session_id: str, item: Item) -> str:
-        return _encode(self.worker, session_id, item)
+    def _payloads(self, session_id: str, items: list[Item]) -> list[str]:
+        return _encode_batch(self.worker, session_id, items, self.payload_limit)
 
     def received(self, payload: str | bytes) -> None:
-        """Hand another worker's item to the hub."""
+        """Hand another worker's items to the hub."""
         decoded = _decode(payload)
         if decoded is None or self._deliver is None:
             return
-        worker, session_id, item = decoded
+        worker, session_id, items = decoded
         if worker != self.worker:
-            self._deliver(session_id, item)
+            for item in items:
+                self._deliver(session_id, item)
 
     async def _send_loop(self) -> None:
         while True:
-            batch = [await self._outbox.get()]
-            while len(batch) < 500 and not self._outbox.empty():
-                batch.append(self._outbox.get_nowait())
+            await self._ready.wait()
+            await asyncio.sleep(LINGER)
+            pending, self._pending, self._count = self._pending, {}, 0
+            self._ready.clear()
+            batch = [
+                (session_id, payload)
+                for session_id, items in pending.items()
+                for payload in self._payloads(session_id, items)
+            ]
             try:
                 await self._send(batch)
             except asyncio.CancelledError:
@@ -311,8 +388,8 @@ class _Remote(_Broker):
                 _logger.warning("live events: the broker refused %d item(s): %r", len(batch), exc)
                 await asyncio.sleep(0.5)
             finally:
-                for _ in batch:
-                    self._outbox.task_done()
+                if not self._ready.is_set():
+                    self._idle.set()
 
     async def _send(self, batch: list[tuple[str, str]]) -> None:
         raise NotImplementedError
@@ -321,7 +398,7 @@ class _Remote(_Broker):
         if self._sender is not None:
             # what is queued is sent first (briefly): the turns' last pointers matter
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._outbox.join(), 1.0)
+                await asyncio.wait_for(self._idle.wait(), 1.0)
             self._sender.cancel()
             with contextlib.suppress(BaseException):
                 await self._sender
@@ -415,6 +492,8 @@ class _Redis(_Remote):
 class _Postgres(_Remote):
     """PostgreSQL LISTEN/NOTIFY: one channel per schema, the session id in the payload."""
 
+    payload_limit = PG_PAYLOAD_LIMIT
+
     def __init__(self, url: str, worker: str) -> None:
         super().__init__(worker)
         from chatsession.store.postgres.settings import parse_url
@@ -432,12 +511,6 @@ class _Postgres(_Remote):
         return await asyncpg.connect(
             **self._settings.connect_kwargs(), timeout=self._settings.connect_timeout
         )
-
-    def _payload(self, session_id: str, item: Item) -> str:
-        payload = _encode(self.worker, session_id, item)
-        if len(payload.encode()) > PG_PAYLOAD_LIMIT and isinstance(item, Delta):
-            payload = _encode(self.worker, session_id, Delta(item.head, item.n, None))
-        return payload
 
     async def _send(self, batch: list[tuple[str, str]]) -> None:
         if self._send_conn is None or self._send_conn.is_closed():

@@ -15,7 +15,7 @@ import asyncio
 import inspect
 import json
 import re
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,6 +62,10 @@ class ScriptedRequest:
     tools: list[ToolSpec] = field(default_factory=list)
 
 
+#: How many contexts a scripted model remembers the count of.
+_COUNTED = 256
+
+
 def _words(text: str) -> int:
     return len(text.split())
 
@@ -90,9 +94,11 @@ class _StreamingModel:
         # the most recent calls only: a long-running demo must not keep every context
         self.requests: deque[ScriptedRequest] = deque(maxlen=keep_requests)
         self._calls = 0
-        # (first message, last message, how many, total) of the last context counted:
-        # a context that extends it is counted from where it left off
-        self._counted: tuple[Message, Message, int, int] | None = None
+        # (first message, anchor, last message, how many, total) of the last contexts
+        # counted, by their anchor (the first message after any system prompt, which
+        # is made afresh per call), several at once (the model is shared by many
+        # sessions): a context that extends one is counted from where it left off
+        self._counted: OrderedDict[int, tuple[Message, Message, Message, int, int]] = OrderedDict()
 
     @staticmethod
     def _count(message: Message) -> int:
@@ -101,19 +107,29 @@ class _StreamingModel:
     def count_tokens(self, messages: Sequence[Message]) -> int | None:
         """Words plus four per message: this model's own deterministic "tokenizer".
 
-        Counting is incremental: a context that extends the previous one costs
-        only its new messages.
+        Counting is incremental: a context that extends one counted recently
+        (the last 256, whatever session they came from) costs only its new messages.
         """
         if not messages:
             return 0
         start, total = 0, 0
-        counted = self._counted
+        anchor = messages[1] if len(messages) > 1 and messages[0].role == "system" else messages[0]
+        key = id(anchor)  # the entry holds the anchor, so its id is not reused meanwhile
+        counted = self._counted.get(key)
         if counted is not None:
-            first, last, size, prefix = counted
-            if len(messages) >= size and messages[size - 1] is last and messages[0] == first:
+            first, held, last, size, prefix = counted
+            if (
+                held is anchor
+                and len(messages) >= size
+                and messages[size - 1] is last
+                and messages[0] == first
+            ):
                 start, total = size, prefix
         total += sum(self._count(m) for m in messages[start:])
-        self._counted = (messages[0], messages[-1], len(messages), total)
+        self._counted[key] = (messages[0], anchor, messages[-1], len(messages), total)
+        self._counted.move_to_end(key)
+        if len(self._counted) > _COUNTED:
+            self._counted.popitem(last=False)
         return total
 
     async def _emit(self, reply: Reply, messages: Sequence[Message]) -> AsyncIterator[LLMChunk]:
