@@ -919,8 +919,9 @@ async def test_a_create_with_a_limit_counts_under_the_store_lock(tmp_path: Path)
         )
         assert sum(isinstance(r, SessionRecord) for r in results) == 4, results
         assert sum(isinstance(r, SessionLimitError) for r in results) == 4, results
+        taken = next(r.id for r in results if isinstance(r, SessionRecord))  # the race's pick
         with pytest.raises(SessionExistsError):  # a taken id is that, whatever the count
-            await stores[0].create(SessionRecord(id="s0", user_id="ann"), max_per_user=9)
+            await stores[0].create(SessionRecord(id=taken, user_id="ann"), max_per_user=9)
     finally:
         for s in stores:
             await s.aclose()
