@@ -71,7 +71,7 @@ from chatsession.store.base import (
 )
 from chatsession.values import STATE_DEPTH
 
-__all__ = ["SessionManager", "ValueRedactor"]
+__all__ = ["SYSTEM_PREFIX", "SessionManager", "ValueRedactor", "is_system_session"]
 
 _logger = logging.getLogger("chatsession.manager")
 
@@ -140,8 +140,14 @@ def _later(record: SessionRecord, expires: float) -> float:
 SYSTEM_PREFIX = "_chatsession."
 
 
-def _is_system(session_id: str) -> bool:
+def is_system_session(session_id: str) -> bool:
+    """Whether ``session_id`` is one chatsession reserves for itself (``_chatsession.*``)."""
     return session_id.startswith(SYSTEM_PREFIX)
+
+
+def _shown(record: SessionRecord, at: float) -> bool:
+    """Whether a listed record is a conversation the manager shows at ``at``."""
+    return not record.is_expired(at) and not is_system_session(record.id)
 
 
 #: Ids the manager makes for windows: callers cannot choose them (another user
@@ -400,7 +406,7 @@ class SessionManager:
                 f"session ids starting with {_WINDOW_PREFIX!r} are the manager's own (for "
                 "open_window); choose another id"
             )
-        if session_id is not None and _is_system(str(session_id)):
+        if session_id is not None and is_system_session(str(session_id)):
             raise InvalidArgumentError(
                 f"session ids starting with {SYSTEM_PREFIX!r} are reserved for chatsession's "
                 "own records; choose another id"
@@ -463,12 +469,10 @@ class SessionManager:
                 if user_id is None:
                     raise
                 async with self._user_lock(user_id):
-                    if await self._drop_expired(user_id):
-                        continue  # expired by the manager's clock: they never count
-                    if self.limit_policy != "archive_oldest_idle":
-                        raise
-                    if not await self._archive_oldest_idle(user_id):
-                        raise
+                    # sessions expired by the manager's clock (not yet by the store's)
+                    # never count; else room is made per policy, or SessionLimitError
+                    if not await self._drop_expired(user_id):
+                        await self._make_room(user_id)
         return self._session(await self.store.create(record, max_per_user=limit))
 
     def _user_lock(self, user_id: str) -> asyncio.Lock:
@@ -634,7 +638,7 @@ class SessionManager:
             )
             at = self.now()
             for record in page.records:
-                if not record.is_expired(at) and not _is_system(record.id):
+                if _shown(record, at):
                     yield record
             if page.next_cursor is None:
                 return
@@ -689,9 +693,7 @@ class SessionManager:
             cursor=cursor,
         )
         at = self.now()
-        sessions = [
-            self._session(r) for r in page.records if not r.is_expired(at) and not _is_system(r.id)
-        ]
+        sessions = [self._session(r) for r in page.records if _shown(r, at)]
         if wanted in (SessionState.ACTIVE, SessionState.IDLE):
             sessions = [s for s in sessions if s.state == wanted]
         return SessionPage(sessions=sessions, next_cursor=page.next_cursor)
@@ -942,7 +944,7 @@ class SessionManager:
                 user_id=user_id, agent_id=agent_id, limit=_PAGE, cursor=cursor
             )
             for record in page.records:
-                if _is_system(record.id):
+                if is_system_session(record.id):
                     continue  # not a conversation (the server's API keys)
                 try:
                     await self.store.delete(record.id)
@@ -1003,7 +1005,7 @@ class SessionManager:
         """A fork through the manager: the owner's limit applies, the TTL starts afresh."""
         owner = parent.record.user_id if parent.record is not None else None
         if session_id is not None and (
-            str(session_id).startswith(_WINDOW_PREFIX) or _is_system(str(session_id))
+            str(session_id).startswith(_WINDOW_PREFIX) or is_system_session(str(session_id))
         ):
             raise InvalidArgumentError(
                 f"session ids starting with {_WINDOW_PREFIX!r} or {SYSTEM_PREFIX!r} are "

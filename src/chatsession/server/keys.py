@@ -39,7 +39,7 @@ from chatsession.errors import (
     SessionNotFoundError,
 )
 from chatsession.log import Metadata, MetadataEntry, encode
-from chatsession.manager.manager import SYSTEM_PREFIX
+from chatsession.manager.manager import SYSTEM_PREFIX, is_system_session
 from chatsession.store import SessionRecord, Store
 from chatsession.store.base import check_text
 
@@ -61,11 +61,6 @@ _MISS_REFRESH = 0.1
 def hash_key(key: str) -> str:
     """The stored form of a key: the hex SHA-256 of its UTF-8 bytes."""
     return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def is_system_session(session_id: str) -> bool:
-    """Whether a session id is one chatsession reserves for itself (``_chatsession.*``)."""
-    return session_id.startswith(SYSTEM_PREFIX)
 
 
 def _key_id(key: str) -> str | None:
