@@ -36,12 +36,14 @@ from chatsession.errors import (
 )
 from chatsession.store.base import (
     DEFAULT_READ_BATCH,
+    EventCounts,
     Lease,
     NewEvent,
     Page,
     ParentRef,
     SessionRecord,
     SessionState,
+    StatsTally,
     StoredEvent,
     StoreStats,
     check_append,
@@ -66,7 +68,6 @@ from chatsession.store.base import (
     initial_record,
     now,
     redact_url,
-    top_counts,
     updated_record,
     validate_id,
 )
@@ -422,31 +423,22 @@ class MemoryStore:
         check_stats(idle_before, top)
         self._check_open()
         at = now()
-        stats = StoreStats()
-        users: dict[str, int] = {}
-        agents: dict[str, int] = {}
+        tally = StatsTally(idle_before)
         for entry in self._entries.values():
             record = entry.record
             if entry.deleted:
                 continue
             if record.is_expired(at):
-                stats.by_state["expired"] += 1
+                tally.expired()
                 continue
-            stats.sessions += 1
-            state = str(record.state)
-            if state == "active" and idle_before is not None and record.updated_at < idle_before:
-                state = "idle"
-            stats.by_state[state] += 1
-            if record.user_id is not None:
-                users[record.user_id] = users.get(record.user_id, 0) + 1
-            if record.agent_id is not None:
-                agents[record.agent_id] = agents.get(record.agent_id, 0) + 1
-            stats.messages += entry.messages
-            stats.tokens += entry.tokens
-            stats.bytes += entry.bytes
-        stats.users, stats.agents = len(users), len(agents)
-        stats.by_user, stats.by_agent = top_counts(users, top), top_counts(agents, top)
-        return stats
+            tally.add(
+                str(record.state),
+                record.updated_at,
+                record.user_id,
+                record.agent_id,
+                EventCounts(entry.messages, entry.tokens, entry.bytes),
+            )
+        return tally.result(top)
 
     async def aclose(self) -> None:
         """Drop everything; the store cannot be used afterwards."""

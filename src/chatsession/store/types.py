@@ -351,6 +351,53 @@ def top_counts(counts: dict[str, int], top: int) -> dict[str, int]:
     return dict(ranked[:top])
 
 
+class StatsTally:
+    """:meth:`Store.stats` summed in Python, session by session (memory, ``file://``).
+
+    Args:
+        idle_before: Active sessions not updated since this time count as idle.
+    """
+
+    def __init__(self, idle_before: float | None) -> None:
+        self.idle_before = idle_before
+        self.stats = StoreStats()
+        self.users: dict[str, int] = {}
+        self.agents: dict[str, int] = {}
+
+    def expired(self) -> None:
+        """Count a session past its expiry, not yet purged."""
+        self.stats.by_state["expired"] += 1
+
+    def add(
+        self,
+        state: str,
+        updated_at: float,
+        user_id: str | None,
+        agent_id: str | None,
+        counts: EventCounts,
+    ) -> None:
+        """Count a visible session with its own figures."""
+        stats = self.stats
+        if state == "active" and self.idle_before is not None and updated_at < self.idle_before:
+            state = "idle"
+        stats.sessions += 1
+        stats.by_state[state] = stats.by_state.get(state, 0) + 1
+        if user_id is not None:
+            self.users[user_id] = self.users.get(user_id, 0) + 1
+        if agent_id is not None:
+            self.agents[agent_id] = self.agents.get(agent_id, 0) + 1
+        stats.messages += counts.messages
+        stats.tokens += counts.tokens
+        stats.bytes += counts.bytes
+
+    def result(self, top: int) -> StoreStats:
+        """The figures, with the ``top`` users and agents named."""
+        stats = self.stats
+        stats.users, stats.agents = len(self.users), len(self.agents)
+        stats.by_user, stats.by_agent = top_counts(self.users, top), top_counts(self.agents, top)
+        return stats
+
+
 class Page(NamedTuple):
     """One page of a listing.
 

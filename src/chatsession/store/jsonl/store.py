@@ -39,6 +39,7 @@ from chatsession.store.base import (
     ParentRef,
     SessionRecord,
     SessionState,
+    StatsTally,
     StoredEvent,
     StoreStats,
     check_append,
@@ -63,7 +64,6 @@ from chatsession.store.base import (
     initial_record,
     now,
     redact_url,
-    top_counts,
     updated_record,
     validate_id,
 )
@@ -769,14 +769,12 @@ class JSONLStore:
 
         def work() -> StoreStats:
             at = now()
-            stats = StoreStats()
-            users: dict[str, int] = {}
-            agents: dict[str, int] = {}
+            tally = StatsTally(idle_before)
             for header in self._headers("stats"):
                 if header.get("deleted"):
                     continue
                 if header.get("expires_at") is not None and header["expires_at"] <= at:
-                    stats.by_state["expired"] += 1
+                    tally.expired()
                     continue
                 kept = counts_of(header)
                 counts = kept[0] if kept is not None else EventCounts(0, 0, 0)
@@ -786,21 +784,14 @@ class JSONLStore:
                         updated_at = max(
                             updated_at, os.stat(self._dir(header["id"]) / LOG).st_mtime
                         )
-                state = str(header["state"])
-                if state == "active" and idle_before is not None and updated_at < idle_before:
-                    state = "idle"
-                stats.sessions += 1
-                stats.by_state[state] = stats.by_state.get(state, 0) + 1
-                if header.get("user_id") is not None:
-                    users[header["user_id"]] = users.get(header["user_id"], 0) + 1
-                if header.get("agent_id") is not None:
-                    agents[header["agent_id"]] = agents.get(header["agent_id"], 0) + 1
-                stats.messages += counts.messages
-                stats.tokens += counts.tokens
-                stats.bytes += counts.bytes
-            stats.users, stats.agents = len(users), len(agents)
-            stats.by_user, stats.by_agent = top_counts(users, top), top_counts(agents, top)
-            return stats
+                tally.add(
+                    str(header["state"]),
+                    updated_at,
+                    header.get("user_id"),
+                    header.get("agent_id"),
+                    counts,
+                )
+            return tally.result(top)
 
         return await self._run(work, "compute the store's stats")
 
